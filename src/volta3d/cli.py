@@ -1,0 +1,52 @@
+"""The ``volta3d`` command: a thin dispatcher. Each subcommand lives in ``volta3d.commands.<name>``
+and exposes ``add_parser(subparsers)``, which registers its options and sets ``func``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from volta3d import __version__
+
+# Order is the order shown by `volta3d --help`.
+COMMANDS = ["preprocess", "pretrain"]
+
+
+class CommandError(RuntimeError):
+    """Raised by a command for bad input: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="volta3d",
+        description="Self-supervised learning on 3D brain MRI (VolTA-3D): preprocess scans, pretrain, "
+        "transfer and evaluate.",
+    )
+    parser.add_argument("--version", action="version", version=f"volta3d {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"volta3d.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except (CommandError, FileNotFoundError, ValueError, KeyError) as err:
+        # Bad input: one line naming the file or field, no traceback.
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"volta3d {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"volta3d {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

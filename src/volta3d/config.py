@@ -1,0 +1,93 @@
+"""Configuration: one commented default file, optional override files, then a CLI dotlist.
+
+Everything is merged onto ``configs/default.yaml`` in OmegaConf struct mode, so a misspelt key in
+an override file or on the command line is an error that names the key, never a silent no-op.
+Modules never see the config object: builders turn sections into keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+RESOLVED_NAME = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem that names the offending file or key."""
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """Resolve ``tiny-cpu`` / ``tiny-cpu.yaml`` to the bundled file, or return an existing path."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    bundled = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
+    if bundled.exists():
+        return bundled
+    raise ConfigError(f"config file not found: {name_or_path} (bundled configs: {', '.join(bundled_configs())})")
+
+
+def bundled_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _merge_strict(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # base is struct: unknown keys raise
+    except (ConfigKeyError, ConfigAttributeError) as err:
+        key = getattr(err, "full_key", None) or str(err).splitlines()[0]
+        raise ConfigError(f"unknown config key '{key}' in {source}") from None
+
+
+def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge default.yaml <- each file in order <- ``key=value`` overrides; return a read-only config.
+
+    A file may name a base with a top-level ``defaults: [other]`` list (bundled names or paths),
+    merged before it, so ``paper.yaml`` and ``tiny-cpu.yaml`` only list what they change.
+    """
+    cfg = OmegaConf.load(DEFAULT_CONFIG)
+    OmegaConf.set_struct(cfg, True)
+    for f in files:
+        cfg = _merge_file(cfg, config_path(f), seen=set())
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        cfg = _merge_strict(cfg, OmegaConf.from_dotlist([item]), f"command-line override '{item}'")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _merge_file(cfg: DictConfig, path: Path, seen: set[Path]) -> DictConfig:
+    if path in seen:
+        raise ConfigError(f"config file includes itself through 'defaults': {path}")
+    seen.add(path)
+    try:
+        data = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry a multi-line message; keep the first line
+        raise ConfigError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    bases = data.pop("defaults", [])
+    for base in bases:
+        cfg = _merge_file(cfg, config_path(base), seen)
+    return _merge_strict(cfg, data, str(path))
+
+
+def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:
+    """Write the resolved config next to a run's outputs."""
+    out = Path(out_dir) / RESOLVED_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out, resolve=True)
+    return out
+
+
+def to_kwargs(section: DictConfig) -> dict[str, Any]:
+    """Plain-Python copy of a config section, for builders that pass keyword arguments on."""
+    return OmegaConf.to_container(section, resolve=True)  # type: ignore[return-value]

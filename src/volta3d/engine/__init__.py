@@ -1,0 +1,1 @@
+"""volta3d.engine"""

@@ -1,0 +1,102 @@
+"""Run-time helpers every command shares: seeding, device choice, logging and metrics files."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LOGGER_NAME = "volta3d"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices). Random transforms take their own seeded state."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available; an explicit ``cuda`` without a GPU is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but no CUDA GPU is available")
+    return device
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def setup_logging(run_dir: str | Path | None = None, filename: str = "log.txt", verbose: bool = True) -> logging.Logger:
+    """Log to stderr and, when ``run_dir`` is given, append to ``run_dir/filename`` (kept across resumes)."""
+    logger = get_logger()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.addHandler(console)
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(Path(run_dir) / filename)
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+class MetricsCSV:
+    """Append-only CSV of metric rows. On resume, rows past ``keep_until_step`` are dropped so a
+    restarted run never leaves duplicate or orphaned steps behind."""
+
+    def __init__(self, path: str | Path, keep_until_step: int | None = None, step_key: str = "step"):
+        self.path = Path(path)
+        self.step_key = step_key
+        self._fields: list[str] | None = None
+        if self.path.exists():
+            with self.path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                self._fields = list(reader.fieldnames or [])
+            if keep_until_step is not None:
+                rows = [r for r in rows if int(float(r[step_key])) <= keep_until_step]
+                self._rewrite(rows)
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self._fields or [])
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def write(self, row: Mapping[str, float | int | str]) -> None:
+        if self._fields is None:
+            self._fields = list(row)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("w", newline="") as f:
+                csv.DictWriter(f, fieldnames=self._fields).writeheader()
+        unknown = set(row) - set(self._fields)
+        if unknown:
+            raise KeyError(f"metrics row has columns not in {self.path.name}: {sorted(unknown)}")
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self._fields).writerow(dict(row))
+
+    def read(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))
