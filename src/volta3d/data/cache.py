@@ -1,0 +1,121 @@
+"""The preprocessed-scan cache: one ``.npy`` volume (+ ``_mask.npy``) and one JSON record per scan.
+
+Why ``.npy``: a preprocessed volume is a small dense cube (96^3 float16 = 1.7 MB) read whole at
+every epoch, so the format should cost nothing to decode. ``np.load`` of an uncompressed ``.npy``
+is a header parse plus one contiguous read (or a memory map), about a millisecond, where
+re-running the pipeline (decompress NIfTI, reorient, resample) costs about a second, and a
+compressed NIfTI/HDF5 would spend most of the load in zlib. float16 halves disk and read time;
+on [0, 1] intensities its rounding error is below 5e-4. Masks are stored as the smallest unsigned
+integer type that holds their labels (uint8 for most). The affine of the output grid, the shape and
+the labels live in the JSON record, which also decides whether a re-run can skip the scan:
+same source (path, size, modification time, for the image and its mask) and same output settings
+(hash). Records are per scan, so shards running on different machines never write the same file,
+and a crash loses at most the scan in flight. Files are written to a temporary name and renamed,
+and the record last, so a record never points at a half-written volume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VOLUMES_DIR = "volumes"
+RECORDS_DIR = "records"
+
+
+def source_fingerprint(path: str | None) -> dict[str, int] | None:
+    """Size and modification time of a file, or of every file in a DICOM series folder."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if p.is_dir():
+        stats = [f.stat() for f in sorted(p.iterdir()) if f.is_file()]
+        return {
+            "files": len(stats),
+            "size": sum(s.st_size for s in stats),
+            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
+        }
+    return {"missing": 1}
+
+
+def scan_key(source: str) -> str:
+    """Readable, collision-free cache name: the source's name plus a hash of its full path."""
+    name = re.sub(r"\.nii(\.gz)?$", "", Path(source).name, flags=re.IGNORECASE)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "scan"
+    return f"{name}-{hashlib.sha1(source.encode()).hexdigest()[:10]}"
+
+
+def record_path(out_dir: Path, key: str) -> Path:
+    return out_dir / RECORDS_DIR / f"{key}.json"
+
+
+def volume_paths(key: str) -> tuple[str, str]:
+    """Image and mask paths relative to the output folder (so the folder can be moved)."""
+    return f"{VOLUMES_DIR}/{key}.npy", f"{VOLUMES_DIR}/{key}_mask.npy"
+
+
+def _atomic_write(path: Path, write: Any, suffix: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    _atomic_write(path, lambda f: np.save(f, array), ".npy")
+
+
+def save_record(path: Path, record: dict[str, Any]) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()), ".json")
+
+
+def load_record(path: Path) -> dict[str, Any] | None:
+    """A record, or None when absent or unreadable (then the scan is simply recomputed)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def mask_dtype(max_label: int) -> type[np.unsignedinteger]:
+    return np.uint8 if max_label <= np.iinfo(np.uint8).max else np.uint16 if max_label <= 65535 else np.uint32
+
+
+def is_current(
+    record: dict[str, Any] | None,
+    out_dir: Path,
+    source: str,
+    label_source: str | None,
+    settings_hash: str,
+) -> bool:
+    """True when the cached result was made from these very files with these output settings."""
+    if record is None:
+        return False
+    same = (
+        record.get("source") == source
+        and record.get("label_source") == label_source
+        and record.get("settings_hash") == settings_hash
+        and record.get("source_fingerprint") == source_fingerprint(source)
+        and record.get("label_fingerprint") == source_fingerprint(label_source)
+    )
+    if not same:
+        return False
+    if record.get("status") == "ok":
+        needed = [record["path"]] + ([record["label_path"]] if record.get("label_path") else [])
+        return all((out_dir / p).exists() for p in needed)
+    return record.get("status") == "rejected"

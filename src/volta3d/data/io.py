@@ -1,0 +1,182 @@
+"""Read one scan into the project's I/O contract: ``(array[C, D, H, W] float32, meta)``.
+
+``meta`` holds ``affine`` (4x4 voxel -> RAS world, mm), ``spacing`` (3 voxel sizes, mm) and
+``orientation`` (axis codes such as ``"PSR"``). Everything downstream (reorientation, resampling,
+cropping) works from this one shape, whatever the file format was.
+
+Bad files raise :class:`ScanError` whose message a person can act on ("4D image with 3 volumes"),
+so the batch preprocessor can record it in ``rejected.csv`` and go on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_rescale
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class ScanError(ValueError):
+    """A scan that cannot be used; the message is the reason written to ``rejected.csv``."""
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_dicom_file(path: Path) -> bool:
+    """DICOM Part 10 files carry ``DICM`` at byte 128; ``.dcm`` files without it are still tried."""
+    return path.suffix.lower() == ".dcm" or pydicom.misc.is_dicom(path)
+
+
+def make_meta(affine: np.ndarray) -> dict[str, Any]:
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.all(np.isfinite(affine)) or np.any(spacing <= 0) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ScanError(f"invalid voxel-to-world affine {np.round(affine, 3).tolist()}")
+    return {
+        "affine": affine,
+        "spacing": tuple(float(s) for s in spacing),
+        "orientation": "".join(nib.orientations.aff2axcodes(affine)),
+    }
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read a NIfTI file or a DICOM series folder.
+
+    Returns ``(array, meta)`` with ``array`` of shape ``(1, D, H, W)`` float32 (file axis order;
+    reorientation happens later, from ``meta['affine']``). Raises :class:`ScanError`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ScanError(f"file not found: {path}")
+    if path.is_dir():
+        return read_dicom_series(path)
+    if path.suffix.lower() == ".dcm":
+        raise ScanError(f"{path.name} is a single DICOM file; give the folder that holds the whole series")
+    return read_nifti(path)
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """NIfTI (or any format nibabel reads): ``(1, D, H, W)`` float32 + meta."""
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises many types (EOFError, zlib.error, ImageFileError, ...)
+        raise ScanError(f"cannot read {path.name} (truncated or corrupt?): {type(err).__name__}: {err}") from None
+    return _as_channel_first(data, path.name), make_meta(img.affine)
+
+
+def _as_channel_first(data: np.ndarray, name: str) -> np.ndarray:
+    """(X, Y, Z[, 1, ...]) -> (1, X, Y, Z); 2D images and true 4D series are rejected."""
+    shape = data.shape
+    while data.ndim > 3 and data.shape[-1] == 1:  # e.g. NIfTI (X, Y, Z, 1): a 3D volume in a 4D header
+        data = data[..., 0]
+    if data.ndim > 3:
+        raise ScanError(
+            f"{name}: {data.ndim}D image of shape {shape} ({int(np.prod(shape[3:]))} volumes); "
+            "give one 3D volume per scan"
+        )
+    if data.ndim < 3 or min(data.shape) == 1:
+        raise ScanError(f"{name}: 2D image of shape {shape}; a 3D volume is needed")
+    return np.ascontiguousarray(data)[None]
+
+
+def read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """One folder = one DICOM series: validate, sort slices along their normal, stack.
+
+    Hand-written rather than MONAI's ``PydicomReader`` because that reader orders slices by
+    ``InstanceNumber`` and takes the slice step from the z coordinate alone, which is wrong for
+    sagittal or oblique series (common for T1) and cannot detect the defects rejected here:
+    several series in one folder, missing slices, uneven slice positions.
+
+    Output ``(1, columns, rows, slices)`` so the affine columns are (row direction, column
+    direction, slice normal), converted from DICOM's LPS to RAS.
+    """
+    headers = _read_headers(folder)
+    uids = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
+    if len(uids) > 1:
+        raise ScanError(
+            f"{folder.name}: folder mixes {len(uids)} DICOM series (SeriesInstanceUID {', '.join(uids)}); "
+            "put one series per folder"
+        )
+    if len(headers) < 2:
+        raise ScanError(f"{folder.name}: a single DICOM slice is a 2D image; a 3D series is needed")
+    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        missing = [f.name for f, ds in headers if tag not in ds]
+        if missing:
+            raise ScanError(f"{folder.name}: DICOM tag {tag} missing in {missing[0]}")
+
+    orient = np.array([float(v) for v in headers[0][1].ImageOrientationPatient])
+    for f, ds in headers:
+        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], orient, atol=1e-4):
+            raise ScanError(f"{folder.name}: slice {f.name} has a different ImageOrientationPatient")
+    row_dir, col_dir = orient[:3], orient[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])
+    order = np.argsort(positions @ normal)
+    headers = [headers[i] for i in order]
+    positions = positions[order]
+    _check_instance_numbers(folder, headers)
+    steps = np.diff(positions @ normal)
+    if np.any(steps < 1e-3):
+        raise ScanError(f"{folder.name}: two slices share the same position (duplicate slices)")
+    if steps.max() - steps.min() > 0.01 * np.median(steps) + 1e-3:
+        raise ScanError(
+            f"{folder.name}: uneven slice positions (gaps from {steps.min():.2f} to {steps.max():.2f} mm): "
+            "missing or extra slices"
+        )
+
+    slices = []
+    for f, _ in headers:
+        try:
+            ds = pydicom.dcmread(f)
+            slices.append(apply_rescale(ds.pixel_array.astype(np.float32), ds).astype(np.float32))
+        except Exception as err:
+            raise ScanError(f"{folder.name}: cannot read pixels of {f.name} (truncated or corrupt?): {err}") from None
+    if len({s.shape for s in slices}) > 1:
+        raise ScanError(f"{folder.name}: slices have different sizes {sorted({s.shape for s in slices})}")
+    volume = np.stack(slices, axis=-1)  # (rows, cols, slices)
+    volume = np.transpose(volume, (1, 0, 2))  # -> (cols, rows, slices): axis 0 runs along a row
+
+    row_spacing, col_spacing = (float(v) for v in headers[0][1].PixelSpacing)  # between rows, between columns
+    step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * col_spacing
+    affine_lps[:3, 1] = col_dir * row_spacing
+    affine_lps[:3, 2] = step
+    affine_lps[:3, 3] = positions[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps  # LPS -> RAS
+    return np.ascontiguousarray(volume)[None], make_meta(affine)
+
+
+def _read_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    headers = []
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            headers.append((f, pydicom.dcmread(f, stop_before_pixels=True)))
+        except InvalidDicomError:
+            if f.suffix.lower() == ".dcm":
+                raise ScanError(f"{folder.name}: {f.name} is not a readable DICOM file") from None
+        except Exception as err:
+            raise ScanError(f"{folder.name}: cannot read DICOM header of {f.name}: {err}") from None
+    if not headers:
+        raise ScanError(f"{folder.name}: no DICOM files in folder")
+    return headers
+
+
+def _check_instance_numbers(folder: Path, headers: list[tuple[Path, pydicom.Dataset]]) -> None:
+    numbers = [getattr(ds, "InstanceNumber", None) for _, ds in headers]
+    if any(n is None for n in numbers):
+        return  # optional tag: the position check alone decides
+    ordered = sorted(int(n) for n in numbers)
+    for a, b in zip(ordered, ordered[1:]):
+        if b - a != 1:
+            what = "repeats" if a == b else "jumps"
+            raise ScanError(f"{folder.name}: missing slices (InstanceNumber {what} from {a} to {b})")

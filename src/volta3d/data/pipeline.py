@@ -1,0 +1,178 @@
+"""The preprocessing pipeline of paper II-A for one scan, built from MONAI dictionary transforms.
+
+channel-first array (from ``read_volume``) -> reorient to RAS -> resample to 1 mm isotropic
+(image trilinear, mask nearest neighbour) -> [crop to the foreground box] -> crop/pad (or resize)
+to the output cube -> scale intensities to [0, 1]. The image and its mask travel together in one
+dict, so the mask always ends on exactly the image's grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    Resized,
+    ScaleIntensityd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+from volta3d.data.io import ScanError
+
+# Bump when the pipeline's output changes for the same settings, so old caches are recomputed.
+PIPELINE_VERSION = 1
+# Settings that change the output volume; the CSV column names do not.
+OUTPUT_KEYS = (
+    "size", "spacing", "orientation", "crop", "foreground_threshold", "resize",
+    "intensity", "lower_percentile", "upper_percentile", "dtype",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """The ``preprocess:`` config section as plain values (see default.yaml for each key)."""
+
+    size: tuple[int, int, int] = (96, 96, 96)
+    spacing: float = 1.0
+    orientation: str = "RAS"
+    crop: str = "center"
+    foreground_threshold: float = 0.0
+    resize: bool = False
+    intensity: str = "minmax"
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    dtype: str = "float16"
+    image_column: str = "path"
+    label_path_column: str = "label_path"
+    subject_column: str = "subject_id"
+
+    def __post_init__(self) -> None:
+        size = tuple(int(s) for s in self.size)
+        object.__setattr__(self, "size", size)
+        if len(size) != 3 or min(size) < 1:
+            raise ValueError(f"preprocess.size must be 3 positive integers, got {list(self.size)}")
+        if not self.spacing > 0:
+            raise ValueError(f"preprocess.spacing must be > 0 mm, got {self.spacing}")
+        if len(self.orientation) != 3 or set(self.orientation.upper()) - set("RASLPI"):
+            raise ValueError(f"preprocess.orientation must be 3 axis codes such as RAS, got '{self.orientation}'")
+        choices = {"crop": ("center", "foreground"), "intensity": ("minmax", "percentile"), "dtype": ("float16", "float32")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"preprocess.{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
+        if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
+            raise ValueError(
+                f"preprocess percentiles must satisfy 0 <= lower < upper <= 100, "
+                f"got {self.lower_percentile}, {self.upper_percentile}"
+            )
+
+    def output_hash(self) -> str:
+        """Hash of every setting that changes the output (plus the pipeline version)."""
+        values = {k: asdict(self)[k] for k in OUTPUT_KEYS} | {"pipeline_version": PIPELINE_VERSION}
+        values["size"] = list(values["size"])
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class PreprocessedScan:
+    image: np.ndarray  # (1, D, H, W) float32 in [0, 1]
+    mask: np.ndarray | None  # (1, D, H, W) integer labels, same grid
+    affine: np.ndarray  # (4, 4) voxel -> RAS world of the output grid
+
+
+def _above(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    return x > threshold
+
+
+def build_transform(settings: PreprocessSettings, with_mask: bool) -> Compose:
+    """MONAI pipeline over keys ``image`` (+ ``mask``); inputs are MetaTensors carrying the affine."""
+    keys = ["image", "mask"] if with_mask else ["image"]
+    interp = ("bilinear", "nearest") if with_mask else ("bilinear",)
+    steps: list[Any] = [
+        Orientationd(keys=keys, axcodes=settings.orientation.upper()),
+        Spacingd(keys=keys, pixdim=(settings.spacing,) * 3, mode=interp, padding_mode="zeros", dtype=torch.float32),
+    ]
+    if settings.crop == "foreground":
+        steps.append(
+            CropForegroundd(
+                keys=keys,
+                source_key="image",
+                select_fn=partial(_above, threshold=settings.foreground_threshold),
+                allow_smaller=True,
+            )
+        )
+    if settings.resize:
+        resize_modes = ("trilinear", "nearest") if with_mask else ("trilinear",)
+        steps.append(Resized(keys=keys, spatial_size=settings.size, mode=resize_modes))
+    else:
+        steps.append(ResizeWithPadOrCropd(keys=keys, spatial_size=settings.size))
+    if settings.intensity == "percentile":
+        steps.append(
+            ScaleIntensityRangePercentilesd(
+                keys="image",
+                lower=settings.lower_percentile,
+                upper=settings.upper_percentile,
+                b_min=0.0,
+                b_max=1.0,
+                clip=True,
+            )
+        )
+    else:
+        steps.append(ScaleIntensityd(keys="image", minv=0.0, maxv=1.0))
+    return Compose(steps)
+
+
+def check_image_values(image: np.ndarray, name: str) -> None:
+    """Reject NaN/Inf voxels and constant volumes before they turn into a silent all-zero cube."""
+    bad = int(np.count_nonzero(~np.isfinite(image)))
+    if bad:
+        raise ScanError(f"{name}: {bad} voxels are NaN or Inf")
+    lo, hi = float(image.min()), float(image.max())
+    if hi - lo <= 0:
+        raise ScanError(f"{name}: constant volume (every voxel = {lo:g}); nothing to learn from")
+
+
+def check_mask(mask: np.ndarray, mask_meta: dict, image_shape: tuple, image_meta: dict, name: str) -> None:
+    """The mask must be integer labels on exactly the image's voxel grid."""
+    if mask.shape != image_shape:
+        raise ScanError(f"{name}: label grid {mask.shape[1:]} does not match image grid {image_shape[1:]}")
+    if not np.allclose(mask_meta["affine"], image_meta["affine"], atol=1e-3):
+        raise ScanError(f"{name}: label affine differs from the image affine (label not on the image grid)")
+    if not np.all(np.isfinite(mask)) or np.any(mask != np.round(mask)) or mask.min() < 0:
+        raise ScanError(f"{name}: label map must hold non-negative integer labels")
+
+
+def preprocess_scan(
+    image: np.ndarray,
+    meta: dict[str, Any],
+    settings: PreprocessSettings,
+    mask: np.ndarray | None = None,
+    mask_meta: dict[str, Any] | None = None,
+    name: str = "scan",
+) -> PreprocessedScan:
+    """(1, X, Y, Z) at any spacing/orientation -> (1, *settings.size) RAS at ``settings.spacing`` mm."""
+    check_image_values(image, name)
+    if settings.crop == "foreground" and not np.any(image > settings.foreground_threshold):
+        raise ScanError(f"{name}: no voxel above foreground_threshold={settings.foreground_threshold}")
+    data = {"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(meta["affine"]))}
+    if mask is not None:
+        check_mask(mask, mask_meta or {}, image.shape, meta, name)
+        data["mask"] = MetaTensor(torch.from_numpy(mask.astype(np.float32)), affine=torch.as_tensor(meta["affine"]))
+    out = build_transform(settings, with_mask=mask is not None)(data)
+    image_out = out["image"].as_tensor().numpy().astype(np.float32)
+    if float(image_out.max() - image_out.min()) <= 0:
+        raise ScanError(f"{name}: volume is constant after cropping to {list(settings.size)} (nothing left in the cube)")
+    mask_out = None
+    if mask is not None:
+        mask_out = np.rint(out["mask"].as_tensor().numpy()).astype(np.int64)
+    return PreprocessedScan(image_out, mask_out, out["image"].affine.numpy().astype(np.float64))

@@ -1,0 +1,295 @@
+"""Offline, cached, parallel preprocessing of a whole dataset -> ``manifest.csv`` + ``rejected.csv``.
+
+Each scan is independent: it is read, checked, run through the pipeline (``pipeline.py``) and saved
+with its JSON record (``cache.py``) inside a worker, so one bad or crashing scan never stops the batch
+and finished scans survive an interrupted run. The manifests are assembled at the end from the
+records. ``shard=(i, n)`` processes only the scans whose source path hashes to ``i`` (stable across
+machines that see the same paths) and writes ``manifest.shard-i-of-n.csv``; ``merge_shards`` or a
+final run without ``shard`` (which finds every scan cached) builds ``manifest.csv``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from volta3d.data import cache
+from volta3d.data.io import ScanError, read_volume
+from volta3d.data.pipeline import PreprocessSettings, preprocess_scan
+from volta3d.data.sources import ScanRecord, find_scans
+from volta3d.runtime import get_logger
+
+MANIFEST = "manifest.csv"
+REJECTED = "rejected.csv"
+LOG_NAME = "preprocess.log"
+BASE_COLUMNS = ("subject_id", "path", "source", "label_path")
+
+
+@dataclass
+class PreprocessSummary:
+    found: int  # scans in the input (all shards)
+    selected: int  # scans in this shard (= found without sharding)
+    processed: int  # computed in this run
+    skipped: int  # already cached with the same source and settings
+    accepted: int
+    rejected: int
+    seconds: float
+    manifest: Path
+    rejected_csv: Path
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` with 0 <= i < n -> (i, n)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got '{text}'") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard i/n needs 0 <= i < n, got '{text}'")
+    return i, n
+
+
+def shard_of(source: str, n: int) -> int:
+    """Stable shard of a scan: a hash of its source path (Python's hash() is salted per process)."""
+    return int(hashlib.sha1(source.encode()).hexdigest()[:8], 16) % n
+
+
+def _part_names(shard: tuple[int, int] | None) -> tuple[str, str]:
+    if shard is None:
+        return MANIFEST, REJECTED
+    tag = f"shard-{shard[0]}-of-{shard[1]}"
+    return f"manifest.{tag}.csv", f"rejected.{tag}.csv"
+
+
+def process_one(scan: ScanRecord, out_dir: Path, settings: PreprocessSettings, settings_hash: str) -> dict[str, Any]:
+    """Read, check, preprocess and cache one scan; return its record (status ok / rejected / error).
+
+    Rejections (bad data) are cached so a re-run does not retry an unchanged bad file; unexpected
+    errors are not, so a re-run tries again.
+    """
+    key = cache.scan_key(scan.source)
+    image_rel, mask_rel = cache.volume_paths(key)
+    record: dict[str, Any] = {
+        "source": scan.source,
+        "label_source": scan.label_path,
+        "source_fingerprint": cache.source_fingerprint(scan.source),
+        "label_fingerprint": cache.source_fingerprint(scan.label_path),
+        "settings_hash": settings_hash,
+        "subject_id": scan.subject_id,
+        "labels": scan.labels,
+    }
+    start = time.perf_counter()
+    name = Path(scan.source).name
+    try:
+        image, meta = read_volume(scan.source)
+        mask = mask_meta = None
+        if scan.label_path is not None:
+            try:
+                mask, mask_meta = read_volume(scan.label_path)
+            except ScanError as err:
+                raise ScanError(f"label file unusable: {err}") from None
+        out = preprocess_scan(image, meta, settings, mask, mask_meta, name=name)
+        cache.save_array(out_dir / image_rel, out.image.astype(settings.dtype))
+        if out.mask is not None:
+            cache.save_array(out_dir / mask_rel, out.mask.astype(cache.mask_dtype(int(out.mask.max()))))
+        record |= {
+            "status": "ok",
+            "path": image_rel,
+            "label_path": mask_rel if out.mask is not None else None,
+            "shape": list(out.image.shape),
+            "affine": out.affine.tolist(),
+            "input_orientation": meta["orientation"],
+            "input_spacing": list(meta["spacing"]),
+        }
+    except ScanError as err:
+        record |= {"status": "rejected", "reason": str(err)}
+    except Exception as err:  # a bug or resource problem must not stop the batch either
+        record |= {"status": "error", "reason": f"unexpected error: {type(err).__name__}: {err}"}
+    record["seconds"] = round(time.perf_counter() - start, 4)
+    if record["status"] != "error":
+        cache.save_record(cache.record_path(out_dir, key), record)
+    return record
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one scan per process; threads would oversubscribe the cores
+
+
+def _run_all(
+    todo: list[ScanRecord], out_dir: Path, settings: PreprocessSettings, settings_hash: str, workers: int, progress: bool
+) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(todo), desc="preprocess", unit="scan", disable=not progress or not todo)
+    log = get_logger()
+
+    def note(rec: dict[str, Any]) -> None:
+        results[rec["source"]] = rec
+        if rec["status"] != "ok":
+            log.warning("rejected %s: %s", rec["source"], rec["reason"])
+        bar.update(1)
+
+    if workers <= 1:
+        for scan in todo:
+            note(process_one(scan, out_dir, settings, settings_hash))
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+            futures = {pool.submit(process_one, s, out_dir, settings, settings_hash): s for s in todo}
+            for fut in as_completed(futures):
+                scan = futures[fut]
+                try:
+                    note(fut.result())
+                except Exception as err:  # the worker process itself died (e.g. out of memory)
+                    note({"source": scan.source, "status": "error", "reason": f"worker failed: {type(err).__name__}: {err}"})
+    bar.close()
+    return results
+
+
+def preprocess_dataset(
+    records_or_input: str | Path | Sequence[ScanRecord],
+    out_dir: str | Path,
+    settings: dict[str, Any] | PreprocessSettings | None = None,
+    workers: int = 1,
+    shard: tuple[int, int] | None = None,
+    kind: str = "auto",
+    progress: bool = True,
+) -> PreprocessSummary:
+    """Preprocess every scan of an input (folder / CSV path, or a list of ScanRecord) into ``out_dir``.
+
+    Writes ``volumes/*.npy``, ``records/*.json``, ``manifest.csv`` and ``rejected.csv`` (per-shard
+    names with ``shard``) and appends to ``preprocess.log``. Scans already cached from the same files
+    with the same output settings are not recomputed.
+    """
+    settings = settings if isinstance(settings, PreprocessSettings) else PreprocessSettings(**(settings or {}))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = get_logger()
+    handler = logging.FileHandler(out_dir / LOG_NAME)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    try:
+        return _preprocess(records_or_input, out_dir, settings, workers, shard, kind, progress)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _preprocess(
+    records_or_input: str | Path | Sequence[ScanRecord],
+    out_dir: Path,
+    settings: PreprocessSettings,
+    workers: int,
+    shard: tuple[int, int] | None,
+    kind: str,
+    progress: bool,
+) -> PreprocessSummary:
+    start = time.perf_counter()
+    log = get_logger()
+    if isinstance(records_or_input, (str, Path)):
+        scans = find_scans(
+            records_or_input, kind, settings.image_column, settings.label_path_column, settings.subject_column
+        )
+    else:
+        scans = list(records_or_input)
+        if not scans:
+            raise ValueError("no scans to preprocess (empty list)")
+    clash = sorted({k for s in scans for k in s.labels} & set(BASE_COLUMNS))
+    if clash:
+        raise ValueError(f"label column '{clash[0]}' clashes with a manifest column; rename it in the input")
+    selected = [s for s in scans if shard is None or shard_of(s.source, shard[1]) == shard[0]]
+    settings_hash = settings.output_hash()
+    log.info(
+        "preprocess: %d scans found, %d in %s; settings %s -> %s",
+        len(scans), len(selected), f"shard {shard[0]}/{shard[1]}" if shard else "this run", settings_hash, out_dir,
+    )  # fmt: skip
+
+    records: dict[str, dict[str, Any]] = {}
+    todo = []
+    for scan in selected:
+        rec = cache.load_record(cache.record_path(out_dir, cache.scan_key(scan.source)))
+        if cache.is_current(rec, out_dir, scan.source, scan.label_path, settings_hash):
+            records[scan.source] = rec  # type: ignore[assignment]
+        else:
+            todo.append(scan)
+    log.info("preprocess: %d cached, %d to compute with %d worker(s)", len(records), len(todo), workers)
+    records |= _run_all(todo, out_dir, settings, settings_hash, workers, progress)
+
+    manifest_name, rejected_name = _part_names(shard)
+    manifest, rejected = _tables(selected, records)
+    manifest.to_csv(out_dir / manifest_name, index=False)
+    rejected.to_csv(out_dir / rejected_name, index=False)
+    summary = PreprocessSummary(
+        found=len(scans),
+        selected=len(selected),
+        processed=len(todo),
+        skipped=len(selected) - len(todo),
+        accepted=len(manifest),
+        rejected=len(rejected),
+        seconds=round(time.perf_counter() - start, 3),
+        manifest=out_dir / manifest_name,
+        rejected_csv=out_dir / rejected_name,
+    )
+    log.info("preprocess: %s", {k: str(v) for k, v in asdict(summary).items()})
+    return summary
+
+
+def _tables(scans: list[ScanRecord], records: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Manifest rows take ids and labels from the current input (they may have been edited since)."""
+    label_names = list(dict.fromkeys(k for s in scans for k in s.labels))
+    with_masks = any(s.label_path for s in scans)
+    rows, rejected = [], []
+    for scan in scans:
+        rec = records[scan.source]
+        if rec["status"] != "ok":
+            rejected.append({"source": scan.source, "reason": rec["reason"]})
+            continue
+        row = {"subject_id": scan.subject_id, "path": rec["path"], "source": scan.source}
+        if with_masks:
+            row["label_path"] = rec.get("label_path") or ""
+        rows.append(row | {k: scan.labels.get(k) for k in label_names})
+    columns = ["subject_id", "path", "source"] + (["label_path"] if with_masks else []) + label_names
+    return pd.DataFrame(rows, columns=columns), pd.DataFrame(rejected, columns=["source", "reason"])
+
+
+def merge_shards(out_dir: str | Path) -> tuple[Path, Path]:
+    """Concatenate ``manifest.shard-i-of-n.csv`` parts into ``manifest.csv`` (and rejected.csv alike).
+
+    All n parts of one split must be present; nothing is recomputed.
+    """
+    out_dir = Path(out_dir)
+    parts = sorted(out_dir.glob("manifest.shard-*-of-*.csv"))
+    if not parts:
+        raise FileNotFoundError(f"no manifest.shard-*-of-*.csv parts in {out_dir}")
+    counts = {int(p.stem.rsplit("-of-", 1)[1]) for p in parts}
+    if len(counts) > 1:
+        raise ValueError(f"{out_dir} holds shard parts of different splits (n = {sorted(counts)}); remove the stale ones")
+    n = counts.pop()
+    manifests, rejected = [], []
+    for i in range(n):
+        m_name, r_name = _part_names((i, n))
+        if not (out_dir / m_name).exists() or not (out_dir / r_name).exists():
+            raise FileNotFoundError(f"shard {i}/{n} has not finished: {out_dir / m_name} missing")
+        manifests.append(pd.read_csv(out_dir / m_name, dtype={"subject_id": str}, keep_default_na=False))
+        rejected.append(pd.read_csv(out_dir / r_name, keep_default_na=False))
+    manifest = pd.concat(manifests, ignore_index=True).sort_values("source", kind="stable")
+    rej = pd.concat(rejected, ignore_index=True).sort_values("source", kind="stable")
+    manifest.to_csv(out_dir / MANIFEST, index=False)
+    rej.to_csv(out_dir / REJECTED, index=False)
+    return out_dir / MANIFEST, out_dir / REJECTED
+
+
+def load_cached_volume(path: str | Path) -> np.ndarray:
+    """(1, D, H, W) float32 from a cached ``.npy`` (float16 on disk)."""
+    return np.load(path).astype(np.float32, copy=False)

@@ -1,0 +1,220 @@
+"""The VolTA-3D meta-architecture (paper II-B): a student and an EMA teacher of the same shape, the
+two loss centres, and ``compute_losses`` which turns one collated batch of views into the losses
+of eq. 1-6. The train loop owns optimisation; this module owns the method.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from volta3d.engine.distributed import all_reduce_sum
+from volta3d.engine.ema import ema_update
+from volta3d.losses import Center, GlobalDistillationLoss, PatchDistillationLoss, masked_mse
+from volta3d.models.encoder import VolTAEncoder, build_encoder
+from volta3d.models.heads import build_heads
+from volta3d.models.summariser import CLSSummariser
+
+
+def _views_first(x: torch.Tensor) -> torch.Tensor:
+    """(V, B, ...) -> (V * B, ...): one batched forward per crop size (views of one size together)."""
+    return x.flatten(0, 1)
+
+
+class Student(nn.Module):
+    """Encoder + CLS-style summariser + projection heads; the teacher is a copy of this module.
+
+    This is the unit DDP wraps, so everything that needs gradients runs inside ``forward``.
+    """
+
+    def __init__(self, encoder: VolTAEncoder, summariser: CLSSummariser, global_head: nn.Module, patch_head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.summariser = summariser
+        self.global_head = global_head
+        self.patch_head = patch_head  # the same object as global_head when heads are shared (iBOT option)
+
+    def forward(
+        self,
+        global_views: torch.Tensor,
+        local_views: torch.Tensor | None = None,
+        *,
+        need_cls: bool = True,
+        need_patch: bool = True,
+        need_reconstruction: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """global_views (Vg*B, C, G, G, G); local_views (Vl*B, C, L, L, L) or None.
+
+        Returns (as requested): cls_logits (Vg*B, K), local_cls_logits (Vl*B, K),
+        patch_logits (Vg*B, N, K), reconstruction (Vg*B, C, G, G, G).
+        """
+        out: dict[str, torch.Tensor] = {}
+        feats = self.encoder.forward_features(global_views)
+        tokens = feats["patch_tokens"]  # (Vg*B, N, E)
+        if need_cls:
+            out["cls_logits"] = self.global_head(self.summariser(tokens))  # (Vg*B, E) -> (Vg*B, K)
+            if local_views is not None and local_views.shape[0] > 0:
+                local_tokens = self.encoder.forward_features(local_views)["patch_tokens"]  # (Vl*B, n, E)
+                out["local_cls_logits"] = self.global_head(self.summariser(local_tokens))
+        if need_patch:
+            out["patch_logits"] = self.patch_head(tokens)  # (Vg*B, N, E) -> (Vg*B, N, K)
+        if need_reconstruction:
+            out["reconstruction"] = self.encoder.decode(tokens, feats["grid"])  # (Vg*B, C, G, G, G)
+        return out
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        params = list(self.global_head.last_layer.parameters())
+        if self.patch_head is not self.global_head:
+            params += list(self.patch_head.last_layer.parameters())
+        return [p for p in params if p.requires_grad]
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the distributions along the last dim."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+
+
+class VolTA3D(nn.Module):
+    def __init__(
+        self,
+        student: Student,
+        *,
+        out_dim: int,
+        global_weight: float = 1.0,
+        local_weight: float = 1.0,
+        rec_weight: float = 100.0,
+        student_temp: float = 0.1,
+        local_tokens: str = "all",
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if local_tokens not in ("all", "masked"):
+            raise ValueError(f"loss.local_tokens must be 'all' or 'masked', got '{local_tokens}'")
+        if global_weight <= 0 and local_weight <= 0 and rec_weight <= 0:
+            raise ValueError("every loss weight is 0 (loss.global_weight, loss.local_weight, loss.rec_weight)")
+        self.student = student
+        self.teacher = copy.deepcopy(student)  # DINO: the teacher starts equal to the student
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.global_center = Center(out_dim, center_momentum)
+        self.patch_center = Center(out_dim, center_momentum)
+        self.global_loss = GlobalDistillationLoss()
+        self.patch_loss = PatchDistillationLoss()
+        self.weights = {"global": global_weight, "local": local_weight, "rec": rec_weight}
+        self.student_temp = student_temp
+        self.local_tokens = local_tokens
+        self.log_k = math.log(out_dim)
+
+    def train(self, mode: bool = True) -> VolTA3D:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never leaves eval mode
+        return self
+
+    # ------------------------------------------------------------------ losses
+    def compute_losses(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        teacher_temp: float,
+        teacher_patch_temp: float,
+        student: nn.Module | None = None,
+    ) -> dict[str, Any]:
+        """One micro-batch of collated views -> losses (eq. 1-6) and the statistics the step needs.
+
+        ``batch``: "global" (2, B, C, G, G, G) clean; "local" (Vl, B, C, L, L, L) clean;
+        optionally "global_masked" (2, B, C, G, G, G), "voxel_mask" (2, B, 1, G, G, G) and
+        "token_mask" (2, B, N) from GMML. ``student`` is the DDP wrapper when distributed.
+        Returns "loss" (weighted total), one entry per active branch, detached statistics, and
+        "center_stats": {name: (sum (K,), count)} to feed ``update_centres`` after the step.
+        """
+        student = student if student is not None else self.student
+        use_g, use_l, use_r = (self.weights[k] > 0 for k in ("global", "local", "rec"))
+        clean = batch["global"]
+        n_global = clean.shape[0]
+        masked = batch.get("global_masked")
+        student_in = _views_first(masked if masked is not None else clean)
+        local = batch.get("local")
+        local_in = _views_first(local) if (use_g and local is not None and local.shape[0] > 0) else None
+
+        with torch.no_grad():
+            t_out = self.teacher(_views_first(clean), None, need_cls=use_g, need_patch=use_l)
+        s_out = student(student_in, local_in, need_cls=use_g, need_patch=use_l, need_reconstruction=use_r)
+
+        out: dict[str, Any] = {"center_stats": {}}
+        total = clean.new_zeros(())
+        if use_g:
+            t_logits = t_out["cls_logits"].float()
+            t_probs = self.global_center.teacher_probs(t_logits, teacher_temp)  # (2B, K)
+            s_views = list(s_out["cls_logits"].chunk(n_global))
+            if "local_cls_logits" in s_out:
+                s_views += list(s_out["local_cls_logits"].chunk(local.shape[0]))
+            out["loss_global"] = self.global_loss(s_views, list(t_probs.chunk(n_global)), self.student_temp)
+            total = total + self.weights["global"] * out["loss_global"]
+            out["center_stats"]["global"] = Center.batch_stats(t_logits)
+            out["teacher_entropy"] = _entropy(t_probs)
+            out["teacher_marginal_entropy"] = _entropy(t_probs.mean(0, keepdim=True))
+        if use_l:
+            t_logits = t_out["patch_logits"].float()  # (2B, N, K)
+            t_probs = self.patch_center.teacher_probs(t_logits, teacher_patch_temp)
+            weight = _views_first(batch["token_mask"]).float() if self.local_tokens == "masked" else None
+            s_chunks, t_chunks = s_out["patch_logits"].chunk(n_global), t_probs.chunk(n_global)
+            w_chunks = weight.chunk(n_global) if weight is not None else [None] * n_global
+            # iBOT pairs each teacher view's tokens with the same view's (masked) student tokens.
+            per_view = [self.patch_loss(s, t, self.student_temp, w) for s, t, w in zip(s_chunks, t_chunks, w_chunks)]
+            out["loss_local"] = torch.stack(per_view).mean()
+            total = total + self.weights["local"] * out["loss_local"]
+            out["center_stats"]["patch"] = Center.batch_stats(t_logits)
+            out["teacher_patch_entropy"] = _entropy(t_probs)
+        if use_r:
+            out["loss_rec"] = masked_mse(
+                s_out["reconstruction"].float(), _views_first(clean).float(), _views_first(batch["voxel_mask"])
+            )
+            total = total + self.weights["rec"] * out["loss_rec"]
+        out["loss"] = total
+        return out
+
+    # ------------------------------------------------------------------ updates after an optimiser step
+    @torch.no_grad()
+    def update_centres(self, stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Once per optimiser step, from the statistics of the whole effective batch: the micro-batch
+        sums are added up by the caller and across ranks here, so the centre matches one big batch."""
+        centres = {"global": self.global_center, "patch": self.patch_center}
+        for name, (sum_, count) in stats.items():
+            count = torch.as_tensor(count, dtype=sum_.dtype, device=sum_.device).clone()
+            sum_ = sum_.clone()
+            all_reduce_sum(sum_, count)
+            centres[name].update(sum_, count)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        ema_update(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
+
+    def centre_norms(self) -> dict[str, float]:
+        return {
+            "center_norm": float(self.global_center.center.norm()),
+            "patch_center_norm": float(self.patch_center.center.norm()),
+        }
+
+
+def build_volta3d(model: Mapping[str, Any], head: Mapping[str, Any], loss: Mapping[str, Any]) -> VolTA3D:
+    """Config sections (plain dicts) -> the meta-architecture."""
+    model = dict(model)
+    summariser = CLSSummariser(
+        model["hidden_size"], num_heads=model.pop("summariser_heads"), mlp_ratio=model.pop("summariser_mlp_ratio")
+    )
+    encoder = build_encoder(**model)
+    global_head, patch_head = build_heads(embed_dim=model["hidden_size"], **head)
+    return VolTA3D(
+        Student(encoder, summariser, global_head, patch_head),
+        out_dim=head["out_dim"],
+        global_weight=loss["global_weight"],
+        local_weight=loss["local_weight"],
+        rec_weight=loss["rec_weight"],
+        student_temp=loss["student_temp"],
+        local_tokens=loss["local_tokens"],
+        center_momentum=loss["center_momentum"],
+    )

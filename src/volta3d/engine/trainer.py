@@ -1,0 +1,319 @@
+"""The VolTA-3D pretraining run: data, model, schedules, and one readable train loop (STYLE 7).
+
+Exact resume: the data order of epoch ``e`` depends only on ``(seed, e)``, every view's
+randomness only on ``(seed, epoch, index)``, and schedules only on the optimiser step, so a
+checkpoint (model, teacher, centres, optimiser, step) is the whole state. Re-running the same
+command continues from ``checkpoints/last.pt`` and reaches the same weights bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from volta3d.config import save_config, to_kwargs
+from volta3d.data.dataset import VolumeDataset, read_manifest
+from volta3d.data.views import PretrainViewsDataset, build_views, collate_views
+from volta3d.engine.checkpoint import load_checkpoint, save_checkpoint
+from volta3d.engine.distributed import DistInfo, barrier, init_distributed
+from volta3d.engine.meta_arch import VolTA3D, build_volta3d
+from volta3d.engine.optim import apply_schedule_values, build_optimizer, cancel_gradients, clip_gradients_per_tensor
+from volta3d.engine.sampler import ResumableSampler
+from volta3d.engine.schedules import Schedules, build_schedules, scaled_lr
+from volta3d.models.export import save_encoder_export
+from volta3d.runtime import MetricsCSV, resolve_device, seed_everything, setup_logging
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+METRIC_COLUMNS = [
+    "step", "epoch", "loss", "loss_global", "loss_local", "loss_rec", "lr", "weight_decay", "momentum",
+    "teacher_temp", "teacher_patch_temp", "teacher_entropy", "teacher_marginal_entropy", "teacher_patch_entropy",
+    "center_norm", "patch_center_norm", "grad_norm", "seconds_per_step",
+]  # fmt: skip
+# Keys that may change between a run and its resume: they do not alter the optimisation.
+RESUME_FREE_KEYS = ("train.num_workers", "train.log_every", "train.checkpoint_every", "train.max_steps",
+                    "train.tensorboard", "device", "optim.batch_size", "optim.accum_steps")  # fmt: skip
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged; the last good checkpoint is left untouched."""
+
+
+def pretrain(cfg: DictConfig, data: str | Path, output: str | Path, *, progress: bool = True) -> Path:
+    """Run (or resume) VolTA-3D pretraining on a preprocessed folder; returns the run folder."""
+    out = Path(output)
+    device = resolve_device(cfg.device)
+    dist_info = init_distributed(device.type)
+    if device.type == "cuda" and dist_info.world_size > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+    logger = setup_logging(out if dist_info.is_main else None, verbose=dist_info.is_main)
+    _validate(cfg)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(cfg.seed)
+
+    # ---- data: preprocessed volumes -> 2 global + N local views (+ GMML) per volume
+    manifest = read_manifest(data)
+    views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
+    dataset = PretrainViewsDataset(VolumeDataset(manifest), views, seed=cfg.seed)
+    sampler = ResumableSampler(
+        len(dataset), cfg.optim.batch_size, seed=cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size
+    )
+    loader = DataLoader(
+        dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
+        collate_fn=collate_views, pin_memory=device.type == "cuda", drop_last=True,
+    )  # fmt: skip
+    accum = cfg.optim.accum_steps
+    steps_per_epoch = sampler.batches_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(dataset)} volumes give no optimiser step per epoch with optim.batch_size={cfg.optim.batch_size}, "
+            f"optim.accum_steps={accum} and {dist_info.world_size} process(es)"
+        )
+    effective_batch = cfg.optim.batch_size * accum * dist_info.world_size
+
+    # ---- model, optimiser, schedules
+    model = build_volta3d(to_kwargs(cfg.model), to_kwargs(cfg.head), to_kwargs(cfg.loss)).to(device)
+    optimizer = build_optimizer(model.student, cfg.optim.betas)
+    schedules = _schedules(cfg, steps_per_epoch, effective_batch)
+    step = _maybe_resume(out / CHECKPOINT, cfg, model, optimizer, effective_batch, logger)
+    last_step = schedules.total_steps if cfg.train.max_steps <= 0 else min(cfg.train.max_steps, schedules.total_steps)
+    if dist_info.is_main:
+        save_config(cfg, out)
+        logger.info(
+            "pretraining on %d volumes: %d epochs x %d steps, effective batch %d (%d x %d accumulation x %d ranks), "
+            "lr %.3g, device %s", len(dataset), cfg.optim.epochs, steps_per_epoch, effective_batch,
+            cfg.optim.batch_size, accum, dist_info.world_size, schedules.lr.max(), device,
+        )  # fmt: skip
+    student = _wrap_student(model, device, dist_info)
+    metrics = MetricsCSV(out / "metrics.csv", keep_until_step=step) if dist_info.is_main else None
+    board = _tensorboard(out) if (dist_info.is_main and cfg.train.tensorboard) else None
+    health = CollapseMonitor(model.log_k, cfg.train.collapse_patience, logger)
+
+    bar = tqdm(total=last_step, initial=step, desc="pretrain", unit="step", disable=not (progress and dist_info.is_main))
+    model.train()
+    while step < last_step:
+        epoch, first_batch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start_batch=first_batch * accum)
+        dataset.set_epoch(epoch)
+        batches = iter(loader)
+        while step < last_step and step // steps_per_epoch == epoch:
+            t0 = time.perf_counter()
+            row = _train_step(model, student, optimizer, schedules, step, batches, accum, device, cfg, dist_info)
+            step += 1
+            row.update(step=step, epoch=epoch, seconds_per_step=time.perf_counter() - t0, **model.centre_norms())
+            health.observe(step, row)
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "loss_global", "loss_local", "loss_rec") if k in row})
+            if metrics is not None and (step % cfg.train.log_every == 0 or step == last_step):
+                metrics.write({k: row.get(k, "") for k in METRIC_COLUMNS})
+                if board is not None:
+                    for k in METRIC_COLUMNS[2:]:
+                        if k in row:
+                            board.add_scalar(k, row[k], step)
+            if step % cfg.train.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == last_step:
+                _save(out, model, optimizer, step, cfg, effective_batch, dist_info)
+        if step % steps_per_epoch == 0 and dist_info.is_main:
+            logger.info("epoch %d/%d done (step %d/%d): loss %.4f", epoch + 1, cfg.optim.epochs, step,
+                        schedules.total_steps, row["loss"])  # fmt: skip
+        del batches
+    bar.close()
+    if board is not None:
+        board.close()
+    if dist_info.is_main:
+        _save(out, model, optimizer, step, cfg, effective_batch, dist_info)
+        logger.info("finished at step %d; encoder export in %s", step, out / "encoder.safetensors")
+    barrier()
+    return out
+
+
+def _train_step(
+    model: VolTA3D,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedules: Schedules,
+    step: int,
+    batches: Iterator[Mapping[str, torch.Tensor]],
+    accum: int,
+    device: torch.device,
+    cfg: DictConfig,
+    dist_info: DistInfo,
+) -> dict[str, float]:
+    """One optimiser step over ``accum`` micro-batches. Returns the step's logged values."""
+    # 1. schedule values for this optimiser step
+    apply_schedule_values(optimizer, float(schedules.lr[step]), float(schedules.weight_decay[step]))
+    teacher_temp, patch_temp = float(schedules.teacher_temp[step]), float(schedules.teacher_patch_temp[step])
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+    # 2. forward / backward; the loss is scaled by 1/accum and DDP syncs only on the last micro-batch
+    logged: dict[str, float] = {}
+    centre_stats: dict[str, list[torch.Tensor]] = {}
+    for micro in range(accum):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items() if torch.is_tensor(v)}
+        sync = micro == accum - 1 or not isinstance(student, DistributedDataParallel)
+        with (contextlib.nullcontext() if sync else student.no_sync()):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model.compute_losses(batch, teacher_temp, patch_temp, student=student)
+            if not torch.isfinite(out["loss"]):
+                parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items() if k.startswith("loss_"))
+                raise NonFiniteLossError(
+                    f"non-finite loss at optimiser step {step} ({parts}); stopped without saving, the last good "
+                    "checkpoint is kept. Lower optim.lr or loss.teacher_temp, or use train.precision=fp32"
+                )
+            (out["loss"] / accum).backward()
+        for name, (sum_, count) in out["center_stats"].items():
+            acc = centre_stats.setdefault(name, [torch.zeros_like(sum_), torch.zeros((), device=sum_.device)])
+            acc[0] += sum_
+            acc[1] += count
+        for k, v in out.items():
+            if k.startswith(("loss", "teacher_")):
+                logged[k] = logged.get(k, 0.0) + float(v) / accum
+
+    # 3. DINO's last-layer freeze, per-tensor clipping, optimiser step
+    if schedules.freeze_last_layer[step]:
+        cancel_gradients(model.student.last_layer_parameters())
+    grad_norm = clip_gradients_per_tensor(model.student.parameters(), cfg.optim.clip_grad)
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteLossError(f"non-finite gradient norm at optimiser step {step}; the last good checkpoint is kept")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    # 4. teacher EMA and both centres: once per optimiser step, from the whole effective batch
+    model.update_teacher(float(schedules.momentum[step]))
+    model.update_centres({k: (s, c) for k, (s, c) in centre_stats.items()})
+    logged.update(
+        lr=float(schedules.lr[step]), weight_decay=float(schedules.weight_decay[step]),
+        momentum=float(schedules.momentum[step]), teacher_temp=teacher_temp, teacher_patch_temp=patch_temp,
+        grad_norm=float(grad_norm),
+    )  # fmt: skip
+    return logged
+
+
+class CollapseMonitor:
+    """Warns when the teacher's output collapses for ``patience`` consecutive steps: to uniform
+    (mean per-volume entropy near log K) or to one prototype (entropy of the batch-mean near 0)."""
+
+    def __init__(self, log_k: float, patience: int, logger: Any) -> None:
+        self.log_k, self.patience, self.logger = log_k, patience, logger
+        self.count = 0
+        self.warned = False
+
+    def observe(self, step: int, row: Mapping[str, float]) -> None:
+        if "teacher_entropy" not in row:
+            return
+        uniform = row["teacher_entropy"] > 0.95 * self.log_k
+        single = row["teacher_marginal_entropy"] < 0.05 * self.log_k
+        self.count = self.count + 1 if (uniform or single) else 0
+        if self.count >= self.patience and not self.warned:
+            kind = "uniform" if uniform else "a single prototype"
+            self.logger.warning(
+                "teacher output has collapsed to %s for %d steps (step %d: entropy %.3f, marginal %.3f, log K %.3f); "
+                "lower loss.teacher_temp or raise the batch size (METHOD-NOTES pitfall 3)",
+                kind, self.count, step, row["teacher_entropy"], row["teacher_marginal_entropy"], self.log_k,
+            )  # fmt: skip
+            self.warned = True
+
+
+def _validate(cfg: DictConfig) -> None:
+    if cfg.loss.rec_weight > 0 and cfg.masking.ratio <= 0:
+        raise ValueError("loss.rec_weight > 0 needs GMML masking: set masking.ratio > 0 (or loss.rec_weight=0)")
+    if cfg.views.global_size != cfg.model.img_size:
+        raise ValueError(f"views.global_size ({cfg.views.global_size}) must equal model.img_size ({cfg.model.img_size})")
+    for key in ("global_size", "local_size"):
+        if cfg.views[key] % cfg.model.patch_size:
+            raise ValueError(f"views.{key} ({cfg.views[key]}) must be a multiple of model.patch_size ({cfg.model.patch_size})")
+    if cfg.optim.accum_steps < 1 or cfg.optim.batch_size < 1:
+        raise ValueError("optim.batch_size and optim.accum_steps must be >= 1")
+
+
+def _schedules(cfg: DictConfig, steps_per_epoch: int, effective_batch: int) -> Schedules:
+    o, lo = cfg.optim, cfg.loss
+    return build_schedules(
+        steps_per_epoch=steps_per_epoch, epochs=o.epochs, lr=scaled_lr(o.lr, effective_batch, o.lr_scaling),
+        min_lr=o.min_lr, warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end, momentum_teacher=o.momentum_teacher,
+        momentum_teacher_end=o.momentum_teacher_end, teacher_temp=lo.teacher_temp,
+        warmup_teacher_temp=lo.warmup_teacher_temp, warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs,
+        teacher_patch_temp=lo.teacher_patch_temp, warmup_teacher_patch_temp=lo.warmup_teacher_patch_temp,
+        freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+    )  # fmt: skip
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        flat.update(_flatten(v, key + ".") if isinstance(v, Mapping) else {key: v})
+    return flat
+
+
+def _maybe_resume(
+    path: Path, cfg: DictConfig, model: VolTA3D, optimizer: torch.optim.Optimizer, effective_batch: int, logger: Any
+) -> int:
+    if not path.exists():
+        return 0
+    state = load_checkpoint(path)
+    now, then = _flatten(to_kwargs(cfg)), _flatten(state["config"])
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in RESUME_FREE_KEYS)
+    if changed:
+        k = changed[0]
+        raise ValueError(
+            f"{path} was written with {k}={then.get(k)!r} but the config now says {now.get(k)!r}; "
+            "use a new --output folder to change the method's settings"
+        )
+    if state["effective_batch"] != effective_batch:
+        raise ValueError(
+            f"{path} was trained with an effective batch of {state['effective_batch']}, now {effective_batch}: "
+            "keep optim.batch_size x optim.accum_steps x processes the same to resume"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    logger.info("resumed from %s at optimiser step %d", path, state["step"])
+    return int(state["step"])
+
+
+def _save(
+    out: Path, model: VolTA3D, optimizer: torch.optim.Optimizer, step: int, cfg: DictConfig, effective_batch: int,
+    dist_info: DistInfo,
+) -> None:  # fmt: skip
+    if not dist_info.is_main:
+        return
+    save_checkpoint(
+        out / CHECKPOINT,
+        {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "effective_batch": effective_batch, "config": OmegaConf.to_container(cfg, resolve=True),
+            "rng": torch.get_rng_state(),
+        },
+    )  # fmt: skip
+    # DINO evaluates the teacher: it is the better encoder, so it is the one exported.
+    save_encoder_export(out, model.teacher.encoder, model.teacher.summariser)
+
+
+def _wrap_student(model: VolTA3D, device: torch.device, dist_info: DistInfo) -> torch.nn.Module:
+    if dist_info.world_size <= 1:
+        return model.student
+    # MONAI blocks build parameters that never receive gradients (and a loss weight of 0 idles a head).
+    return DistributedDataParallel(
+        model.student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+    )
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+__all__ = ["pretrain", "NonFiniteLossError", "CollapseMonitor"]

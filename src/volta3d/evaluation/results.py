@@ -1,0 +1,98 @@
+"""The files every downstream run writes, and reads back on resume or for comparison.
+
+``results.json``: task, kind (binary | multiclass | regression | segmentation), model, encoder,
+label, classes, seed, config, splits, primary_metric, ``folds`` (per-fold ``metrics``),
+``aggregate`` (mean / SD / n per metric) and, for a reduced-data curve, ``fractions``
+({"0.2": {"folds", "aggregate"}, ...}; the top level is then the largest fraction).
+``predictions.csv``: one row per test subject and fold (classification: y_true, score(s),
+prediction; segmentation: per-structure Dice / HD95).
+``folds/<key>.json``: one finished fold each, so an interrupted run resumes without redoing it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+RESULTS_NAME = "results.json"
+PREDICTIONS_NAME = "predictions.csv"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NumPy scalars to Python, NaN / inf to null (strict JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Atomic write: a crash never leaves half a results file behind."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=1))
+    os.replace(tmp, p)
+    return p
+
+
+def save_run(out_dir: str | Path, results: dict[str, Any], predictions: pd.DataFrame) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    pred_path = out / PREDICTIONS_NAME
+    out.mkdir(parents=True, exist_ok=True)
+    predictions.to_csv(pred_path, index=False)
+    return write_json(out / RESULTS_NAME, results), pred_path
+
+
+def load_run(path: str | Path) -> dict[str, Any]:
+    """Read ``results.json`` (a file or its run folder) and attach ``predictions`` (a DataFrame,
+    or None when predictions.csv is absent) and ``dir``."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS_NAME
+    if not p.exists():
+        raise FileNotFoundError(f"results file not found: {p}")
+    try:
+        results = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"results file {p} is not valid JSON: {err.msg}") from None
+    for key in ("folds", "aggregate"):
+        if key not in results:
+            raise ValueError(f"results file {p} has no '{key}' entry")
+    pred = p.parent / PREDICTIONS_NAME
+    results["predictions"] = pd.read_csv(pred, dtype={"subject_id": str}) if pred.exists() else None
+    results["dir"] = str(p.parent)
+    return results
+
+
+class FoldStore:
+    """Per-fold result files under ``run_dir/folds``: a finished fold is recorded once and skipped
+    when the same command runs again."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir) / "folds"
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.json"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def load(self, key: str) -> dict[str, Any]:
+        return json.loads(self.path(key).read_text())
+
+    def save(self, key: str, payload: dict[str, Any]) -> Path:
+        return write_json(self.path(key), payload)

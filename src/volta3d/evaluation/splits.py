@@ -1,0 +1,135 @@
+"""Subject-grouped, seeded cross-validation splits saved to JSON, so every model is compared on the
+same folds (nnU-Net ``crossval_split.py`` habit). Splits hold subject ids, never row numbers: a
+manifest may be re-ordered or hold several scans per subject and the split still means the same."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+SPLITS_NAME = "splits.json"
+
+
+def regression_strata(values: Sequence[float], n_bins: int = 5) -> np.ndarray:
+    """Quantile bins of a numeric label, so regression folds are balanced in range (e.g. age)."""
+    v = pd.Series(np.asarray(values, dtype=float))
+    bins = min(n_bins, max(1, v.nunique()))
+    return pd.qcut(v, q=bins, labels=False, duplicates="drop").to_numpy()
+
+
+def _subject_strata(subject_ids: Sequence[str], strata: Sequence | None) -> pd.Series:
+    """One stratum per subject (its first row's), as StratifiedGroupKFold sees groups."""
+    s = pd.Series(np.zeros(len(subject_ids)) if strata is None else list(strata), index=list(subject_ids))
+    return s[~s.index.duplicated(keep="first")]
+
+
+def make_kfold_splits(
+    subject_ids: Sequence[str], strata: Sequence | None = None, n_splits: int = 5, seed: int = 0
+) -> dict[str, Any]:
+    """Stratified, subject-grouped k-fold: a subject's scans all fall in one test fold.
+
+    ``subject_ids`` and ``strata`` are per row (scan). Returns the JSON-ready split dictionary.
+    """
+    groups = np.asarray([str(s) for s in subject_ids])
+    n_subjects = len(set(groups))
+    if n_splits < 2:
+        raise ValueError(f"n_splits must be >= 2 (got {n_splits})")
+    if n_subjects < n_splits:
+        raise ValueError(f"only {n_subjects} subjects for {n_splits} folds")
+    y = np.zeros(len(groups)) if strata is None else np.asarray([str(s) for s in strata])
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    folds = []
+    for train_idx, test_idx in cv.split(np.zeros(len(groups)), y, groups):
+        folds.append({"train": sorted(set(groups[train_idx])), "test": sorted(set(groups[test_idx]))})
+    return {"method": "stratified_group_kfold", "n_splits": n_splits, "seed": seed, "folds": folds}
+
+
+def make_holdout_split(
+    subject_ids: Sequence[str], strata: Sequence | None = None, fraction: float = 0.2, seed: int = 0
+) -> dict[str, Any]:
+    """One stratified, subject-grouped hold-out (paper II-C: 20 %): the first fold of a
+    ``round(1 / fraction)``-fold split."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"hold-out fraction must be in (0, 1) (got {fraction})")
+    split = make_kfold_splits(subject_ids, strata, n_splits=max(2, round(1.0 / fraction)), seed=seed)
+    return {"method": "holdout", "fraction": fraction, "seed": seed, "n_splits": 1, "folds": split["folds"][:1]}
+
+
+def nested_subsets(
+    subject_ids: Sequence[str], strata: Sequence | None, fractions: Sequence[float], seed: int = 0
+) -> dict[float, list[str]]:
+    """Stratified, nested subsets of a training fold: each stratum is shuffled once and every
+    fraction takes a prefix of it, so the 20 % subset lies inside the 40 % one (reduced-data curve)."""
+    per_subject = _subject_strata([str(s) for s in subject_ids], strata)
+    rng = np.random.default_rng(seed)
+    orders = {}
+    for stratum in sorted(per_subject.unique(), key=str):
+        members = sorted(per_subject.index[per_subject == stratum])
+        orders[stratum] = [members[i] for i in rng.permutation(len(members))]
+    out: dict[float, list[str]] = {}
+    for f in sorted(fractions):
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"training fraction must be in (0, 1] (got {f})")
+        chosen: list[str] = []
+        for members in orders.values():
+            chosen += members[: max(1, int(round(f * len(members))))]
+        out[float(f)] = sorted(chosen)
+    return out
+
+
+def fold_row_indices(splits: dict[str, Any], subject_ids: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Map each fold's subject lists onto row indices of a manifest. Rows whose subject the split
+    does not know are an error (the split was made for other data); subjects of the split missing
+    from the rows (e.g. dropped for a missing label) are simply absent."""
+    ids = np.asarray([str(s) for s in subject_ids])
+    known = {s for fold in splits["folds"] for part in ("train", "test") for s in fold[part]}
+    unknown = sorted(set(ids) - known)
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} subjects are not in the splits file (e.g. {unknown[0]}); it was made for other data"
+        )
+    out = []
+    for fold in splits["folds"]:
+        train, test = set(fold["train"]), set(fold["test"])
+        if train & test:
+            raise ValueError(f"splits file puts subject {sorted(train & test)[0]} in both train and test")
+        out.append((np.flatnonzero(np.isin(ids, list(train))), np.flatnonzero(np.isin(ids, list(test)))))
+    return out
+
+
+def save_splits(splits: dict[str, Any], path: str | Path) -> Path:
+    p = Path(path)
+    if p.suffix != ".json":
+        p = p / SPLITS_NAME
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(splits, indent=1))
+    return p
+
+
+def load_splits(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / SPLITS_NAME
+    if not p.exists():
+        raise FileNotFoundError(f"splits file not found: {p}")
+    try:
+        splits = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"splits file {p} is not valid JSON: {err.msg}") from None
+    if not isinstance(splits, dict) or not isinstance(splits.get("folds"), list) or not splits["folds"]:
+        raise ValueError(f"splits file {p} has no 'folds' list")
+    return splits
+
+
+def same_folds(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """True when two splits assign the same subjects to the same test folds, in the same order."""
+    fa, fb = a.get("folds", []), b.get("folds", [])
+    return len(fa) == len(fb) and all(
+        sorted(x["test"]) == sorted(y["test"]) and sorted(x["train"]) == sorted(y["train"]) for x, y in zip(fa, fb)
+    )

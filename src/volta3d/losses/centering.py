@@ -1,0 +1,69 @@
+"""EMA centre of the teacher's logits (DINO), the guard against collapse to one prototype.
+
+The centre is subtracted from the teacher's logits before sharpening (paper eq. 2 and 4). It is an
+exponential moving average of the batch mean of teacher logits. Under gradient accumulation and
+data parallelism the engine sums ``batch_stats`` over micro-batches and ranks and calls ``update``
+once per optimiser step, so the centre is what one big batch would give (METHOD-NOTES pitfall 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Center(nn.Module):
+    """Holds ``center`` (1, K) and updates it as ``m * center + (1 - m) * batch_mean``."""
+
+    center: Tensor
+
+    def __init__(self, out_dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        if out_dim < 1:
+            raise ValueError(f"out_dim must be >= 1, got {out_dim}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.momentum = float(momentum)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @staticmethod
+    @torch.no_grad()
+    def batch_stats(teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Sum and count of the logit vectors, to be accumulated before one ``update``.
+
+        (..., K) -> sum (K,) float32, count () float32 (number of K-vectors summed). Float32 so the
+        pair can be all-reduced as is.
+        """
+        flat = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1])  # (..., K) -> (M, K)
+        count = torch.tensor(float(flat.shape[0]), device=flat.device)
+        return flat.sum(dim=0), count
+
+    @staticmethod
+    @torch.no_grad()
+    def all_reduce_stats(sum_: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """Sum the statistics over data-parallel ranks; a no-op in one process (pitfall 11)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sum_)
+            dist.all_reduce(count)
+        return sum_, count
+
+    @torch.no_grad()
+    def update(self, sum_: Tensor, count: Tensor | int) -> None:
+        """EMA step with the mean of all logit vectors seen since the last step: sum_ (K,)."""
+        count = torch.as_tensor(count, dtype=torch.float32, device=self.center.device)
+        if bool(count <= 0):
+            raise ValueError("count must be > 0 to update the centre")
+        batch_mean = sum_.to(self.center.device, torch.float32).reshape(1, -1) / count  # (K,) -> (1, K)
+        if batch_mean.shape != self.center.shape:
+            raise ValueError(f"sum_ has {batch_mean.shape[1]} entries, the centre has {self.center.shape[1]}")
+        self.center.mul_(self.momentum).add_(batch_mean.to(self.center.dtype), alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_logits: Tensor, temp: float) -> Tensor:
+        """Centred, sharpened teacher distribution, float32: (..., K) -> (..., K)."""
+        if temp <= 0:
+            raise ValueError(f"teacher temperature must be > 0, got {temp}")
+        centred = teacher_logits.detach().float() - self.center.float()
+        return F.softmax(centred / temp, dim=-1)

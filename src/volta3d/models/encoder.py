@@ -1,0 +1,209 @@
+"""The VolTA-3D encoder: MONAI's ViTAutoEnc, able to take crops of any size (paper II-B).
+
+VolTA-3D is built on ``monai.networks.nets.ViTAutoEnc``. Subclassing it (rather than re-writing
+a ViT) keeps the state-dict keys exactly MONAI's, so the pretrained weights load unchanged into
+``ViTAutoEnc`` and into ``UNETR.vit``. What the subclass adds:
+
+* ``forward_features``: named token groups (patch tokens after the final norm, per-block hidden
+  states for UNETR-style decoders, the token grid) without running the decoder;
+* crops of any box whose sides are multiples of the patch size, by trilinear interpolation of
+  the learned position embedding to the crop's token grid (local 48^3 crops through a 96^3 model);
+* ``decode``: the GMML reconstruction decoder (MONAI's two transposed convolutions) on any grid;
+* fused attention (``torch.nn.functional.scaled_dot_product_attention``) in every MONAI SABlock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.nets import ViTAutoEnc
+
+Grid = tuple[int, int, int]
+
+SUMMARISER_KEY_PREFIX = "summariser_"
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> torch.Tensor:
+    """Resample a learned 3D position embedding to another token grid.
+
+    ``(1, d0*h0*w0, E) -> (1, d*h*w, E)``. Tokens are ordered as MONAI's patch embedding flattens
+    its conv output (depth-major: index = (i*h + j)*w + k). Trilinear with ``align_corners=False``
+    keeps token centres at the same normalised position (i + 0.5) / d, as DINO does in 2D with
+    bicubic; centres outside the old outermost centres take the edge value.
+    Returns the input unchanged when the grids are equal.
+    """
+    old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
+    if len(old_grid) != 3 or len(new_grid) != 3:
+        raise ValueError(f"grids must be 3D (d, h, w), got {old_grid} and {new_grid}")
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[1] != math.prod(old_grid):
+        raise ValueError(
+            f"position embedding of shape {tuple(pos_embed.shape)} does not match the grid {old_grid} "
+            f"(expected (1, {math.prod(old_grid)}, E))"
+        )
+    if old_grid == new_grid:
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    # (1, N0, E) -> (1, E, d0, h0, w0)
+    field = pos_embed.reshape(1, *old_grid, dim).permute(0, 4, 1, 2, 3)
+    field = F.interpolate(field.float(), size=new_grid, mode="trilinear", align_corners=False)
+    # (1, E, d, h, w) -> (1, N, E)
+    return field.flatten(2).transpose(1, 2).to(pos_embed.dtype)
+
+
+def _sync_fused_attention_dropout(attn: nn.Module, _args: Any) -> None:
+    """MONAI's fused SABlock path passes ``dropout_p=self.dropout_rate`` even in eval mode;
+    tie it to the module's training flag so evaluation (and the teacher) is deterministic."""
+    attn.dropout_rate = attn.drop_weights.p if attn.training else 0.0
+
+
+class VolTAEncoder(ViTAutoEnc):
+    """ViTAutoEnc with named outputs, any-size crops and fused attention; same keys as ViTAutoEnc.
+
+    ``img_size`` is the edge of the cube the position embedding is learnt for (the global crop);
+    inputs may be any box whose sides are multiples of ``patch_size``.
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        hidden_size: int = 768,
+        mlp_dim: int = 3072,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        in_channels: int = 1,
+        dropout: float = 0.0,
+        qkv_bias: bool = False,
+        deconv_chns: int = 16,
+        fused_attention: bool = True,
+    ) -> None:
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        super().__init__(
+            in_channels=in_channels,
+            img_size=img_size,
+            patch_size=patch_size,
+            out_channels=in_channels,  # GMML reconstructs every input channel
+            deconv_chns=deconv_chns,
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            proj_type="conv",
+            dropout_rate=dropout,
+            spatial_dims=3,
+            qkv_bias=qkv_bias,
+        )
+        self.in_channels = in_channels
+        self.embed_dim = hidden_size
+        self.num_layers = num_layers
+        self.native_grid: Grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))  # type: ignore[assignment]
+        self.architecture = {
+            "img_size": int(img_size),
+            "patch_size": int(patch_size),
+            "hidden_size": int(hidden_size),
+            "mlp_dim": int(mlp_dim),
+            "num_layers": int(num_layers),
+            "num_heads": int(num_heads),
+            "in_channels": int(in_channels),
+            "qkv_bias": bool(qkv_bias),
+            "deconv_chns": int(deconv_chns),
+            "dropout": float(dropout),
+        }
+        # MONAI 1.6.1 builds a LayerNorm for cross-attention in every block even when cross-attention
+        # is off; it never sees a gradient. Freezing it keeps the keys and lets DDP / optimisers skip it.
+        for name in self.unused_parameter_names():
+            self.get_parameter(name).requires_grad_(False)
+        for blk in self.blocks:
+            blk.attn.register_forward_pre_hook(_sync_fused_attention_dropout)
+        self.set_fused_attention(fused_attention)
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters MONAI builds but never uses (``blocks.{i}.norm_cross_attn.{weight,bias}``)."""
+        return [
+            f"blocks.{i}.norm_cross_attn.{name}"
+            for i, blk in enumerate(self.blocks)
+            if not blk.with_cross_attention
+            for name, _ in blk.norm_cross_attn.named_parameters()
+        ]
+
+    def set_fused_attention(self, enabled: bool) -> None:
+        """Switch every SABlock between torch SDPA (flash / memory-efficient kernels) and MONAI's einsum."""
+        self.fused_attention = bool(enabled)
+        for blk in self.blocks:
+            attn = blk.attn
+            if enabled and attn.save_attn:
+                raise ValueError("fused attention cannot save attention maps (save_attn=True)")
+            attn.use_flash_attention = self.fused_attention
+
+    def token_grid(self, spatial_shape: Sequence[int]) -> Grid:
+        """Token grid ``(d, h, w)`` of an input of spatial shape ``(D, H, W)``; ValueError if it does not tile."""
+        spatial_shape = tuple(int(s) for s in spatial_shape)
+        if len(spatial_shape) != 3:
+            raise ValueError(f"expected a 3D volume (D, H, W), got spatial shape {spatial_shape}")
+        bad = [s for s, p in zip(spatial_shape, self.patch_size) if s % p != 0 or s < p]
+        if bad:
+            raise ValueError(
+                f"input spatial shape {spatial_shape} is not a multiple of patch_size {self.patch_size[0]}"
+            )
+        return tuple(s // p for s, p in zip(spatial_shape, self.patch_size))  # type: ignore[return-value]
+
+    def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
+        """The learned position embedding resampled to ``grid``: ``(1, d*h*w, E)``."""
+        return interpolate_pos_embed(self.patch_embedding.position_embeddings, self.native_grid, grid)
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, Any]:
+        """Encode a batch of volumes.
+
+        ``(B, C, D, H, W) -> {"patch_tokens": (B, N, E) after the final norm,
+        "hidden_states": list of num_layers (B, N, E), each block's output before the final norm
+        (UNETR reads indices 3, 6, 9), "grid": (d, h, w) with N = d*h*w}``.
+        """
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input (B, {self.in_channels}, D, H, W), got shape {tuple(x.shape)}"
+            )
+        grid = self.token_grid(x.shape[2:])
+        embed = self.patch_embedding
+        tokens = embed.patch_embeddings(x)  # (B, C, D, H, W) -> (B, E, d, h, w)
+        tokens = tokens.flatten(2).transpose(1, 2)  # (B, E, d, h, w) -> (B, N, E)
+        tokens = embed.dropout(tokens + self.position_embedding(grid))
+        hidden_states = []
+        for blk in self.blocks:
+            tokens = blk(tokens)
+            hidden_states.append(tokens)
+        return {"patch_tokens": self.norm(tokens), "hidden_states": hidden_states, "grid": grid}
+
+    def decode(self, patch_tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """GMML reconstruction: ``(B, N, E) -> (B, in_channels, D, H, W)`` via MONAI's transposed convs."""
+        grid = tuple(int(g) for g in grid)
+        if patch_tokens.ndim != 3 or patch_tokens.shape[1] != math.prod(grid):
+            raise ValueError(
+                f"patch tokens of shape {tuple(patch_tokens.shape)} do not fill the grid {grid}"
+            )
+        volume = patch_tokens.transpose(1, 2).reshape(patch_tokens.shape[0], patch_tokens.shape[2], *grid)
+        # (B, E, d, h, w) -> (B, deconv_chns, d*sqrt(p), ...) -> (B, C, D, H, W)
+        return self.conv3d_transpose_1(self.conv3d_transpose(volume))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """ViTAutoEnc's contract on any grid: ``(B, C, D, H, W) -> (reconstruction, hidden_states)``."""
+        feats = self.forward_features(x)
+        return self.decode(feats["patch_tokens"], feats["grid"]), feats["hidden_states"]
+
+
+def split_model_section(**model_section: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split the ``model:`` config section into encoder kwargs and ``summariser_*`` kwargs."""
+    encoder_kwargs = {k: v for k, v in model_section.items() if not k.startswith(SUMMARISER_KEY_PREFIX)}
+    summariser_kwargs = {k: v for k, v in model_section.items() if k.startswith(SUMMARISER_KEY_PREFIX)}
+    return encoder_kwargs, summariser_kwargs
+
+
+def build_encoder(**model_section: Any) -> VolTAEncoder:
+    """Build the encoder from the ``model:`` config keys (the ``summariser_*`` keys are not its own)."""
+    encoder_kwargs, _ = split_model_section(**model_section)
+    return VolTAEncoder(**encoder_kwargs)

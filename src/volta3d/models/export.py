@@ -1,0 +1,234 @@
+"""The slim encoder export every downstream task loads: ``encoder.safetensors`` + ``encoder.json``.
+
+The weights keep MONAI ViTAutoEnc's keys unchanged (``patch_embedding.*``, ``blocks.{i}.*``,
+``norm.*``, ``conv3d_transpose*``); the summariser sits under ``summariser.``. The JSON names the
+architecture so the encoder can be rebuilt without the training config. ``load_vit_weights``
+puts the ViT part into MONAI's ``ViTAutoEnc``, ``ViT`` or ``UNETR.vit``, checking every key and
+shape and resampling the position embedding when the target's token grid differs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import monai
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from volta3d.models.encoder import VolTAEncoder, interpolate_pos_embed
+from volta3d.models.summariser import CLSSummariser
+
+EXPORT_FORMAT = "volta3d-encoder"
+EXPORT_FORMAT_VERSION = 1
+WEIGHTS_NAME = "encoder.safetensors"
+META_NAME = "encoder.json"
+SUMMARISER_PREFIX = "summariser."
+DECODER_PREFIX = "conv3d_transpose"
+POS_EMBED_KEY = "patch_embedding.position_embeddings"
+# keys a MONAI ViT target may own that the export never holds (ViT(classification=True) extras)
+TARGET_ONLY_KEYS = ("cls_token", "classification_head.")
+
+
+class EncoderLoadError(ValueError):
+    """Encoder weights that do not fit the target (names the keys) or an unreadable export."""
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cpu_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+
+
+def save_encoder_export(
+    out_dir: str | Path, encoder: VolTAEncoder, summariser: CLSSummariser | None
+) -> tuple[Path, Path]:
+    """Write ``encoder.safetensors`` and ``encoder.json`` into ``out_dir``; return both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = _cpu_state(encoder)
+    if summariser is not None:
+        state.update(_cpu_state(summariser, SUMMARISER_PREFIX))
+    meta = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "architecture": "monai.ViTAutoEnc",
+        **encoder.architecture,
+        "summariser": summariser.architecture if summariser is not None else None,
+        "monai_version": monai.__version__,
+        "torch_version": torch.__version__,
+    }
+    weights_path, meta_path = out_dir / WEIGHTS_NAME, out_dir / META_NAME
+    _atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": EXPORT_FORMAT}))
+    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    return weights_path, meta_path
+
+
+def _export_paths(path_or_dir: str | Path) -> tuple[Path, Path]:
+    path = Path(path_or_dir)
+    if path.is_dir():
+        return path / WEIGHTS_NAME, path / META_NAME
+    if path.suffix == ".json":
+        return path.with_suffix(".safetensors"), path
+    return path, path.with_suffix(".json")
+
+
+def read_encoder_export(path_or_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state, meta)`` from an export folder, its ``.safetensors`` or its ``.json``."""
+    weights_path, meta_path = _export_paths(path_or_dir)
+    for p in (weights_path, meta_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"encoder export file not found: {p}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EncoderLoadError(f"cannot parse encoder metadata {meta_path}: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise EncoderLoadError(f"{meta_path} is not a {EXPORT_FORMAT} export (format: {found!r})")
+    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise EncoderLoadError(
+            f"{meta_path} has format_version {meta.get('format_version')!r}; this volta3d reads {EXPORT_FORMAT_VERSION}"
+        )
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EncoderLoadError(f"cannot read encoder weights {weights_path}: {reason}") from None
+    return state, meta
+
+
+def encoder_kwargs_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``VolTAEncoder`` keyword arguments recorded in an export's metadata."""
+    names = ("img_size", "patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads",
+             "in_channels", "qkv_bias", "deconv_chns", "dropout")
+    missing = [n for n in names if n not in meta]
+    if missing:
+        raise EncoderLoadError(f"encoder metadata lacks {', '.join(missing)}")
+    return {n: meta[n] for n in names}
+
+
+def build_from_export(
+    path_or_dir: str | Path, img_size: int | None = None, fused_attention: bool = True
+) -> tuple[VolTAEncoder, CLSSummariser | None]:
+    """Rebuild the encoder (and summariser) and load the weights strictly.
+
+    ``img_size`` builds the position embedding for another cube edge (resampled from the export's).
+    """
+    state, meta = read_encoder_export(path_or_dir)
+    kwargs = encoder_kwargs_from_meta(meta)
+    source_grid = (kwargs["img_size"] // kwargs["patch_size"],) * 3
+    if img_size is not None:
+        kwargs["img_size"] = int(img_size)
+    encoder = VolTAEncoder(**kwargs, fused_attention=fused_attention)
+    load_vit_weights(encoder, state, drop_decoder=False, source_grid=source_grid, target_grid=encoder.native_grid)
+
+    summariser_state = {k[len(SUMMARISER_PREFIX):]: v for k, v in state.items() if k.startswith(SUMMARISER_PREFIX)}
+    summariser = None
+    if meta.get("summariser") is not None:
+        summariser = CLSSummariser(**meta["summariser"])
+        _load_exact(summariser, summariser_state, what="summariser")
+    elif summariser_state:
+        raise EncoderLoadError("export holds summariser.* weights but its metadata has no summariser")
+    return encoder, summariser
+
+
+def _format_keys(keys: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k} export {tuple(state[k].shape)} vs target {tuple(expected[k].shape)}"
+                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    _raise_if_unfit(what, missing, unexpected, mismatched)
+    module.load_state_dict(state, strict=True)
+
+
+def _raise_if_unfit(what: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+    problems = []
+    if missing:
+        problems.append(f"missing from the export: {_format_keys(missing)}")
+    if unexpected:
+        problems.append(f"not in the target: {_format_keys(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_format_keys(mismatched, limit=3)}")
+    if problems:
+        raise EncoderLoadError(f"{what} weights do not fit the target: " + "; ".join(problems))
+
+
+def _cube_grid(n_tokens: int, which: str) -> tuple[int, int, int]:
+    side = round(n_tokens ** (1 / 3))
+    if side**3 != n_tokens:
+        raise EncoderLoadError(
+            f"cannot infer the {which} token grid from {n_tokens} position embeddings (not a cube); pass {which}_grid"
+        )
+    return (side, side, side)
+
+
+def load_vit_weights(
+    target: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    prefix: str = "",
+    drop_decoder: bool = True,
+    source_grid: Sequence[int] | None = None,
+    target_grid: Sequence[int] | None = None,
+) -> None:
+    """Load an export's ViT weights into a MONAI ``ViTAutoEnc`` / ``ViT`` (prefix ``""``) or ``UNETR``
+    (prefix ``"vit."``).
+
+    Every ViT key of the target under ``prefix`` must come from the export with the same shape, and
+    every export key must land in the target; ``summariser.*`` keys are never ViT keys, the decoder's
+    ``conv3d_transpose*`` keys are left out when ``drop_decoder``, and a ``ViT``'s own ``cls_token`` /
+    ``classification_head`` stay as initialised. The position embedding is resampled when the grids
+    differ; grids default to a cube inferred from the token count. Raises ``EncoderLoadError`` naming
+    the keys that do not fit.
+    """
+    vit_state = {k: v for k, v in state.items() if not k.startswith(SUMMARISER_PREFIX)}
+    if drop_decoder:
+        vit_state = {k: v for k, v in vit_state.items() if not k.startswith(DECODER_PREFIX)}
+    target_full = target.state_dict()
+    target_state = {
+        k[len(prefix):]: v for k, v in target_full.items()
+        if k.startswith(prefix) and not k[len(prefix):].startswith(TARGET_ONLY_KEYS)
+    }
+    if not target_state:
+        raise EncoderLoadError(f"target {type(target).__name__} has no parameters under prefix '{prefix}'")
+
+    if POS_EMBED_KEY in vit_state and POS_EMBED_KEY in target_state:
+        source_pos, target_pos = vit_state[POS_EMBED_KEY], target_state[POS_EMBED_KEY]
+        if source_pos.shape[-1] == target_pos.shape[-1] and source_pos.shape[1] != target_pos.shape[1]:
+            old = tuple(source_grid) if source_grid is not None else _cube_grid(source_pos.shape[1], "source")
+            new = tuple(target_grid) if target_grid is not None else _cube_grid(target_pos.shape[1], "target")
+            if math.prod(new) != target_pos.shape[1]:
+                raise EncoderLoadError(f"target_grid {new} does not hold {target_pos.shape[1]} tokens")
+            vit_state[POS_EMBED_KEY] = interpolate_pos_embed(source_pos, old, new)
+
+    missing = sorted(set(target_state) - set(vit_state))
+    unexpected = sorted(set(vit_state) - set(target_state))
+    mismatched = [f"{k} export {tuple(vit_state[k].shape)} vs target {tuple(target_state[k].shape)}"
+                  for k in sorted(set(vit_state) & set(target_state)) if vit_state[k].shape != target_state[k].shape]
+    _raise_if_unfit("encoder", missing, unexpected, mismatched)
+
+    target.load_state_dict({prefix + k: v for k, v in vit_state.items()}, strict=False)

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from volta3d.evaluation.comparison import compare_results, format_comparison
+from volta3d.evaluation.results import load_run, save_run
+from volta3d.evaluation.splits import make_kfold_splits
+
+
+def _fake_run(path, splits, signal, seed):
+    rng = np.random.default_rng(seed)
+    rows, folds = [], []
+    for k, fold in enumerate(splits["folds"]):
+        y = np.array([int(s[1:]) % 2 for s in fold["test"]])
+        score = 1 / (1 + np.exp(-(signal * (2 * y - 1) + rng.normal(0, 1, len(y)))))
+        folds.append({"fold": k, "metrics": {"auroc": float(np.mean(score[y == 1]) - np.mean(score[y == 0]))}})
+        rows += [{"subject_id": s, "fold": k, "y_true": t, "score": p} for s, t, p in zip(fold["test"], y, score)]
+    results = {"kind": "binary", "model": f"m{seed}", "splits": splits, "folds": folds, "aggregate": {}}
+    save_run(path, results, pd.DataFrame(rows))
+
+
+def test_compare_results_on_same_folds(tmp_path):
+    subjects = [f"s{i:02d}" for i in range(40)]
+    splits = make_kfold_splits(subjects, [int(s[1:]) % 2 for s in subjects], n_splits=4, seed=0)
+    _fake_run(tmp_path / "a", splits, 2.0, 1)
+    _fake_run(tmp_path / "b", splits, 0.2, 2)
+    cmp = compare_results(tmp_path / "a", tmp_path / "b", n_boot=200, seed=0)
+    assert cmp["n_folds"] == 4
+    fl = cmp["fold_level"]["auroc"]
+    assert fl["ci_low"] <= fl["estimate"] <= fl["ci_high"]
+    d = cmp["delong"]
+    assert d["n"] == 40 and d["diff"] > 0 and d["p"] < 0.05
+    assert d["ci_low"] <= d["diff"] <= d["ci_high"]
+    assert "DeLong" in format_comparison(cmp)
+    assert compare_results(load_run(tmp_path / "a"), load_run(tmp_path / "b"), n_boot=200, seed=0) == cmp
+
+
+def test_compare_rejects_different_folds_and_unknown_metric(tmp_path):
+    subjects = [f"s{i:02d}" for i in range(20)]
+    strata = [int(s[1:]) % 2 for s in subjects]
+    _fake_run(tmp_path / "a", make_kfold_splits(subjects, strata, n_splits=2, seed=0), 1.0, 1)
+    _fake_run(tmp_path / "b", make_kfold_splits(subjects, strata, n_splits=2, seed=9), 1.0, 2)
+    with pytest.raises(ValueError, match="were not evaluated on the same folds"):
+        compare_results(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(ValueError, match="metric 'dice' is not in both runs"):
+        compare_results(tmp_path / "a", tmp_path / "a", metrics=["dice"])
+    with pytest.raises(FileNotFoundError, match="results file not found"):
+        compare_results(tmp_path / "a", tmp_path / "missing")

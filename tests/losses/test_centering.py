@@ -1,0 +1,92 @@
+"""Centre EMA (DINO) against the formula center <- m * center + (1 - m) * mean(teacher logits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from volta3d.losses import Center
+
+
+def _np_softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_update_follows_the_ema_formula_over_two_steps():
+    torch.manual_seed(0)
+    center = Center(out_dim=5, momentum=0.9)
+    a, b = torch.randn(4, 5), torch.randn(3, 2, 5)  # CLS logits (B, K) and patch logits (B, N, K)
+    center.update(*Center.batch_stats(a))
+    center.update(*Center.batch_stats(b))
+    expected = np.zeros(5)
+    for logits in (a.numpy().reshape(-1, 5), b.numpy().reshape(-1, 5)):
+        expected = 0.9 * expected + 0.1 * logits.mean(axis=0)
+    np.testing.assert_allclose(center.center.numpy()[0], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_batch_stats_counts_every_vector():
+    total, count = Center.batch_stats(torch.ones(2, 3, 7))
+    assert total.shape == (7,) and total.dtype == torch.float32
+    assert count.item() == 6.0 and torch.equal(total, torch.full((7,), 6.0))
+
+
+def test_two_micro_batches_then_one_update_equal_one_big_batch():
+    torch.manual_seed(1)
+    first, second = torch.randn(2, 8) * 3, torch.randn(5, 8) + 1
+    accumulated = Center(out_dim=8, momentum=0.8)
+    s1, n1 = Center.batch_stats(first)
+    s2, n2 = Center.batch_stats(second)
+    accumulated.update(s1 + s2, n1 + n2)
+    one_batch = Center(out_dim=8, momentum=0.8)
+    one_batch.update(*Center.batch_stats(torch.cat([first, second])))
+    torch.testing.assert_close(accumulated.center, one_batch.center)
+    # two updates (one per micro-batch) is NOT the same: the EMA would decay twice (pitfall 1)
+    twice = Center(out_dim=8, momentum=0.8)
+    twice.update(s1, n1)
+    twice.update(s2, n2)
+    assert not torch.allclose(twice.center, one_batch.center)
+
+
+def test_all_reduce_stats_is_identity_in_one_process():
+    total, count = torch.arange(4.0), torch.tensor(3.0)
+    reduced_total, reduced_count = Center.all_reduce_stats(total.clone(), count.clone())
+    assert torch.equal(reduced_total, total) and torch.equal(reduced_count, count)
+
+
+def test_teacher_probs_centre_and_sharpen_without_grad():
+    torch.manual_seed(2)
+    center = Center(out_dim=6, momentum=0.5)
+    center.update(*Center.batch_stats(torch.randn(3, 6)))
+    logits = torch.randn(4, 6, requires_grad=True)
+    probs = center.teacher_probs(logits, temp=0.04)
+    expected = _np_softmax((logits.detach().numpy() - center.center.numpy()) / 0.04)
+    np.testing.assert_allclose(probs.numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert not probs.requires_grad and probs.dtype == torch.float32
+
+
+def test_teacher_probs_are_finite_for_extreme_bf16_logits():
+    center = Center(out_dim=4)
+    logits = torch.tensor([[1e4, -1e4, 0.0, 3e4]], dtype=torch.bfloat16)
+    probs = center.teacher_probs(logits, temp=0.04)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda c: c.update(torch.zeros(3), 0), "count must be > 0"),
+        (lambda c: c.update(torch.zeros(5), 2), "sum_ has 5 entries, the centre has 3"),
+        (lambda c: c.teacher_probs(torch.zeros(1, 3), 0.0), "teacher temperature must be > 0"),
+    ],
+)
+def test_bad_inputs_raise(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(Center(out_dim=3))
+
+
+def test_bad_momentum_raises():
+    with pytest.raises(ValueError, match="momentum must be in"):
+        Center(out_dim=3, momentum=1.5)
