@@ -49,12 +49,6 @@ def test_two_micro_batches_then_one_update_equal_one_big_batch():
     assert not torch.allclose(twice.center, one_batch.center)
 
 
-def test_all_reduce_stats_is_identity_in_one_process():
-    total, count = torch.arange(4.0), torch.tensor(3.0)
-    reduced_total, reduced_count = Center.all_reduce_stats(total.clone(), count.clone())
-    assert torch.equal(reduced_total, total) and torch.equal(reduced_count, count)
-
-
 def test_teacher_probs_centre_and_sharpen_without_grad():
     torch.manual_seed(2)
     center = Center(out_dim=6, momentum=0.5)

@@ -138,13 +138,16 @@ class MultiCropViews:
         return out
 
     def crop_shape(self, spatial: Sequence[int], rng: np.random.Generator, scale: tuple[float, float]) -> list[int]:
-        """Random crop edges: volume fraction ~ U(scale), per-axis aspect log-uniform in aspect_range.
+        """Random crop edges: volume fraction ~ U(scale), per-axis aspect jitter from aspect_range.
 
-        The aspect factors multiply to 1, so the crop keeps the drawn volume fraction unless an edge
-        had to be clipped to the volume.
+        Per-axis log-factors are uniform on [log lo, log hi] / 2 and centred, so they multiply to 1
+        (the crop keeps the drawn volume fraction unless an edge is clipped to the volume) and any two
+        relative edges differ by at most sqrt(hi / lo), i.e. by hi for a range like torchvision's
+        (lo = 1 / hi) ratio.
         """
         fraction = rng.uniform(*scale)
-        log_aspect = rng.uniform(math.log(self.aspect_range[0]), math.log(self.aspect_range[1]), size=3)
+        half_logs = [0.5 * math.log(r) for r in self.aspect_range]
+        log_aspect = rng.uniform(*half_logs, size=3)
         log_aspect -= log_aspect.mean()
         edge_scale = fraction ** (1.0 / 3.0) * np.exp(log_aspect)
         return [int(min(max(round(s * e), 1), s)) for s, e in zip(spatial, edge_scale, strict=True)]

@@ -63,7 +63,7 @@ def pretrain(cfg: DictConfig, data: str | Path, output: str | Path, *, progress:
     # ---- data: preprocessed volumes -> 2 global + N local views (+ GMML) per volume
     manifest = read_manifest(data)
     views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
-    dataset = PretrainViewsDataset(VolumeDataset(manifest), views, seed=cfg.seed)
+    dataset = PretrainViewsDataset(VolumeDataset(manifest), views, base_seed=cfg.seed)
     sampler = ResumableSampler(
         len(dataset), cfg.optim.batch_size, seed=cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size
     )
@@ -175,7 +175,7 @@ def _train_step(
             acc[1] += count
         for k, v in out.items():
             if k.startswith(("loss", "teacher_")):
-                logged[k] = logged.get(k, 0.0) + float(v) / accum
+                logged[k] = logged.get(k, 0.0) + float(v.detach()) / accum
 
     # 3. DINO's last-layer freeze, per-tensor clipping, optimiser step
     if schedules.freeze_last_layer[step]:

@@ -9,7 +9,6 @@ once per optimiser step, so the centre is what one big batch would give (METHOD-
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,15 +38,6 @@ class Center(nn.Module):
         flat = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1])  # (..., K) -> (M, K)
         count = torch.tensor(float(flat.shape[0]), device=flat.device)
         return flat.sum(dim=0), count
-
-    @staticmethod
-    @torch.no_grad()
-    def all_reduce_stats(sum_: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
-        """Sum the statistics over data-parallel ranks; a no-op in one process (pitfall 11)."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sum_)
-            dist.all_reduce(count)
-        return sum_, count
 
     @torch.no_grad()
     def update(self, sum_: Tensor, count: Tensor | int) -> None:

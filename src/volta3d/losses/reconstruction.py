@@ -10,7 +10,10 @@ def masked_mse(reconstruction: Tensor, target: Tensor, voxel_mask: Tensor) -> Te
 
     reconstruction, target: (B, C, D, H, W); voxel_mask: (B, 1, D, H, W) bool, True where the
     student saw zeros/noise. Only those voxels carry a learning signal: the clean ones could be
-    copied through. Returns 0 (with a gradient path) when nothing is masked.
+    copied through. The error is averaged over each volume's masked voxels, then over volumes:
+    every volume weighs the same, and the loss is a plain mean over volumes, so k accumulated
+    micro-batches (or k ranks) give exactly the gradient of one batch of k. A volume with no
+    masked voxel contributes 0; nothing masked at all gives 0 (with a gradient path).
     """
     if reconstruction.dim() != 5 or reconstruction.shape != target.shape:
         raise ValueError(
@@ -26,4 +29,5 @@ def masked_mse(reconstruction: Tensor, target: Tensor, voxel_mask: Tensor) -> Te
         )
     squared_error = (reconstruction.float() - target.detach().float()) ** 2  # (B, C, D, H, W)
     weight = voxel_mask.to(squared_error.dtype).expand_as(squared_error)  # (B, 1|C, D, H, W) -> (B, C, D, H, W)
-    return (squared_error * weight).sum() / weight.sum().clamp(min=1.0)
+    per_volume = (squared_error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1.0)  # (B,)
+    return per_volume.mean()

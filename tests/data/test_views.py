@@ -1,0 +1,205 @@
+"""3D multi-crop views, the pretraining dataset wrapper and the view-major collate."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from volta3d.config import load_config, to_kwargs
+from volta3d.data.masking import GMMLMasker
+from volta3d.data.views import MultiCropViews, PretrainViewsDataset, build_views, collate_views
+
+G, L, P = 16, 8, 4  # tiny global / local crop edges and patch size
+
+
+def _views(n_local: int = 3, masker: GMMLMasker | None = None, **kwargs) -> MultiCropViews:
+    return MultiCropViews(global_size=G, local_size=L, n_local=n_local, masker=masker, **kwargs)
+
+
+def _masker(fill: str = "noise") -> GMMLMasker:
+    return GMMLMasker(ratio=0.5, block_size=4, fill=fill, patch_size=P)
+
+
+def _volume(seed: int = 0, shape=(1, 20, 22, 18)) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+class _TinyVolumes(Dataset):
+    """Stands in for VolumeDataset: items are {"image": (1, D, H, W)} in [0, 1]."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": _volume(index), "subject_id": f"s{index}"}
+
+
+def test_shapes_dtypes_and_range():
+    out = _views(masker=_masker())(_volume(), seed=0)
+    n_tokens = (G // P) ** 3
+    assert out["global"].shape == (2, 1, G, G, G) and out["global"].dtype == torch.float32
+    assert out["local"].shape == (3, 1, L, L, L) and out["local"].dtype == torch.float32
+    assert out["global_masked"].shape == (2, 1, G, G, G)
+    assert out["voxel_mask"].shape == (2, 1, G, G, G) and out["voxel_mask"].dtype == torch.bool
+    assert out["token_mask"].shape == (2, n_tokens) and out["token_mask"].dtype == torch.bool
+    for key in ("global", "local", "global_masked"):
+        assert out[key].min() >= 0.0 and out[key].max() <= 1.0
+        assert type(out[key]) is torch.Tensor  # not a MONAI MetaTensor: collates and pins as a plain tensor
+
+
+def test_same_seed_same_views_other_seed_different():
+    views, volume = _views(masker=_masker()), _volume()
+    first, second, other = views(volume, seed=11), views(volume, seed=11), views(volume, seed=12)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert all(not torch.equal(first[k], other[k]) for k in ("global", "local", "voxel_mask"))
+    assert not torch.equal(first["global"][0], first["global"][1])  # the two global views differ too
+
+
+def test_masker_leaves_clean_views_and_local_crops_untouched():
+    """Local crops are never masked (MC-SSL) and the teacher's global views stay clean: adding a
+    masker changes nothing but the extra keys."""
+    volume = _volume(1)
+    with_mask = _views(masker=_masker())(volume, seed=5)
+    without = _views()(volume, seed=5)
+    assert set(without) == {"global", "local"}
+    assert torch.equal(with_mask["global"], without["global"]) and torch.equal(with_mask["local"], without["local"])
+
+
+def test_global_masked_differs_from_global_only_where_masked():
+    masker = _masker(fill="zeros")
+    out = _views(masker=masker)(_volume(2), seed=3)
+    mask = out["voxel_mask"].expand_as(out["global"])
+    assert torch.equal(out["global_masked"][~mask], out["global"][~mask])
+    assert torch.all(out["global_masked"][mask] == 0)
+    assert out["voxel_mask"].float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    for v in range(2):
+        assert torch.equal(out["token_mask"][v], masker.token_mask(out["voxel_mask"][v, 0]))
+
+
+def test_full_crop_with_all_flips_is_the_flipped_volume():
+    """Scale 1 and aspect 1 crop the whole volume; with G equal to its edge the resize is the
+    identity, so with every flip on and every intensity change off the view is volume.flip(D, H, W)."""
+    volume = _volume(3, shape=(1, G, G, G))
+    views = _views(
+        n_local=0, global_scale=(1.0, 1.0), aspect_range=(1.0, 1.0), flip_prob=1.0,
+        gamma_prob=0.0, contrast_prob=0.0, noise_prob=0.0, bias_field_prob=0.0,
+    )
+    out = views(volume, seed=0)
+    for v in range(2):
+        torch.testing.assert_close(out["global"][v], volume.flip(1, 2, 3))
+
+
+def test_intensity_changes_happen_when_forced():
+    volume = _volume(3, shape=(1, G, G, G))
+    plain = dict(n_local=0, global_scale=(1.0, 1.0), aspect_range=(1.0, 1.0), flip_prob=0.0,
+                 gamma_prob=0.0, contrast_prob=0.0, noise_prob=0.0, bias_field_prob=0.0)
+    torch.testing.assert_close(_views(**plain)(volume, seed=0)["global"][0], volume)
+    for change in ({"gamma_prob": 1.0}, {"contrast_prob": 1.0}, {"noise_prob": 1.0}, {"bias_field_prob": 1.0}):
+        changed = _views(**{**plain, **change})(volume, seed=0)["global"][0]
+        assert not torch.allclose(changed, volume), change
+
+
+def test_crop_shape_keeps_volume_fraction_and_aspect_bounds():
+    views = _views(aspect_range=(0.8, 1.25))
+    rng = np.random.default_rng(0)
+    spatial = (90, 100, 110)
+    for _ in range(50):
+        edges = views.crop_shape(spatial, rng, (0.05, 0.4))
+        fraction = math.prod(edges) / math.prod(spatial)
+        assert 0.05 * 0.9 <= fraction <= 0.4 * 1.1
+        ratios = [e / s for e, s in zip(edges, spatial, strict=True)]
+        assert max(ratios) / min(ratios) <= 1.25 * 1.02  # sqrt(hi / lo), plus rounding to whole voxels
+
+
+def test_volume_smaller_than_the_crops_and_two_channels():
+    out = _views(masker=_masker())(_volume(4, shape=(2, 6, 5, 7)), seed=1)
+    assert out["global"].shape == (2, 2, G, G, G) and out["local"].shape == (3, 2, L, L, L)
+    assert out["global_masked"].shape == (2, 2, G, G, G) and out["voxel_mask"].shape == (2, 1, G, G, G)
+
+
+def test_no_local_crops():
+    out = _views(n_local=0, masker=_masker())(_volume(), seed=0)
+    assert out["local"].shape == (0, 1, L, L, L)
+    batch = collate_views([dict(out, index=torch.tensor(0)), dict(out, index=torch.tensor(1))])
+    assert batch["local"].shape == (0, 2, 1, L, L, L)
+
+
+def test_collate_is_view_major():
+    dataset = PretrainViewsDataset(_TinyVolumes(), _views(n_local=2, masker=_masker()), base_seed=0)
+    items = [dataset[i] for i in range(3)]
+    batch = collate_views(items)
+    assert batch["global"].shape == (2, 3, 1, G, G, G)
+    assert batch["local"].shape == (2, 3, 1, L, L, L)
+    assert batch["global_masked"].shape == (2, 3, 1, G, G, G)
+    assert batch["voxel_mask"].shape == (2, 3, 1, G, G, G)
+    assert batch["token_mask"].shape == (2, 3, (G // P) ** 3)
+    assert batch["index"].tolist() == [0, 1, 2]
+    for v in range(2):
+        for b in range(3):
+            assert torch.equal(batch["local"][v, b], items[b]["local"][v])
+    flat = batch["global"].reshape(2 * 3, 1, G, G, G)  # (2, B, ...) -> (2 * B, ...): one forward per crop size
+    assert torch.equal(flat[4], items[1]["global"][1])
+
+
+def test_dataset_seeds_do_not_depend_on_access_order_and_change_with_epoch():
+    views = _views(n_local=1, masker=_masker())
+    forward = PretrainViewsDataset(_TinyVolumes(), views, base_seed=3)
+    backward = PretrainViewsDataset(_TinyVolumes(), views, base_seed=3)
+    in_order = [forward[i] for i in range(4)]
+    reverse = [backward[i] for i in reversed(range(4))][::-1]
+    for a, b in zip(in_order, reverse, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    forward.set_epoch(1)
+    assert forward.epoch == 1 and not torch.equal(forward[0]["global"], in_order[0]["global"])
+    other_seed = PretrainViewsDataset(_TinyVolumes(), views, base_seed=4)
+    assert not torch.equal(other_seed[0]["global"], in_order[0]["global"])
+
+
+def test_persistent_workers_see_set_epoch():
+    dataset = PretrainViewsDataset(_TinyVolumes(), _views(n_local=1), base_seed=0)
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, persistent_workers=True, collate_fn=collate_views)
+    expected = {}
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        expected[epoch] = torch.cat([b["global"] for b in loader], dim=1)
+    reference = PretrainViewsDataset(_TinyVolumes(), _views(n_local=1), base_seed=0)
+    for epoch in (0, 1):
+        reference.set_epoch(epoch)
+        direct = torch.stack([reference[i]["global"] for i in range(4)], dim=1)
+        assert torch.equal(expected[epoch], direct)
+    assert not torch.equal(expected[0], expected[1])
+
+
+def test_build_views_from_the_default_config():
+    cfg = load_config(overrides=[f"views.global_size={G}", f"views.local_size={L}", "views.n_local=1"])
+    views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=P)
+    assert views.masker is not None and views.masker.ratio == cfg.masking.ratio
+    out = views(_volume(), seed=0)
+    assert out["token_mask"].shape == (2, (G // P) ** 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"global_scale": (0.0, 1.0)}, "global_scale must satisfy"),
+        ({"local_scale": (0.5, 0.2)}, "local_scale must satisfy"),
+        ({"n_local": -1}, "n_local must be an integer >= 0"),
+        ({"flip_prob": 1.5}, "flip_prob must be a probability"),
+        ({"noise_std": -0.1}, "noise_std must be >= 0"),
+        ({"masker": GMMLMasker(patch_size=6)}, "global_size 16 must be a multiple of the patch size 6"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _views(**kwargs)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="volume must be"):
+        _views()(torch.rand(16, 16, 16), seed=0)
+    with pytest.raises(ValueError, match="empty list"):
+        collate_views([])

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from volta3d.cli import main
+from volta3d.config import load_config
+from volta3d.engine.checkpoint import load_checkpoint
+from volta3d.engine.meta_arch import VolTA3D
+from volta3d.engine.trainer import NonFiniteLossError, pretrain
+from volta3d.runtime import MetricsCSV
+
+
+def _run(overrides, data, out, *extra):
+    cfg = load_config(overrides=overrides + ["train.deterministic=true", *extra])
+    return pretrain(cfg, data, out, progress=False)
+
+
+def test_exact_resume_is_bitwise(tiny_overrides, volume_folder, tmp_path):
+    straight = _run(tiny_overrides, volume_folder, tmp_path / "straight", "train.max_steps=4")
+    resumed = tmp_path / "resumed"
+    _run(tiny_overrides, volume_folder, resumed, "train.max_steps=2")
+    assert load_checkpoint(resumed / "checkpoints/last.pt")["step"] == 2
+    _run(tiny_overrides, volume_folder, resumed, "train.max_steps=4")  # same command, continues
+
+    a = load_checkpoint(straight / "checkpoints/last.pt")
+    b = load_checkpoint(resumed / "checkpoints/last.pt")
+    assert a["step"] == b["step"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # the resumed run's metrics have one row per step, none duplicated
+    steps = [int(r["step"]) for r in MetricsCSV(resumed / "metrics.csv").read()]
+    assert steps == [1, 2, 3, 4]
+    straight_rows = MetricsCSV(straight / "metrics.csv").read()
+    resumed_rows = MetricsCSV(resumed / "metrics.csv").read()
+    assert [r["loss"] for r in straight_rows] == [r["loss"] for r in resumed_rows]
+
+
+def test_run_writes_its_outputs(tiny_overrides, volume_folder, tmp_path):
+    out = _run(tiny_overrides, volume_folder, tmp_path / "run", "train.max_steps=2")
+    for name in ("config.yaml", "log.txt", "metrics.csv", "checkpoints/last.pt", "encoder.safetensors", "encoder.json"):
+        assert (out / name).is_file(), name
+    rows = MetricsCSV(out / "metrics.csv").read()
+    assert len(rows) == 2
+    for key in ("loss_global", "loss_local", "loss_rec", "teacher_entropy", "center_norm", "lr", "momentum"):
+        assert rows[-1][key] != "", key
+    assert float(rows[0]["lr"]) == 0.0  # warm-up starts at 0
+    assert "non-finite" not in (out / "log.txt").read_text()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_overrides, volume_folder, tmp_path, monkeypatch):
+    real = VolTA3D.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(VolTA3D, "compute_losses", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at optimiser step 2"):
+        _run(tiny_overrides, volume_folder, out)
+    state = load_checkpoint(out / "checkpoints/last.pt")
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_changed_method_settings(tiny_overrides, volume_folder, tmp_path):
+    out = _run(tiny_overrides, volume_folder, tmp_path / "run", "train.max_steps=1")
+    with pytest.raises(ValueError, match="loss.rec_weight"):
+        _run(tiny_overrides, volume_folder, out, "train.max_steps=2", "loss.rec_weight=1.0")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    code = main(["pretrain", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "manifest not found" in err
+    code = main(["pretrain", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "optim.epoch=3"])
+    assert code == 2 and "unknown config key 'optim.epoch'" in capsys.readouterr().err
