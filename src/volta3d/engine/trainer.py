@@ -24,7 +24,7 @@ from volta3d.config import save_config, to_kwargs
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.data.views import PretrainViewsDataset, build_views, collate_views
 from volta3d.engine.checkpoint import load_checkpoint, save_checkpoint
-from volta3d.engine.distributed import DistInfo, barrier, init_distributed
+from volta3d.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from volta3d.engine.meta_arch import VolTA3D, build_volta3d
 from volta3d.engine.optim import apply_schedule_values, build_optimizer, cancel_gradients, clip_gradients_per_tensor
 from volta3d.engine.sampler import ResumableSampler
@@ -176,6 +176,11 @@ def _train_step(
         for k, v in out.items():
             if k.startswith(("loss", "teacher_")):
                 logged[k] = logged.get(k, 0.0) + float(v.detach()) / accum
+
+    if dist_info.world_size > 1:  # log the mean over ranks, i.e. over the whole effective batch
+        values = torch.tensor(list(logged.values()), dtype=torch.float64, device=device)
+        all_reduce_sum(values)
+        logged = dict(zip(logged, (values / dist_info.world_size).tolist()))
 
     # 3. DINO's last-layer freeze, per-tensor clipping, optimiser step
     if schedules.freeze_last_layer[step]:

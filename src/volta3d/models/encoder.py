@@ -28,7 +28,9 @@ Grid = tuple[int, int, int]
 SUMMARISER_KEY_PREFIX = "summariser_"
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> torch.Tensor:
+def interpolate_pos_embed(
+    pos_embed: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int]
+) -> torch.Tensor:
     """Resample a learned 3D position embedding to another token grid.
 
     ``(1, d0*h0*w0, E) -> (1, d*h*w, E)``. Tokens are ordered as MONAI's patch embedding flattens
@@ -102,7 +104,7 @@ class VolTAEncoder(ViTAutoEnc):
         self.in_channels = in_channels
         self.embed_dim = hidden_size
         self.num_layers = num_layers
-        self.native_grid: Grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))  # type: ignore[assignment]
+        self.native_grid: Grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size, strict=True))  # type: ignore[assignment]
         self.architecture = {
             "img_size": int(img_size),
             "patch_size": int(patch_size),
@@ -146,12 +148,12 @@ class VolTAEncoder(ViTAutoEnc):
         spatial_shape = tuple(int(s) for s in spatial_shape)
         if len(spatial_shape) != 3:
             raise ValueError(f"expected a 3D volume (D, H, W), got spatial shape {spatial_shape}")
-        bad = [s for s, p in zip(spatial_shape, self.patch_size) if s % p != 0 or s < p]
+        bad = [s for s, p in zip(spatial_shape, self.patch_size, strict=True) if s % p != 0 or s < p]
         if bad:
             raise ValueError(
                 f"input spatial shape {spatial_shape} is not a multiple of patch_size {self.patch_size[0]}"
             )
-        return tuple(s // p for s, p in zip(spatial_shape, self.patch_size))  # type: ignore[return-value]
+        return tuple(s // p for s, p in zip(spatial_shape, self.patch_size, strict=True))  # type: ignore[return-value]
 
     def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
         """The learned position embedding resampled to ``grid``: ``(1, d*h*w, E)``."""
@@ -165,9 +167,7 @@ class VolTAEncoder(ViTAutoEnc):
         (UNETR reads indices 3, 6, 9), "grid": (d, h, w) with N = d*h*w}``.
         """
         if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected input (B, {self.in_channels}, D, H, W), got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected input (B, {self.in_channels}, D, H, W), got shape {tuple(x.shape)}")
         grid = self.token_grid(x.shape[2:])
         embed = self.patch_embedding
         tokens = embed.patch_embeddings(x)  # (B, C, D, H, W) -> (B, E, d, h, w)
@@ -183,9 +183,7 @@ class VolTAEncoder(ViTAutoEnc):
         """GMML reconstruction: ``(B, N, E) -> (B, in_channels, D, H, W)`` via MONAI's transposed convs."""
         grid = tuple(int(g) for g in grid)
         if patch_tokens.ndim != 3 or patch_tokens.shape[1] != math.prod(grid):
-            raise ValueError(
-                f"patch tokens of shape {tuple(patch_tokens.shape)} do not fill the grid {grid}"
-            )
+            raise ValueError(f"patch tokens of shape {tuple(patch_tokens.shape)} do not fill the grid {grid}")
         volume = patch_tokens.transpose(1, 2).reshape(patch_tokens.shape[0], patch_tokens.shape[2], *grid)
         # (B, E, d, h, w) -> (B, deconv_chns, d*sqrt(p), ...) -> (B, C, D, H, W)
         return self.conv3d_transpose_1(self.conv3d_transpose(volume))

@@ -117,8 +117,18 @@ def read_encoder_export(path_or_dir: str | Path) -> tuple[dict[str, torch.Tensor
 
 def encoder_kwargs_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The ``VolTAEncoder`` keyword arguments recorded in an export's metadata."""
-    names = ("img_size", "patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads",
-             "in_channels", "qkv_bias", "deconv_chns", "dropout")
+    names = (
+        "img_size",
+        "patch_size",
+        "hidden_size",
+        "mlp_dim",
+        "num_layers",
+        "num_heads",
+        "in_channels",
+        "qkv_bias",
+        "deconv_chns",
+        "dropout",
+    )
     missing = [n for n in names if n not in meta]
     if missing:
         raise EncoderLoadError(f"encoder metadata lacks {', '.join(missing)}")
@@ -138,9 +148,13 @@ def build_from_export(
     if img_size is not None:
         kwargs["img_size"] = int(img_size)
     encoder = VolTAEncoder(**kwargs, fused_attention=fused_attention)
-    load_vit_weights(encoder, state, drop_decoder=False, source_grid=source_grid, target_grid=encoder.native_grid)
+    load_vit_weights(
+        encoder, state, drop_decoder=False, source_grid=source_grid, target_grid=encoder.native_grid
+    )
 
-    summariser_state = {k[len(SUMMARISER_PREFIX):]: v for k, v in state.items() if k.startswith(SUMMARISER_PREFIX)}
+    summariser_state = {
+        k[len(SUMMARISER_PREFIX) :]: v for k, v in state.items() if k.startswith(SUMMARISER_PREFIX)
+    }
     summariser = None
     if meta.get("summariser") is not None:
         summariser = CLSSummariser(**meta["summariser"])
@@ -159,8 +173,11 @@ def _load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k} export {tuple(state[k].shape)} vs target {tuple(expected[k].shape)}"
-                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    mismatched = [
+        f"{k} export {tuple(state[k].shape)} vs target {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
     _raise_if_unfit(what, missing, unexpected, mismatched)
     module.load_state_dict(state, strict=True)
 
@@ -210,8 +227,9 @@ def load_vit_weights(
         vit_state = {k: v for k, v in vit_state.items() if not k.startswith(DECODER_PREFIX)}
     target_full = target.state_dict()
     target_state = {
-        k[len(prefix):]: v for k, v in target_full.items()
-        if k.startswith(prefix) and not k[len(prefix):].startswith(TARGET_ONLY_KEYS)
+        k[len(prefix) :]: v
+        for k, v in target_full.items()
+        if k.startswith(prefix) and not k[len(prefix) :].startswith(TARGET_ONLY_KEYS)
     }
     if not target_state:
         raise EncoderLoadError(f"target {type(target).__name__} has no parameters under prefix '{prefix}'")
@@ -227,8 +245,11 @@ def load_vit_weights(
 
     missing = sorted(set(target_state) - set(vit_state))
     unexpected = sorted(set(vit_state) - set(target_state))
-    mismatched = [f"{k} export {tuple(vit_state[k].shape)} vs target {tuple(target_state[k].shape)}"
-                  for k in sorted(set(vit_state) & set(target_state)) if vit_state[k].shape != target_state[k].shape]
+    mismatched = [
+        f"{k} export {tuple(vit_state[k].shape)} vs target {tuple(target_state[k].shape)}"
+        for k in sorted(set(vit_state) & set(target_state))
+        if vit_state[k].shape != target_state[k].shape
+    ]
     _raise_if_unfit("encoder", missing, unexpected, mismatched)
 
     target.load_state_dict({prefix + k: v for k, v in vit_state.items()}, strict=False)

@@ -54,7 +54,9 @@ class CLSSummariser(nn.Module):
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """``(B, N, E) -> (B, E)``: the learned token's output after one block and the final norm."""
         if patch_tokens.ndim != 3 or patch_tokens.shape[-1] != self.dim:
-            raise ValueError(f"expected patch tokens (B, N, {self.dim}), got shape {tuple(patch_tokens.shape)}")
+            raise ValueError(
+                f"expected patch tokens (B, N, {self.dim}), got shape {tuple(patch_tokens.shape)}"
+            )
         token = self.token.expand(patch_tokens.shape[0], -1, -1)  # (1, 1, E) -> (B, 1, E)
         sequence = torch.cat([token, patch_tokens], dim=1)  # (B, 1 + N, E)
         normed = self.norm1(sequence)
