@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from volta3d import __version__
 
 # Order is the order shown by `volta3d --help`.
-COMMANDS = ["preprocess", "pretrain"]
+COMMANDS = ["preprocess", "pretrain", "bench", "finetune", "embed", "probe", "compare"]
 
 
 class CommandError(RuntimeError):
@@ -32,14 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse reads positionals in one run, so `INPUT --output OUT key=value` would leave the
+    # trailing overrides unparsed: collect them here for commands that take overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
     try:
         return int(args.func(args) or 0)
     except (CommandError, FileNotFoundError, ValueError, KeyError) as err:
-        # Bad input: one line naming the file or field, no traceback.
+        # Bad input: one line naming the file or field, no traceback (VOLTA3D_DEBUG=1 shows it).
+        if os.environ.get("VOLTA3D_DEBUG"):
+            raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"volta3d {args.command}: error: {msg}", file=sys.stderr)
         return 2

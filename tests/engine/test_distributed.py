@@ -46,3 +46,9 @@ def test_two_ranks_match_one_process_with_double_batch(tmp_path):
     for r1, r2 in zip(rows_one, rows_two, strict=True):
         for key in ("loss", "loss_global", "loss_local", "loss_rec", "center_norm"):
             assert float(r2[key]) == pytest.approx(float(r1[key]), rel=1e-5), key
+
+    # a run started on 2 ranks resumes in 1 process with the same global batch (2 x 2 == 1 x 4)
+    _pretrain(["--data", str(data), "--output", str(tmp_path / "two"), *common[:-1], "train.max_steps=4",
+               "optim.batch_size=4"], 1, tmp_path)  # fmt: skip
+    assert load_checkpoint(tmp_path / "two/checkpoints/last.pt")["step"] == 4
+    assert [int(r["step"]) for r in MetricsCSV(tmp_path / "two/metrics.csv").read()] == [1, 2, 3, 4]

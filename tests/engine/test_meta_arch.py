@@ -98,7 +98,7 @@ def test_accumulation_matches_one_big_batch(tiny_overrides):
             torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=f"grad {n} (k={k})")
         torch.testing.assert_close(model.global_center.center, ref_model.global_center.center)
         torch.testing.assert_close(model.patch_center.center, ref_model.patch_center.center)
-        for (n, a), b in zip(model.teacher.named_parameters(), ref_model.teacher.parameters()):
+        for (n, a), b in zip(model.teacher.named_parameters(), ref_model.teacher.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"teacher {n} (k={k})")
 
 
@@ -109,8 +109,8 @@ def test_teacher_moves_only_through_ema(tiny_overrides):
     teacher_before = [p.clone() for p in model.teacher.parameters()]
     model.compute_losses(_batch(), 0.04, 0.04)["loss"].backward()
     opt.step()
-    for a, b in zip(model.teacher.parameters(), teacher_before):
+    for a, b in zip(model.teacher.parameters(), teacher_before, strict=True):
         assert torch.equal(a, b)  # an optimiser step alone leaves the teacher untouched
     model.update_teacher(0.5)
-    for t, s, b in zip(model.teacher.parameters(), model.student.parameters(), teacher_before):
+    for t, s, b in zip(model.teacher.parameters(), model.student.parameters(), teacher_before, strict=True):
         torch.testing.assert_close(t, 0.5 * b + 0.5 * s)

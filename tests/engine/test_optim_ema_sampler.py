@@ -17,9 +17,9 @@ def test_ema_matches_formula():
     torch.manual_seed(0)
     t = [torch.randn(3, 4), torch.randn(5)]
     s = [torch.randn(3, 4), torch.randn(5)]
-    expected = [0.9 * a + 0.1 * b for a, b in zip(t, s)]
+    expected = [0.9 * a + 0.1 * b for a, b in zip(t, s, strict=True)]
     ema_update(t, s, 0.9)
-    for a, e in zip(t, expected):
+    for a, e in zip(t, expected, strict=True):
         torch.testing.assert_close(a, e)
     with pytest.raises(ValueError, match="tensors"):
         ema_update(t, s[:1], 0.9)

@@ -48,11 +48,13 @@ def source_fingerprint(path: str | None) -> dict[str, int] | None:
     return {"missing": 1}
 
 
-def scan_key(source: str) -> str:
-    """Readable, collision-free cache name: the source's name plus a hash of its full path."""
+def scan_key(source: str, label_source: str | None = None) -> str:
+    """Readable, collision-free cache name: the source's name plus a hash of its full path (and of its
+    mask's, since one image may be listed with different masks)."""
     name = re.sub(r"\.nii(\.gz)?$", "", Path(source).name, flags=re.IGNORECASE)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "scan"
-    return f"{name}-{hashlib.sha1(source.encode()).hexdigest()[:10]}"
+    identity = source if label_source is None else f"{source}\n{label_source}"
+    return f"{name}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
 
 
 def record_path(out_dir: Path, key: str) -> Path:
@@ -81,7 +83,14 @@ def save_array(path: Path, array: np.ndarray) -> None:
 
 
 def save_record(path: Path, record: dict[str, Any]) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()), ".json")
+    _atomic_write(path, lambda f: f.write(json.dumps(record, indent=1, default=_plain).encode()), ".json")
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars (labels read by pandas) -> Python numbers for JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a cache record")
 
 
 def load_record(path: Path) -> dict[str, Any] | None:

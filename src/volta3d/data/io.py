@@ -69,7 +69,9 @@ def read_nifti(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as err:  # nibabel raises many types (EOFError, zlib.error, ImageFileError, ...)
-        raise ScanError(f"cannot read {path.name} (truncated or corrupt?): {type(err).__name__}: {err}") from None
+        raise ScanError(
+            f"cannot read {path.name} (truncated or corrupt?): {type(err).__name__}: {err}"
+        ) from None
     return _as_channel_first(data, path.name), make_meta(img.affine)
 
 
@@ -139,7 +141,9 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
             ds = pydicom.dcmread(f)
             slices.append(apply_rescale(ds.pixel_array.astype(np.float32), ds).astype(np.float32))
         except Exception as err:
-            raise ScanError(f"{folder.name}: cannot read pixels of {f.name} (truncated or corrupt?): {err}") from None
+            raise ScanError(
+                f"{folder.name}: cannot read pixels of {f.name} (truncated or corrupt?): {err}"
+            ) from None
     if len({s.shape for s in slices}) > 1:
         raise ScanError(f"{folder.name}: slices have different sizes {sorted({s.shape for s in slices})}")
     volume = np.stack(slices, axis=-1)  # (rows, cols, slices)
@@ -176,7 +180,7 @@ def _check_instance_numbers(folder: Path, headers: list[tuple[Path, pydicom.Data
     if any(n is None for n in numbers):
         return  # optional tag: the position check alone decides
     ordered = sorted(int(n) for n in numbers)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if b - a != 1:
             what = "repeats" if a == b else "jumps"
             raise ScanError(f"{folder.name}: missing slices (InstanceNumber {what} from {a} to {b})")

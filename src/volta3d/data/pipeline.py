@@ -21,8 +21,8 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     Orientationd,
-    ResizeWithPadOrCropd,
     Resized,
+    ResizeWithPadOrCropd,
     ScaleIntensityd,
     ScaleIntensityRangePercentilesd,
     Spacingd,
@@ -65,11 +65,19 @@ class PreprocessSettings:
         if not self.spacing > 0:
             raise ValueError(f"preprocess.spacing must be > 0 mm, got {self.spacing}")
         if len(self.orientation) != 3 or set(self.orientation.upper()) - set("RASLPI"):
-            raise ValueError(f"preprocess.orientation must be 3 axis codes such as RAS, got '{self.orientation}'")
-        choices = {"crop": ("center", "foreground"), "intensity": ("minmax", "percentile"), "dtype": ("float16", "float32")}
+            raise ValueError(
+                f"preprocess.orientation must be 3 axis codes such as RAS, got '{self.orientation}'"
+            )
+        choices = {
+            "crop": ("center", "foreground"),
+            "intensity": ("minmax", "percentile"),
+            "dtype": ("float16", "float32"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"preprocess.{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
+                raise ValueError(
+                    f"preprocess.{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'"
+                )
         if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
             raise ValueError(
                 f"preprocess percentiles must satisfy 0 <= lower < upper <= 100, "
@@ -99,8 +107,10 @@ def build_transform(settings: PreprocessSettings, with_mask: bool) -> Compose:
     keys = ["image", "mask"] if with_mask else ["image"]
     interp = ("bilinear", "nearest") if with_mask else ("bilinear",)
     steps: list[Any] = [
-        Orientationd(keys=keys, axcodes=settings.orientation.upper()),
-        Spacingd(keys=keys, pixdim=(settings.spacing,) * 3, mode=interp, padding_mode="zeros", dtype=torch.float32),
+        Orientationd(keys=keys, axcodes=settings.orientation.upper(), labels=None),
+        Spacingd(
+            keys=keys, pixdim=(settings.spacing,) * 3, mode=interp, padding_mode="zeros", dtype=torch.float32
+        ),
     ]
     if settings.crop == "foreground":
         steps.append(
@@ -167,11 +177,15 @@ def preprocess_scan(
     data = {"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(meta["affine"]))}
     if mask is not None:
         check_mask(mask, mask_meta or {}, image.shape, meta, name)
-        data["mask"] = MetaTensor(torch.from_numpy(mask.astype(np.float32)), affine=torch.as_tensor(meta["affine"]))
+        data["mask"] = MetaTensor(
+            torch.from_numpy(mask.astype(np.float32)), affine=torch.as_tensor(meta["affine"])
+        )
     out = build_transform(settings, with_mask=mask is not None)(data)
     image_out = out["image"].as_tensor().numpy().astype(np.float32)
     if float(image_out.max() - image_out.min()) <= 0:
-        raise ScanError(f"{name}: volume is constant after cropping to {list(settings.size)} (nothing left in the cube)")
+        raise ScanError(
+            f"{name}: volume is constant after cropping to {list(settings.size)} (nothing left in the cube)"
+        )
     mask_out = None
     if mask is not None:
         mask_out = np.rint(out["mask"].as_tensor().numpy()).astype(np.int64)

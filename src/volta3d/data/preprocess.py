@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -72,13 +71,15 @@ def _part_names(shard: tuple[int, int] | None) -> tuple[str, str]:
     return f"manifest.{tag}.csv", f"rejected.{tag}.csv"
 
 
-def process_one(scan: ScanRecord, out_dir: Path, settings: PreprocessSettings, settings_hash: str) -> dict[str, Any]:
+def process_one(
+    scan: ScanRecord, out_dir: Path, settings: PreprocessSettings, settings_hash: str
+) -> dict[str, Any]:
     """Read, check, preprocess and cache one scan; return its record (status ok / rejected / error).
 
     Rejections (bad data) are cached so a re-run does not retry an unchanged bad file; unexpected
     errors are not, so a re-run tries again.
     """
-    key = cache.scan_key(scan.source)
+    key = cache.scan_key(scan.source, scan.label_path)
     image_rel, mask_rel = cache.volume_paths(key)
     record: dict[str, Any] = {
         "source": scan.source,
@@ -127,14 +128,19 @@ def _init_worker() -> None:
 
 
 def _run_all(
-    todo: list[ScanRecord], out_dir: Path, settings: PreprocessSettings, settings_hash: str, workers: int, progress: bool
-) -> dict[str, dict[str, Any]]:
-    results: dict[str, dict[str, Any]] = {}
+    todo: list[ScanRecord],
+    out_dir: Path,
+    settings: PreprocessSettings,
+    settings_hash: str,
+    workers: int,
+    progress: bool,
+) -> dict[tuple[str, str | None], dict[str, Any]]:
+    results: dict[tuple[str, str | None], dict[str, Any]] = {}
     bar = tqdm(total=len(todo), desc="preprocess", unit="scan", disable=not progress or not todo)
     log = get_logger()
 
     def note(rec: dict[str, Any]) -> None:
-        results[rec["source"]] = rec
+        results[(rec["source"], rec.get("label_source"))] = rec
         if rec["status"] != "ok":
             log.warning("rejected %s: %s", rec["source"], rec["reason"])
         bar.update(1)
@@ -150,7 +156,14 @@ def _run_all(
                 try:
                     note(fut.result())
                 except Exception as err:  # the worker process itself died (e.g. out of memory)
-                    note({"source": scan.source, "status": "error", "reason": f"worker failed: {type(err).__name__}: {err}"})
+                    note(
+                        {
+                            "source": scan.source,
+                            "label_source": scan.label_path,
+                            "status": "error",
+                            "reason": f"worker failed: {type(err).__name__}: {err}",
+                        }
+                    )
     bar.close()
     return results
 
@@ -170,7 +183,9 @@ def preprocess_dataset(
     names with ``shard``) and appends to ``preprocess.log``. Scans already cached from the same files
     with the same output settings are not recomputed.
     """
-    settings = settings if isinstance(settings, PreprocessSettings) else PreprocessSettings(**(settings or {}))
+    settings = (
+        settings if isinstance(settings, PreprocessSettings) else PreprocessSettings(**(settings or {}))
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = get_logger()
@@ -215,12 +230,12 @@ def _preprocess(
         len(scans), len(selected), f"shard {shard[0]}/{shard[1]}" if shard else "this run", settings_hash, out_dir,
     )  # fmt: skip
 
-    records: dict[str, dict[str, Any]] = {}
+    records: dict[tuple[str, str | None], dict[str, Any]] = {}
     todo = []
     for scan in selected:
-        rec = cache.load_record(cache.record_path(out_dir, cache.scan_key(scan.source)))
+        rec = cache.load_record(cache.record_path(out_dir, cache.scan_key(scan.source, scan.label_path)))
         if cache.is_current(rec, out_dir, scan.source, scan.label_path, settings_hash):
-            records[scan.source] = rec  # type: ignore[assignment]
+            records[(scan.source, scan.label_path)] = rec  # type: ignore[assignment]
         else:
             todo.append(scan)
     log.info("preprocess: %d cached, %d to compute with %d worker(s)", len(records), len(todo), workers)
@@ -245,13 +260,15 @@ def _preprocess(
     return summary
 
 
-def _tables(scans: list[ScanRecord], records: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _tables(
+    scans: list[ScanRecord], records: dict[tuple[str, str | None], dict[str, Any]]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Manifest rows take ids and labels from the current input (they may have been edited since)."""
     label_names = list(dict.fromkeys(k for s in scans for k in s.labels))
     with_masks = any(s.label_path for s in scans)
     rows, rejected = [], []
     for scan in scans:
-        rec = records[scan.source]
+        rec = records[(scan.source, scan.label_path)]
         if rec["status"] != "ok":
             rejected.append({"source": scan.source, "reason": rec["reason"]})
             continue
@@ -274,7 +291,9 @@ def merge_shards(out_dir: str | Path) -> tuple[Path, Path]:
         raise FileNotFoundError(f"no manifest.shard-*-of-*.csv parts in {out_dir}")
     counts = {int(p.stem.rsplit("-of-", 1)[1]) for p in parts}
     if len(counts) > 1:
-        raise ValueError(f"{out_dir} holds shard parts of different splits (n = {sorted(counts)}); remove the stale ones")
+        raise ValueError(
+            f"{out_dir} holds shard parts of different splits (n = {sorted(counts)}); remove the stale ones"
+        )
     n = counts.pop()
     manifests, rejected = [], []
     for i in range(n):
@@ -288,8 +307,3 @@ def merge_shards(out_dir: str | Path) -> tuple[Path, Path]:
     manifest.to_csv(out_dir / MANIFEST, index=False)
     rej.to_csv(out_dir / REJECTED, index=False)
     return out_dir / MANIFEST, out_dir / REJECTED
-
-
-def load_cached_volume(path: str | Path) -> np.ndarray:
-    """(1, D, H, W) float32 from a cached ``.npy`` (float16 on disk)."""
-    return np.load(path).astype(np.float32, copy=False)

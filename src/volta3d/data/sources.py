@@ -42,7 +42,11 @@ def detect_kind(input_path: str | Path) -> str:
         if p.suffix.lower() in (".csv", ".tsv"):
             return "csv"
         raise ValueError(f"input {p} is a file but not a .csv/.tsv manifest; give a folder or a manifest")
-    if (p / "dataset_description.json").exists() or any(p.glob("sub-*/anat")) or any(p.glob("sub-*/ses-*/anat")):
+    if (
+        (p / "dataset_description.json").exists()
+        or any(p.glob("sub-*/anat"))
+        or any(p.glob("sub-*/ses-*/anat"))
+    ):
         return "bids"
     if any(is_nifti(f) for f in p.rglob("*")):
         return "nifti"
@@ -93,21 +97,22 @@ def _unique_ids(root: Path, items: list[Path], strip: Callable[[str], str]) -> l
     short = [strip(p.name) for p in items]
     counts = Counter(short)
     return [
-        s if counts[s] == 1 else strip(p.relative_to(root).as_posix()).replace("/", "_") for s, p in zip(short, items)
+        s if counts[s] == 1 else strip(p.relative_to(root).as_posix()).replace("/", "_")
+        for s, p in zip(short, items, strict=True)
     ]
 
 
 def scans_from_nifti_folder(root: Path) -> list[ScanRecord]:
     files = sorted(f for f in root.rglob("*") if f.is_file() and is_nifti(f))
     ids = _unique_ids(root, files, _strip_nifti)
-    return [ScanRecord(str(f.resolve()), sid) for f, sid in zip(files, ids)]
+    return [ScanRecord(str(f.resolve()), sid) for f, sid in zip(files, ids, strict=True)]
 
 
 def scans_from_dicom_folder(root: Path) -> list[ScanRecord]:
     """Each folder that directly holds DICOM files is one series (validated when read)."""
     folders = sorted({f.parent for f in root.rglob("*") if f.is_file() and is_dicom_file(f)})
     ids = _unique_ids(root, folders, str)
-    return [ScanRecord(str(d.resolve()), sid) for d, sid in zip(folders, ids)]
+    return [ScanRecord(str(d.resolve()), sid) for d, sid in zip(folders, ids, strict=True)]
 
 
 def scans_from_bids(root: Path) -> list[ScanRecord]:
@@ -124,7 +129,10 @@ def scans_from_bids(root: Path) -> list[ScanRecord]:
             participants[pid] = {k: _number_or_text(v) for k, v in row.items()}
     label_names = sorted({k for labels in participants.values() for k in labels})
     files = sorted(
-        f for pattern in ("sub-*/anat/*", "sub-*/ses-*/anat/*") for f in root.glob(pattern) if BIDS_T1.search(f.name)
+        f
+        for pattern in ("sub-*/anat/*", "sub-*/ses-*/anat/*")
+        for f in root.glob(pattern)
+        if BIDS_T1.search(f.name)
     )
     scans = []
     for f in files:
@@ -145,19 +153,25 @@ def _number_or_text(value: Any) -> Any:
         return value
 
 
-def scans_from_csv(path: Path, image_column: str, label_path_column: str, subject_column: str) -> list[ScanRecord]:
+def scans_from_csv(
+    path: Path, image_column: str, label_path_column: str, subject_column: str
+) -> list[ScanRecord]:
     """Relative paths are relative to the manifest's folder; every other column is a label."""
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    table = pd.read_csv(path, sep=sep)
+    table = pd.read_csv(path, sep=sep, dtype={subject_column: str})  # ids such as 001 stay text
     if image_column not in table.columns:
-        raise ValueError(f"manifest {path} has no '{image_column}' column (columns: {', '.join(map(str, table.columns))})")
+        raise ValueError(
+            f"manifest {path} has no '{image_column}' column (columns: {', '.join(map(str, table.columns))})"
+        )
     base = path.resolve().parent
     label_cols = [c for c in table.columns if c not in (image_column, label_path_column, subject_column)]
     table = table.astype(object).where(table.notna(), None)
     scans = []
     for i, row in enumerate(table.to_dict("records")):
         raw = row[image_column]
-        source = str(base / str(raw)) if raw is not None else f"{path.name}: row {i + 2} (empty '{image_column}')"
+        source = (
+            str(base / str(raw)) if raw is not None else f"{path.name}: row {i + 2} (empty '{image_column}')"
+        )
         label = row.get(label_path_column)
         subject = row.get(subject_column)
         if subject is None:

@@ -164,7 +164,7 @@ class VolTA3D(nn.Module):
             s_chunks, t_chunks = s_out["patch_logits"].chunk(n_global), t_probs.chunk(n_global)
             w_chunks = weight.chunk(n_global) if weight is not None else [None] * n_global
             # iBOT pairs each teacher view's tokens with the same view's (masked) student tokens.
-            per_view = [self.patch_loss(s, t, self.student_temp, w) for s, t, w in zip(s_chunks, t_chunks, w_chunks)]
+            per_view = [self.patch_loss(s, t, self.student_temp, w) for s, t, w in zip(s_chunks, t_chunks, w_chunks, strict=True)]
             out["loss_local"] = torch.stack(per_view).mean()
             total = total + self.weights["local"] * out["loss_local"]
             out["center_stats"]["patch"] = Center.batch_stats(t_logits)

@@ -26,7 +26,12 @@ from volta3d.data.views import PretrainViewsDataset, build_views, collate_views
 from volta3d.engine.checkpoint import load_checkpoint, save_checkpoint
 from volta3d.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from volta3d.engine.meta_arch import VolTA3D, build_volta3d
-from volta3d.engine.optim import apply_schedule_values, build_optimizer, cancel_gradients, clip_gradients_per_tensor
+from volta3d.engine.optim import (
+    apply_schedule_values,
+    build_optimizer,
+    cancel_gradients,
+    clip_gradients_per_tensor,
+)
 from volta3d.engine.sampler import ResumableSampler
 from volta3d.engine.schedules import Schedules, build_schedules, scaled_lr
 from volta3d.models.export import save_encoder_export
@@ -180,7 +185,7 @@ def _train_step(
     if dist_info.world_size > 1:  # log the mean over ranks, i.e. over the whole effective batch
         values = torch.tensor(list(logged.values()), dtype=torch.float64, device=device)
         all_reduce_sum(values)
-        logged = dict(zip(logged, (values / dist_info.world_size).tolist()))
+        logged = dict(zip(logged, (values / dist_info.world_size).tolist(), strict=True))
 
     # 3. DINO's last-layer freeze, per-tensor clipping, optimiser step
     if schedules.freeze_last_layer[step]:
@@ -307,9 +312,11 @@ def _save(
 def _wrap_student(model: VolTA3D, device: torch.device, dist_info: DistInfo) -> torch.nn.Module:
     if dist_info.world_size <= 1:
         return model.student
-    # MONAI blocks build parameters that never receive gradients (and a loss weight of 0 idles a head).
+    # A loss weight of 0 idles a branch (summariser, patch head, decoder): DDP must then look for
+    # parameters without gradients. MONAI's unused norm_cross_attn is frozen in the encoder already.
+    idle_branch = any(w <= 0 for w in model.weights.values())
     return DistributedDataParallel(
-        model.student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        model.student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=idle_branch
     )
 
 

@@ -54,10 +54,12 @@ def make_holdout_split(
     subject_ids: Sequence[str], strata: Sequence | None = None, fraction: float = 0.2, seed: int = 0
 ) -> dict[str, Any]:
     """One stratified, subject-grouped hold-out (paper II-C: 20 %): the first fold of a
-    ``round(1 / fraction)``-fold split."""
+    ``round(1 / fraction)``-fold split (at least one subject held out when there are few)."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"hold-out fraction must be in (0, 1) (got {fraction})")
-    split = make_kfold_splits(subject_ids, strata, n_splits=max(2, round(1.0 / fraction)), seed=seed)
+    n_subjects = len({str(s) for s in subject_ids})
+    n_splits = max(2, min(round(1.0 / fraction), n_subjects))
+    split = make_kfold_splits(subject_ids, strata, n_splits=n_splits, seed=seed)
     return {"method": "holdout", "fraction": fraction, "seed": seed, "n_splits": 1, "folds": split["folds"][:1]}
 
 
@@ -131,5 +133,5 @@ def same_folds(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """True when two splits assign the same subjects to the same test folds, in the same order."""
     fa, fb = a.get("folds", []), b.get("folds", [])
     return len(fa) == len(fb) and all(
-        sorted(x["test"]) == sorted(y["test"]) and sorted(x["train"]) == sorted(y["train"]) for x, y in zip(fa, fb)
+        sorted(x["test"]) == sorted(y["test"]) and sorted(x["train"]) == sorted(y["train"]) for x, y in zip(fa, fb, strict=True)
     )

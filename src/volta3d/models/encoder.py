@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets import ViTAutoEnc
+from torch.utils.checkpoint import checkpoint
 
 Grid = tuple[int, int, int]
 
@@ -83,6 +84,7 @@ class VolTAEncoder(ViTAutoEnc):
         qkv_bias: bool = False,
         deconv_chns: int = 16,
         fused_attention: bool = True,
+        activation_checkpointing: bool = False,
     ) -> None:
         if hidden_size % num_heads != 0:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
@@ -124,6 +126,9 @@ class VolTAEncoder(ViTAutoEnc):
         for blk in self.blocks:
             blk.attn.register_forward_pre_hook(_sync_fused_attention_dropout)
         self.set_fused_attention(fused_attention)
+        # Recompute each block's activations in the backward pass: ~1/3 more compute for a much
+        # smaller activation memory, which is what lets true batches of 96^3 ViT-B fit one GPU.
+        self.activation_checkpointing = activation_checkpointing
 
     def unused_parameter_names(self) -> list[str]:
         """Parameters MONAI builds but never uses (``blocks.{i}.norm_cross_attn.{weight,bias}``)."""
@@ -174,8 +179,9 @@ class VolTAEncoder(ViTAutoEnc):
         tokens = tokens.flatten(2).transpose(1, 2)  # (B, E, d, h, w) -> (B, N, E)
         tokens = embed.dropout(tokens + self.position_embedding(grid))
         hidden_states = []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            tokens = blk(tokens)
+            tokens = checkpoint(blk, tokens, use_reentrant=False) if recompute else blk(tokens)
             hidden_states.append(tokens)
         return {"patch_tokens": self.norm(tokens), "hidden_states": hidden_states, "grid": grid}
 

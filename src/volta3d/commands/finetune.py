@@ -1,0 +1,166 @@
+"""``volta3d finetune classify|segment``: transfer an encoder export (or train a baseline from
+scratch) on labelled, preprocessed volumes, with subject-grouped cross-validation / hold-out."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from volta3d.config import bundled_configs, load_config, save_config, to_kwargs
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", action="append", default=[], metavar="FILE",
+        help=f"override file(s) merged onto configs/default.yaml in order; bundled: {', '.join(bundled_configs())}",
+    )  # fmt: skip
+    p.add_argument("--data", required=True, help="folder written by `volta3d preprocess` (holds manifest.csv)")
+    p.add_argument("--output", required=True, help="run folder (created; finished folds there are not redone)")
+    p.add_argument("--encoder", default=None, help="encoder export folder (encoder.safetensors + encoder.json); "
+                   "omit to train the same architecture from scratch")
+    p.add_argument("--splits", default=None, help="splits.json of an earlier run: evaluate on exactly those folds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. classify.epochs=5 (the key must exist in default.yaml)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune / train classifiers and segmenters with cross-validation",
+        description="Train a downstream model from an encoder export or from scratch. Outputs in OUTPUT: "
+        "config.yaml, splits.json, results.json (per-fold and mean +- SD metrics), predictions.csv, "
+        "folds/*.json (one per finished fold), log.txt.",
+    )
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    c = tasks.add_parser(
+        "classify",
+        help="classify (or regress) a manifest label column with stratified, subject-grouped k-fold CV",
+        description="Classification of any label column (binary / multi-class; a numeric column such as age "
+        "is regressed) with k-fold CV grouped by subject. Models: vit (VolTA-3D with --encoder, ViT-Scratch "
+        "without) and swin (Swin transformer from scratch).",
+    )
+    _common(c)
+    c.add_argument("--label", required=True, help="manifest column to predict (e.g. sex, diagnosis, age)")
+    c.add_argument("--model", choices=["vit", "swin"], default=None, help="classifier (default: classify.model)")
+    c.add_argument("--fractions", default=None,
+                   help="reduced-data curve: comma-separated training fractions, e.g. 0.2,0.4,0.6,0.8,1.0")
+    c.set_defaults(func=run_classify)
+    s = tasks.add_parser(
+        "segment",
+        help="segment the manifest's label_path masks (UNETR / 3D U-Net), hold-out or k-fold",
+        description="Segmentation of the masks in the manifest's label_path column: UNETR (ViT from --encoder, "
+        "or from scratch) or a 3D U-Net from scratch; Dice + CE loss, foreground-sampled crops, "
+        "sliding-window inference; Dice and HD95 (mm) per structure and subject.",
+    )
+    _common(s)
+    s.add_argument("--model", choices=["unetr", "unet"], default=None, help="segmenter (default: segment.model)")
+    s.set_defaults(func=run_segment)
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any]:
+    from volta3d.runtime import resolve_device, seed_everything, setup_logging
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.output)
+    setup_logging(out)
+    save_config(cfg, out)
+    seed_everything(cfg.seed)
+    return cfg, resolve_device(cfg.device)
+
+
+def _splits(args: argparse.Namespace, make) -> dict:
+    from volta3d.evaluation.splits import SPLITS_NAME, load_splits, save_splits
+
+    own = Path(args.output) / SPLITS_NAME
+    if args.splits:
+        splits = load_splits(args.splits)
+    elif own.exists():  # resuming: the folds of the interrupted run
+        splits = load_splits(own)
+    else:
+        splits = make()
+    save_splits(splits, own)
+    return splits
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from volta3d.data.dataset import read_manifest
+    from volta3d.downstream.labels import prepare_labels
+    from volta3d.downstream.train_classify import run_classification
+    from volta3d.evaluation.splits import make_kfold_splits
+    from volta3d.models.encoder import split_model_section
+    from volta3d.runtime import get_logger
+
+    cfg, device = _setup(args)
+    c = to_kwargs(cfg.classify)
+    log = get_logger()
+    labels = prepare_labels(read_manifest(args.data), args.label, c["task"])
+    if labels.dropped:
+        log.info(f"dropped {labels.dropped} rows with no '{args.label}' value")
+    log.info(f"label '{args.label}': {labels.kind}, {len(labels.table)} scans"
+             + (f", classes {labels.classes}" if labels.classes else ""))
+    splits = _splits(args, lambda: {
+        **make_kfold_splits(labels.table["subject_id"], labels.strata, n_splits=c["n_splits"], seed=cfg.seed),
+        "stratified_by": args.label,
+    })
+    fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else c["fractions"]
+    encoder_kwargs, summ = split_model_section(**to_kwargs(cfg.model))
+    results = run_classification(
+        labels, args.output, splits,
+        model=args.model or c["model"], encoder=args.encoder,
+        encoder_kwargs=encoder_kwargs,
+        summariser_kwargs={"num_heads": summ["summariser_heads"], "mlp_ratio": summ["summariser_mlp_ratio"]},
+        swin_kwargs={"feature_size": c["swin_feature_size"], "depths": c["swin_depths"],
+                     "num_heads": c["swin_heads"], "window_size": c["swin_window"]},
+        pooling=c["pooling"], mode=c["mode"], unfreeze_last=c["unfreeze_last"], img_size=c["img_size"],
+        augment=c["augment"], epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"],
+        weight_decay=c["weight_decay"], class_weighting=c["class_weighting"],
+        regression_loss=c["regression_loss"], fractions=fractions, seed=cfg.seed, device=device,
+        num_workers=c["num_workers"], progress=not args.no_progress, config=to_kwargs(cfg),
+    )  # fmt: skip
+    _print_summary(results)
+    return 0
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from volta3d.data.dataset import read_manifest
+    from volta3d.downstream.train_segment import run_segmentation
+    from volta3d.evaluation.splits import make_holdout_split, make_kfold_splits
+
+    cfg, device = _setup(args)
+    s = to_kwargs(cfg.segment)
+    table = read_manifest(args.data)
+    if "label_path" not in table.columns or table["label_path"].isna().any():
+        raise ValueError(f"manifest in {args.data} needs a 'label_path' (mask) for every scan to segment")
+    subjects = table["subject_id"].astype(str)
+    if s["split"] not in ("holdout", "kfold"):
+        raise ValueError(f"segment.split must be holdout or kfold (got '{s['split']}')")
+    splits = _splits(args, lambda: (
+        make_holdout_split(subjects, None, fraction=s["holdout_fraction"], seed=cfg.seed) if s["split"] == "holdout"
+        else make_kfold_splits(subjects, None, n_splits=s["n_splits"], seed=cfg.seed)
+    ))
+    m = to_kwargs(cfg.model)
+    results = run_segmentation(
+        table, args.output, splits,
+        model=args.model or s["model"], encoder=args.encoder, num_classes=s["num_classes"],
+        unetr_kwargs={"hidden_size": m["hidden_size"], "mlp_dim": m["mlp_dim"], "num_heads": m["num_heads"],
+                      "qkv_bias": m["qkv_bias"], "feature_size": s["feature_size"]},
+        unet_kwargs={"num_res_units": s["unet_res_units"]},
+        crop_size=s["crop_size"], samples_per_volume=s["samples_per_volume"], pos_fraction=s["pos_fraction"],
+        epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], weight_decay=s["weight_decay"],
+        val_every=s["val_every"], val_fraction=s["val_fraction"], sw_batch_size=s["sw_batch_size"],
+        sw_overlap=s["sw_overlap"], spacing=s["spacing"], seed=cfg.seed, device=device,
+        num_workers=s["num_workers"], progress=not args.no_progress, config=to_kwargs(cfg),
+    )  # fmt: skip
+    _print_summary(results)
+    return 0
+
+
+def _print_summary(results: dict) -> None:
+    parts = []
+    for name, agg in results["aggregate"].items():
+        if agg["n"] and name != "youden_threshold":
+            sd = f" +- {agg['sd']:.3f}" if agg["sd"] is not None and agg["n"] > 1 else ""
+            parts.append(f"{name} {agg['mean']:.3f}{sd}")
+    print(f"{results['model']} on {len(results['folds'])} fold(s): " + ", ".join(parts))

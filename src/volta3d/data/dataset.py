@@ -1,0 +1,96 @@
+"""A torch Dataset over the ``manifest.csv`` that ``volta3d preprocess`` writes.
+
+Volumes are already preprocessed (RAS, 1 mm, fixed cube, [0, 1]) and cached as ``.npy``, so
+``__getitem__`` is one ``np.load`` plus a dtype cast: cheap enough to run every epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+REQUIRED_COLUMNS = ("subject_id", "path")
+PATH_COLUMNS = ("path", "label_path")
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read ``manifest.csv`` (or the folder holding it); relative paths become absolute.
+
+    Raises FileNotFoundError / ValueError naming the file or the missing column.
+    """
+    p = Path(path)
+    csv = p / "manifest.csv" if p.is_dir() else p
+    if not csv.is_file():
+        raise FileNotFoundError(f"manifest not found: {csv}")
+    table = pd.read_csv(csv, dtype={"subject_id": str, "path": str, "label_path": str})
+    for col in REQUIRED_COLUMNS:
+        if col not in table.columns:
+            raise ValueError(
+                f"manifest {csv} has no '{col}' column (columns: {', '.join(map(str, table.columns))})"
+            )
+    if table.empty:
+        raise ValueError(f"manifest {csv} has no rows (every scan was rejected? see rejected.csv)")
+    base = csv.resolve().parent
+    for col in PATH_COLUMNS:
+        if col in table.columns:
+            table[col] = [str(base / v) if isinstance(v, str) and v else None for v in table[col]]
+    for col in table.columns:  # missing text labels -> "" so a batch of strings collates
+        if col not in PATH_COLUMNS and not pd.api.types.is_numeric_dtype(table[col]):
+            table[col] = table[col].fillna("")
+    return table
+
+
+class VolumeDataset(Dataset):
+    """Items ``{"image": (1, D, H, W) float32, "subject_id", "index", <label columns>[, "mask": (1, D, H, W) int64]}``.
+
+    ``transform`` (e.g. MONAI dictionary transforms or the multi-crop view builder) is applied to
+    the item dict last.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path | pd.DataFrame,
+        columns: Sequence[str] = (),
+        with_mask: bool = False,
+        transform: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
+        table = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+        for col in (*REQUIRED_COLUMNS, *columns):
+            if col not in table.columns:
+                raise KeyError(
+                    f"manifest has no column '{col}' (columns: {', '.join(map(str, table.columns))})"
+                )
+        if with_mask:
+            if "label_path" not in table.columns:
+                raise KeyError("with_mask=True but the manifest has no 'label_path' column")
+            missing = int(table["label_path"].isna().sum())
+            if missing:
+                raise ValueError(f"with_mask=True but {missing} manifest rows have no 'label_path'")
+        self.table = table.reset_index(drop=True)
+        self.columns = list(columns)
+        self.with_mask = with_mask
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> Any:
+        row = self.table.iloc[i]
+        image = np.load(row["path"])  # (1, D, H, W) float16/float32 on disk
+        item: dict[str, Any] = {
+            "image": torch.from_numpy(image.astype(np.float32, copy=False)),
+            "subject_id": str(row["subject_id"]),
+            "index": int(i),
+        }
+        for col in self.columns:
+            value = row[col]
+            item[col] = value.item() if isinstance(value, np.generic) else value
+        if self.with_mask:
+            item["mask"] = torch.from_numpy(np.load(row["label_path"]).astype(np.int64))
+        return self.transform(item) if self.transform is not None else item

@@ -1,0 +1,147 @@
+"""Classification / regression models compared in paper II-C.
+
+* ``ViTClassifier``: the VolTA-3D encoder (pretrained export, or the same architecture from
+  scratch: 'ViT-Scratch') pooled by the CLS-style summariser or the mean patch token, + linear head.
+* ``SwinClassifier``: MONAI's 3D Swin transformer encoder from scratch ('SwinTransformer-Scratch'),
+  global-average-pooled last stage + linear head.
+
+Training modes (``set_trainable``): ``frozen`` (encoder fixed; summariser and head learn),
+``partial`` (also the last k blocks and the final norm), ``full``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.networks.nets.swin_unetr import SwinTransformer
+
+from volta3d.models.encoder import VolTAEncoder
+from volta3d.models.export import build_from_export
+from volta3d.models.summariser import CLSSummariser
+
+POOLINGS = ("cls", "mean")
+MODES = ("frozen", "partial", "full")
+
+
+class ViTClassifier(nn.Module):
+    """``(B, C, D, H, W) -> (B, num_outputs)`` logits (or regression outputs)."""
+
+    def __init__(
+        self, encoder: VolTAEncoder, summariser: CLSSummariser | None, num_outputs: int, pooling: str = "cls"
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS} (got '{pooling}')")
+        if pooling == "cls" and summariser is None:
+            raise ValueError("pooling 'cls' needs a CLS-style summariser")
+        self.encoder = encoder
+        self.summariser = summariser if pooling == "cls" else None
+        self.pooling = pooling
+        self.head = nn.Linear(encoder.embed_dim, num_outputs)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.forward_features(x)["patch_tokens"]  # (B, C, D, H, W) -> (B, N, E)
+        return self.summariser(tokens) if self.summariser is not None else tokens.mean(1)  # (B, E)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def set_trainable(self, mode: str, unfreeze_last: int = 0) -> None:
+        """``frozen``: only the summariser and head learn; ``partial``: also the last
+        ``unfreeze_last`` transformer blocks and the final norm; ``full``: everything."""
+        if mode not in MODES:
+            raise ValueError(f"training mode must be one of {MODES} (got '{mode}')")
+        unused = set(self.encoder.unused_parameter_names())
+        for name, p in self.encoder.named_parameters():
+            p.requires_grad_(mode == "full" and name not in unused)
+        if mode == "partial":
+            if not 0 < unfreeze_last <= len(self.encoder.blocks):
+                raise ValueError(
+                    f"unfreeze_last must be in 1..{len(self.encoder.blocks)} for mode 'partial' (got {unfreeze_last})"
+                )
+            start = len(self.encoder.blocks) - unfreeze_last
+            for name, p in self.encoder.named_parameters():
+                block = name.split(".")[1] if name.startswith("blocks.") else None
+                if (name.startswith("norm.") or (block is not None and int(block) >= start)) and name not in unused:
+                    p.requires_grad_(True)
+
+
+class SwinClassifier(nn.Module):
+    """MONAI 3D Swin transformer encoder, global average pool of the last stage, linear head.
+    Input sides must be multiples of 32 (patch 2 and four 2x merges)."""
+
+    def __init__(
+        self,
+        num_outputs: int,
+        in_channels: int = 1,
+        feature_size: int = 24,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.swin = SwinTransformer(
+            in_chans=in_channels,
+            embed_dim=feature_size,
+            window_size=(window_size,) * 3,
+            patch_size=(2, 2, 2),
+            depths=tuple(depths),
+            num_heads=tuple(num_heads),
+            drop_rate=dropout,
+            spatial_dims=3,
+        )
+        # SwinTransformer returns the patch-embedding map and one map per stage; the last has
+        # feature_size * 2^len(depths) channels.
+        self.out_dim = feature_size * 2 ** len(depths)
+        self.head = nn.Linear(self.out_dim, num_outputs)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        last = self.swin(x, normalize=True)[-1]  # (B, C, D, H, W) -> (B, F, D/32, H/32, W/32)
+        return last.mean(dim=(2, 3, 4))  # (B, F)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def set_trainable(self, mode: str, unfreeze_last: int = 0) -> None:
+        if mode != "full":
+            raise ValueError("the Swin baseline is trained from scratch: only mode 'full' applies")
+
+
+def build_classifier(
+    model: str,
+    num_outputs: int,
+    *,
+    encoder: str | Path | None = None,
+    encoder_kwargs: dict[str, Any] | None = None,
+    summariser_kwargs: dict[str, Any] | None = None,
+    pooling: str = "cls",
+    img_size: int | None = None,
+    swin_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """``model``: ``vit`` (from the export at ``encoder``, or from scratch with ``encoder_kwargs``,
+    the ``model:`` config section) or ``swin`` (from scratch with ``swin_kwargs``).
+    ``img_size``: cube edge the classifier sees; the export's position embedding is resampled to it."""
+    if model == "swin":
+        if encoder is not None:
+            raise ValueError("--encoder applies to the ViT classifier; the Swin baseline is trained from scratch")
+        return SwinClassifier(num_outputs, **(swin_kwargs or {}))
+    if model != "vit":
+        raise ValueError(f"unknown classifier model '{model}' (choose vit or swin)")
+    if encoder is not None:
+        enc, summ = build_from_export(encoder, img_size=img_size)
+        if pooling == "cls" and summ is None:
+            raise ValueError(f"encoder export {encoder} has no summariser; use classify.pooling=mean")
+    else:
+        kwargs = dict(encoder_kwargs or {})
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        enc = VolTAEncoder(**kwargs)
+        summ = CLSSummariser(enc.embed_dim, **(summariser_kwargs or {})) if pooling == "cls" else None
+    return ViTClassifier(enc, summ, num_outputs, pooling=pooling)

@@ -1,0 +1,74 @@
+"""Turn a manifest label column into training targets: classes (sorted) for classification,
+floats for regression; rows with a missing label are dropped and counted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from volta3d.evaluation.splits import regression_strata
+
+TASKS = ("auto", "classification", "regression")
+# 'auto' treats a numeric column with more distinct values than this as a regression target (age)
+MAX_AUTO_CLASSES = 10
+
+
+@dataclass
+class LabelSet:
+    """Targets aligned to ``table`` rows. ``kind``: binary | multiclass | regression.
+    ``targets``: class indices (int64) or values (float64); ``classes``: sorted class values."""
+
+    table: pd.DataFrame
+    column: str
+    kind: str
+    targets: np.ndarray
+    classes: list[Any]
+    dropped: int
+
+    @property
+    def strata(self) -> np.ndarray:
+        """What folds are stratified by: the class, or the quantile bin of a numeric label."""
+        return regression_strata(self.targets) if self.kind == "regression" else self.targets
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.kind == "regression" else len(self.classes)
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and v.strip() == "")
+
+
+def prepare_labels(table: pd.DataFrame, column: str, task: str = "auto") -> LabelSet:
+    """Validate ``column`` and encode it. Errors name the column and the problem."""
+    if task not in TASKS:
+        raise ValueError(f"classify.task must be one of {TASKS} (got '{task}')")
+    if column not in table.columns:
+        raise ValueError(f"label column '{column}' is not in the manifest (columns: {', '.join(map(str, table.columns))})")
+    keep = ~table[column].map(_is_missing)
+    kept = table[keep].reset_index(drop=True)
+    dropped = int((~keep).sum())
+    if kept.empty:
+        raise ValueError(f"label column '{column}' has no values")
+    values = kept[column]
+    numeric = pd.to_numeric(values, errors="coerce")
+    is_numeric = bool(numeric.notna().all())
+    if task == "auto":
+        task = "regression" if is_numeric and numeric.nunique() > MAX_AUTO_CLASSES else "classification"
+    if task == "regression":
+        if not is_numeric:
+            bad = values[numeric.isna()].iloc[0]
+            raise ValueError(f"label column '{column}' is not numeric (value '{bad}'); cannot regress it")
+        return LabelSet(kept, column, "regression", numeric.to_numpy(np.float64), [], dropped)
+    # string labels and numeric codes alike: classes in sorted order (numeric codes numerically)
+    raw = numeric if is_numeric else values.astype(str).str.strip()
+    classes = sorted(raw.unique().tolist())
+    if len(classes) < 2:
+        raise ValueError(f"label column '{column}' has only one class ({classes[0]!r}); nothing to classify")
+    index = {c: i for i, c in enumerate(classes)}
+    targets = np.asarray([index[v] for v in raw], dtype=np.int64)
+    classes = [c.item() if isinstance(c, np.generic) else c for c in classes]
+    return LabelSet(kept, column, "binary" if len(classes) == 2 else "multiclass", targets, classes, dropped)

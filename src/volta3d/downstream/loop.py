@@ -1,0 +1,86 @@
+"""The one supervised training loop that classification and segmentation share: AdamW, cosine
+LR decay per epoch, a progress bar with ETA, periodic log lines, and (optionally) keeping the
+weights of the epoch with the best validation score."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from volta3d.runtime import get_logger
+
+
+def train_model(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    batch_loss: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float = 1e-5,
+    validate: Callable[[nn.Module], float] | None = None,
+    val_every: int = 1,
+    grad_clip: float = 0.0,
+    desc: str = "train",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``model`` in place for ``epochs`` epochs; ``batch_loss(model, batch)`` returns the loss.
+
+    With ``validate`` (higher is better), the weights of the best validated epoch are restored at
+    the end (paper III-C: 'Dice was used to select the best epoch'); otherwise the last epoch's stay.
+    Returns ``{"best_epoch", "best_score", "history": [{"epoch", "loss", "val"}]}``.
+    """
+    log = get_logger()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs))
+    best_score, best_epoch, best_state = float("-inf"), epochs, None
+    history = []
+    start = time.time()
+    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        # -- one pass over the training data
+        model.train()
+        total, batches = 0.0, 0
+        for batch in loader:
+            loss = batch_loss(model, batch)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimiser.step()
+            total += float(loss.detach())
+            batches += 1
+        scheduler.step()
+        row: dict[str, Any] = {"epoch": epoch, "loss": total / max(1, batches), "val": None}
+        # -- validation and best-epoch bookkeeping
+        if validate is not None and (epoch % val_every == 0 or epoch == epochs):
+            model.eval()
+            with torch.no_grad():
+                score = float(validate(model))
+            row["val"] = score
+            if score > best_score:
+                best_score, best_epoch = score, epoch
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", val="-" if row["val"] is None else f"{row['val']:.4f}")
+        elapsed = time.time() - start
+        eta = elapsed / epoch * (epochs - epoch)
+        val_txt = "" if row["val"] is None else f" val {row['val']:.4f} (best {best_score:.4f} @ {best_epoch})"
+        log.info(f"{desc} epoch {epoch}/{epochs} loss {row['loss']:.4f}{val_txt} [{elapsed:.0f}s, ETA {eta:.0f}s]")
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {
+        "best_epoch": best_epoch,
+        "best_score": best_score if best_state is not None else None,
+        "history": history,
+    }
