@@ -20,8 +20,9 @@ def _ball(size: int, centre: np.ndarray, radius: float) -> np.ndarray:
 def write_blob_dataset(root: Path, n_subjects: int = 20, scans_per_subject: int = 1, size: int = 32,
                        seed: int = 0, max_offset: float = 0.0) -> Path:
     """Label 'blob' = a bright ball somewhere in the volume; 'none' = noise only. Also an 'age'
-    column that equals 20 + 150 * (background offset in [0, max_offset]): a numeric label visible
-    in the volume (a varying offset also hides the ball from a mean-intensity shortcut)."""
+    column that equals 20 + 150 * offset, offset in [0, max_offset]: a numeric label visible in the
+    volume as a brighter slab covering that fraction of the first axis (a shape, so it survives the
+    networks' per-volume z-scoring, and it hides the ball from a mean-intensity shortcut)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -29,7 +30,8 @@ def write_blob_dataset(root: Path, n_subjects: int = 20, scans_per_subject: int 
         has_blob = s % 2 == 0
         for j in range(scans_per_subject):
             offset = rng.uniform(0.0, max_offset)
-            vol = (offset + rng.uniform(0.0, 0.2, (size, size, size))).astype(np.float32)
+            vol = rng.uniform(0.0, 0.2, (size, size, size)).astype(np.float32)
+            vol[: int(round(offset * size))] += 0.4
             if has_blob:
                 vol[_ball(size, rng.uniform(9, size - 9, 3), rng.uniform(6, 8))] = 1.0
             path = root / f"sub{s:02d}_{j}.npy"

@@ -17,6 +17,7 @@ from volta3d.models import (
     read_encoder_export,
     save_encoder_export,
 )
+from volta3d.models.input_norm import standardise
 
 TINY = dict(img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4)
 # UNETR hard-codes patch 16 and 12 layers: a narrow 12-layer encoder
@@ -161,7 +162,7 @@ def test_loads_into_monai_vit_with_its_own_cls_token_untouched(tmp_path):
     load_vit_weights(plain, state)
     x = torch.rand(2, 1, 32, 32, 32)
     with torch.no_grad():
-        ours, theirs = enc.forward_features(x)["hidden_states"], plain(x)[1]
+        ours, theirs = enc.forward_features(x)["hidden_states"], plain(standardise(x))[1]  # MONAI ViT takes the standardised input
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

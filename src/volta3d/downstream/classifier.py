@@ -21,6 +21,7 @@ from monai.networks.nets.swin_unetr import SwinTransformer
 
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import build_from_export
+from volta3d.models.input_norm import standardise
 from volta3d.models.summariser import CLSSummariser
 
 POOLINGS = ("cls", "mean")
@@ -103,7 +104,8 @@ class SwinClassifier(nn.Module):
         self.head = nn.Linear(self.out_dim, num_outputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        last = self.swin(x, normalize=True)[-1]  # (B, C, D, H, W) -> (B, F, D/32, H/32, W/32)
+        # the project's input standardisation, as every network gets (volta3d.models.input_norm)
+        last = self.swin(standardise(x), normalize=True)[-1]  # (B, C, D, H, W) -> (B, F, D/32, H/32, W/32)
         return last.mean(dim=(2, 3, 4))  # (B, F)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,16 @@ from volta3d.models.export import (
     load_vit_weights,
     read_encoder_export,
 )
+from volta3d.models.input_norm import StandardisedInput
+
+
+class ZScoreUNETR(StandardisedInput, UNETR):
+    """MONAI UNETR behind the project's input standardisation (same state-dict keys as UNETR)."""
+
+
+class ZScoreUNet(StandardisedInput, UNet):
+    """MONAI UNet behind the project's input standardisation (same state-dict keys as UNet)."""
+
 
 UNETR_PATCH = 16  # MONAI's UNETR hard-codes patch 16 and 12 layers (reads hidden states 3, 6, 9)
 UNETR_LAYERS = 12
@@ -34,9 +44,11 @@ def build_unetr(
     qkv_bias: bool = False,
     feature_size: int = 16,
     dropout: float = 0.0,
+    input_norm: str = "zscore",
 ) -> UNETR:
-    """UNETR for ``img_size``^3 crops. With ``encoder``, the ViT width / heads / MLP / qkv bias come
-    from the export (the arguments are ignored), which must have patch 16 and 12 layers."""
+    """UNETR for ``img_size``^3 crops. With ``encoder``, the ViT width / heads / MLP / qkv bias and the
+    input normalisation come from the export (the arguments are ignored), which must have patch 16
+    and 12 layers."""
     state = None
     if encoder is not None:
         state, meta = read_encoder_export(encoder)
@@ -49,9 +61,10 @@ def build_unetr(
         if arch["in_channels"] != in_channels:
             raise EncoderLoadError(f"encoder export {encoder} takes {arch['in_channels']} channels, data has {in_channels}")
         hidden_size, mlp_dim, num_heads, qkv_bias = arch["hidden_size"], arch["mlp_dim"], arch["num_heads"], arch["qkv_bias"]
+        input_norm = arch["input_norm"]
     if img_size % UNETR_PATCH:
         raise ValueError(f"UNETR crop size must be a multiple of {UNETR_PATCH} (got {img_size})")
-    model = UNETR(
+    model = (ZScoreUNETR if input_norm == "zscore" else UNETR)(
         in_channels=in_channels,
         out_channels=out_channels,
         img_size=(img_size,) * 3,
@@ -79,7 +92,7 @@ def build_unet(
 ) -> UNet:
     """3D U-Net from scratch (paper II-C channels and strides; MONAI's residual units, as in its
     spleen / BTCV tutorials)."""
-    return UNet(
+    return ZScoreUNet(
         spatial_dims=3,
         in_channels=in_channels,
         out_channels=out_channels,

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from monai.networks.nets import ViTAutoEnc
 from torch.utils.checkpoint import checkpoint
 
+from volta3d.models.input_norm import apply_input_norm
+
 Grid = tuple[int, int, int]
 
 SUMMARISER_KEY_PREFIX = "summariser_"
@@ -85,6 +87,7 @@ class VolTAEncoder(ViTAutoEnc):
         deconv_chns: int = 16,
         fused_attention: bool = True,
         activation_checkpointing: bool = False,
+        input_norm: str = "zscore",
     ) -> None:
         if hidden_size % num_heads != 0:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
@@ -118,7 +121,10 @@ class VolTAEncoder(ViTAutoEnc):
             "qkv_bias": bool(qkv_bias),
             "deconv_chns": int(deconv_chns),
             "dropout": float(dropout),
+            "input_norm": str(input_norm),
         }
+        apply_input_norm(torch.zeros(1, 1, 1, 1, 1), input_norm)  # validates the name
+        self.input_norm = input_norm
         # MONAI 1.6.1 builds a LayerNorm for cross-attention in every block even when cross-attention
         # is off; it never sees a gradient. Freezing it keeps the keys and lets DDP / optimisers skip it.
         for name in self.unused_parameter_names():
@@ -174,6 +180,7 @@ class VolTAEncoder(ViTAutoEnc):
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (B, {self.in_channels}, D, H, W), got shape {tuple(x.shape)}")
         grid = self.token_grid(x.shape[2:])
+        x = apply_input_norm(x, self.input_norm)  # see volta3d.models.input_norm for why
         embed = self.patch_embedding
         tokens = embed.patch_embeddings(x)  # (B, C, D, H, W) -> (B, E, d, h, w)
         tokens = tokens.flatten(2).transpose(1, 2)  # (B, E, d, h, w) -> (B, N, E)

@@ -128,6 +128,7 @@ def encoder_kwargs_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
         "qkv_bias",
         "deconv_chns",
         "dropout",
+        "input_norm",
     )
     missing = [n for n in names if n not in meta]
     if missing:
