@@ -14,15 +14,12 @@ from volta3d.data.dataset import VolumeDataset
 from volta3d.data.preprocess import preprocess_dataset
 from volta3d.data.sources import find_scans
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 pytestmark = pytest.mark.realdata
 
 
 @pytest.fixture(scope="module")
-def manifests(tmp_path_factory):
-    if not (SHARED / "ixi_t1_2mm").is_dir():
-        pytest.skip(f"bundled real data not found at {SHARED.resolve()}")
-    return write_bundled_manifests(SHARED, tmp_path_factory.mktemp("bundled"))
+def manifests(shared_data, tmp_path_factory):
+    return write_bundled_manifests(shared_data, tmp_path_factory.mktemp("bundled"))
 
 
 def test_bundled_manifests(manifests):
