@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scan_factory import head_like, write_nifti
 
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.data.preprocess import preprocess_dataset
+
+from .scan_factory import head_like, write_nifti
 
 
 @pytest.fixture(scope="module")

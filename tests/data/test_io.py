@@ -6,9 +6,10 @@ import gzip
 
 import numpy as np
 import pytest
-from scan_factory import head_like, write_dicom_series, write_nifti
 
 from volta3d.data.io import ScanError, read_volume
+
+from .scan_factory import head_like, write_dicom_series, write_nifti
 
 
 def test_nifti_contract(tmp_path):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from scan_factory import head_like
 
 from volta3d.data.io import ScanError, make_meta
 from volta3d.data.pipeline import PreprocessSettings, preprocess_scan
+
+from .scan_factory import head_like
 
 # Non-RAS, anisotropic: file axes run (anterior->posterior at 2 mm, inferior->superior at 1.5 mm,
 # left->right at 3 mm), like IXI's P-S-R storage.

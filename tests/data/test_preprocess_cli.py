@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scan_factory import head_like, write_nifti
 
 from volta3d.cli import main
+
+from .scan_factory import head_like, write_nifti
 
 
 def test_cli_run_writes_everything(tmp_path):

@@ -7,10 +7,11 @@ import gzip
 import numpy as np
 import pandas as pd
 import pytest
-from scan_factory import head_like, write_bids, write_dicom_series, write_nifti
 
 from volta3d.data.preprocess import merge_shards, parse_shard, preprocess_dataset
 from volta3d.data.sources import detect_kind, find_scans
+
+from .scan_factory import head_like, write_bids, write_dicom_series, write_nifti
 
 SMALL = {"size": [16, 16, 16]}
 

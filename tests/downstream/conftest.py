@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic import write_blob_dataset  # noqa: E402
+from .synthetic import write_blob_dataset  # noqa: E402
 
 # tiny ViT (img 32, patch 16, hidden 48, 2 layers) for every CLI test
 TINY_OVERRIDES = [

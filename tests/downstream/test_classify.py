@@ -5,14 +5,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_OVERRIDES
-from synthetic import write_blob_dataset
 
 import volta3d.downstream.train_classify as tc
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
 from volta3d.downstream.labels import prepare_labels
 from volta3d.evaluation.splits import make_kfold_splits
+
+from .conftest import TINY_OVERRIDES
+from .synthetic import write_blob_dataset
 
 FAST = [*TINY_OVERRIDES, "classify.pooling=mean", "classify.n_splits=2", "classify.batch_size=2", "classify.lr=1e-3"]
 

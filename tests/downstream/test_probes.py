@@ -4,13 +4,14 @@ import json
 
 import numpy as np
 import pandas as pd
-from conftest import TINY_OVERRIDES
 
 from volta3d.cli import main
 from volta3d.downstream.embeddings import load_embeddings
 from volta3d.downstream.labels import prepare_labels
 from volta3d.downstream.probes import run_probe
 from volta3d.evaluation.splits import make_kfold_splits
+
+from .conftest import TINY_OVERRIDES
 
 
 def _table(n=40, seed=0):
@@ -33,6 +34,21 @@ def test_probes_recover_known_signal():
         res, preds = run_probe(feats, labels, splits, probe, feature_name="x", encoder=None, knn_k=5)
         assert res["aggregate"][metric]["mean"] > bound, (column, probe)
         assert sorted(preds["subject_id"]) == sorted(table["subject_id"])
+
+
+def test_probe_reduced_data_fractions_are_nested():
+    table, feats = _table()
+    labels = prepare_labels(table, "dx")
+    splits = make_kfold_splits(table["subject_id"], labels.strata, n_splits=4, seed=0)
+    res, preds = run_probe(feats, labels, splits, "linear", feature_name="x", encoder=None, fractions=[0.5, 1.0])
+    assert set(res["fractions"]) == {"0.5", "1"}
+    for fold in range(4):
+        rows = preds[preds["fold"] == fold]
+        half, full = (rows[rows["fraction"] == f] for f in (0.5, 1.0))
+        assert sorted(half["subject_id"]) == sorted(full["subject_id"])  # same test subjects at every fraction
+    n_train = {frac: [f["n_train"] for f in res["fractions"][frac]["folds"]] for frac in ("0.5", "1")}
+    # 40 subjects, 4 folds: 30 training = 15 per class; half of each class rounds to 8
+    assert n_train == {"0.5": [16] * 4, "1": [30] * 4}
 
 
 def test_embed_probe_compare_cli(blob_data, tmp_path, capsys):

@@ -4,13 +4,14 @@ import json
 
 import numpy as np
 import pandas as pd
-from conftest import TINY_OVERRIDES
-from synthetic import write_sphere_segmentation
 
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
 from volta3d.downstream.train_segment import run_segmentation
 from volta3d.evaluation.splits import make_holdout_split
+
+from .conftest import TINY_OVERRIDES
+from .synthetic import write_sphere_segmentation
 
 
 def test_tiny_unet_finds_the_sphere(tmp_path):
@@ -29,6 +30,16 @@ def test_tiny_unet_finds_the_sphere(tmp_path):
     preds = pd.read_csv(tmp_path / "run" / "predictions.csv")
     assert {"dice_label1", "hd95_label1", "dice_mean"} <= set(preds.columns)
     assert (tmp_path / "run" / "fold0_best.pt").exists()
+    # saved test predictions: uint8 label maps on the preprocessed grid whose Dice is the reported one
+    index = pd.read_csv(tmp_path / "run" / "predictions" / "index.csv", dtype={"subject_id": str})
+    assert sorted(index["subject_id"]) == sorted(splits["folds"][0]["test"])
+    for row in index.itertuples():
+        pred = np.load(tmp_path / "run" / "predictions" / row.prediction)
+        truth = np.load(row.label)[0].astype(bool)
+        assert row.prediction == f"{row.subject_id}.npy" and pred.dtype == np.uint8 and pred.shape == truth.shape
+        dice = 2 * (pred.astype(bool) & truth).sum() / (pred.astype(bool).sum() + truth.sum())
+        reported = preds.loc[preds["subject_id"] == row.subject_id, "dice_label1"].item()
+        assert np.isclose(dice, reported, atol=1e-5)
 
 
 def test_segment_cli_rejects_masks_with_undeclared_labels(tmp_path, capsys):

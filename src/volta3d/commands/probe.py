@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             results, preds = run_probe(
                 emb[feat][rows], labels, splits, probe, feature_name=feat, encoder=meta.get("encoder"),
                 seed=cfg.seed, config=to_kwargs(cfg), logreg_c=pc["logreg_c"], knn_k=pc["knn_k"],
-                ridge_alpha=pc["ridge_alpha"],
+                ridge_alpha=pc["ridge_alpha"], fractions=pc["fractions"],
             )  # fmt: skip
             results["embedding_init"] = meta.get("init")
             save_run(out / f"{probe}_{feat}", results, preds)

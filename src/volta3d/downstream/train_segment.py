@@ -4,7 +4,9 @@ Per fold: train on foreground-sampled random crops (MONAI ``RandCropByPosNegLabe
 Dice + cross-entropy (background excluded from the Dice term); pick the best epoch by Dice on
 validation subjects carved from the TRAINING side (the test subjects never choose the model);
 predict whole test volumes with sliding-window inference; report Dice and HD95 (mm) per structure
-and subject. The chosen checkpoint is kept as ``fold<k>_best.pt``.
+and subject. The chosen checkpoint is kept as ``fold<k>_best.pt``; each test subject's predicted label
+map is kept as ``predictions/<file>.npy`` (uint8 (D, H, W) on the preprocessed grid), listed with its
+scan and ground-truth paths in ``predictions/index.csv``, so a report can draw overlays.
 """
 
 from __future__ import annotations
@@ -63,14 +65,27 @@ def _infer(model: nn.Module, image: torch.Tensor, crop: int, sw_batch_size: int,
     return logits.argmax(1, keepdim=True)
 
 
+PREDICTIONS_DIR = "predictions"
+
+
+def prediction_file(subject_id: str, row: int, n_scans: int) -> str:
+    """``<subject_id>.npy``; a subject with several scans gets the manifest row appended."""
+    return f"{subject_id}.npy" if n_scans == 1 else f"{subject_id}_row{row}.npy"
+
+
 def _evaluate(model: nn.Module, dataset: VolumeDataset, rows: Sequence[int], num_classes: int, crop: int,
-              sw_batch_size: int, overlap: float, spacing: Sequence[float], device: torch.device) -> list[dict]:
+              sw_batch_size: int, overlap: float, spacing: Sequence[float], device: torch.device,
+              save_as: dict[int, Path] | None = None) -> list[dict]:
+    """Per-subject metrics for ``rows``; ``save_as`` maps a row to the .npy file for its prediction."""
     model.eval()
     out = []
     with torch.no_grad():
         for r in rows:
             item = dataset[int(r)]
             pred = _infer(model, item["image"][None].to(device), crop, sw_batch_size, overlap).cpu()
+            if save_as is not None:
+                save_as[int(r)].parent.mkdir(parents=True, exist_ok=True)
+                np.save(save_as[int(r)], pred[0, 0].numpy().astype(np.uint8))  # (1, 1, D, H, W) -> (D, H, W)
             m = segmentation_metrics(pred, item["mask"][None], num_classes, spacing)
             row: dict[str, Any] = {"subject_id": item["subject_id"]}
             for c in range(1, num_classes):
@@ -122,9 +137,14 @@ def run_segmentation(
     crop = (crop_size,) * 3
     keys = ["image", "mask"]
     eval_ds = VolumeDataset(table, with_mask=True, transform=Lambdad("mask", _with_channel))
-    folds = []
+    n_scans = pd.Series(subjects).value_counts()
+    pred_dir = Path(out_dir) / PREDICTIONS_DIR
+    folds, index = [], []
     for k, (train_all, test_rows) in enumerate(fold_row_indices(splits, subjects)):
         key = f"fold{k}"
+        save_as = {int(r): pred_dir / prediction_file(subjects[r], int(r), int(n_scans[subjects[r]])) for r in test_rows}
+        index += [{"subject_id": subjects[r], "fold": k, "image": table.at[r, "path"], "label": table.at[r, "label_path"],
+                   "prediction": save_as[r].name} for r in save_as]  # fmt: skip
         if store.has(key):
             log.info(f"{key}: finished in an earlier run, skipped")
             folds.append(store.load(key))
@@ -167,7 +187,8 @@ def run_segmentation(
                           progress=progress)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         torch.save({k2: v.cpu() for k2, v in net.state_dict().items()}, Path(out_dir) / f"{key}_best.pt")
-        rows = _evaluate(net, eval_ds, test_rows, num_classes, crop_size, sw_batch_size, sw_overlap, spacing, device)
+        rows = _evaluate(net, eval_ds, test_rows, num_classes, crop_size, sw_batch_size, sw_overlap, spacing, device,
+                         save_as=save_as)
         for r in rows:
             r["fold"] = k
         per_metric = pd.DataFrame(rows).drop(columns=["subject_id", "fold"]).mean(skipna=True).to_dict()
@@ -189,4 +210,8 @@ def run_segmentation(
     }  # fmt: skip
     preds = pd.DataFrame([r for f in folds for r in f["predictions"]])
     save_run(out_dir, results, preds)
+    # folds finished by an earlier version of this code may lack their files: list only what exists
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([r for r in index if (pred_dir / r["prediction"]).exists()],
+                 columns=["subject_id", "fold", "image", "label", "prediction"]).to_csv(pred_dir / "index.csv", index=False)
     return results
