@@ -80,3 +80,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "manifest not found" in err
     code = main(["pretrain", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "optim.epoch=3"])
     assert code == 2 and "unknown config key 'optim.epoch'" in capsys.readouterr().err
+
+
+def test_pretrains_on_several_folders(tiny_overrides, volume_folder, tmp_path):
+    from .conftest import write_volume_folder
+
+    other = write_volume_folder(tmp_path / "other", n=2, seed=3)
+    out = pretrain(load_config(overrides=tiny_overrides + ["train.max_steps=1"]), [volume_folder, other],
+                   tmp_path / "run", progress=False)  # fmt: skip
+    assert "pretraining on 6 volumes" in (out / "log.txt").read_text()

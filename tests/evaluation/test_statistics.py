@@ -72,3 +72,16 @@ def test_paired_difference_wilcoxon_and_ci():
     # all 5 differences positive: exact two-sided Wilcoxon p = 2 / 2^5
     assert r["wilcoxon_p"] == pytest.approx(0.0625)
     assert paired_difference(a, a, n_boot=10)["wilcoxon_p"] == 1.0
+
+
+def test_rank_auc_equals_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from volta3d.evaluation.statistics import rank_auc
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        y = rng.integers(0, 2, 40)
+        s = np.round(rng.normal(size=40) + y, 1)  # rounding makes ties
+        assert rank_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert np.isnan(rank_auc(np.ones(5), np.arange(5.0)))

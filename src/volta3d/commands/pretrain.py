@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--config", action="append", default=[], metavar="FILE",
         help=f"override file(s) merged onto configs/default.yaml in order; bundled: {', '.join(bundled_configs())}",
     )  # fmt: skip
-    p.add_argument("--data", required=True, help="folder written by `volta3d preprocess` (holds manifest.csv)")
+    p.add_argument("--data", required=True, action="append",
+                   help="folder written by `volta3d preprocess` (holds manifest.csv); repeat to pretrain on "
+                   "several (e.g. --data prep/ixi --data prep/msd); labels are never used")  # fmt: skip
     p.add_argument("--output", required=True, help="run folder (created; an existing run there is resumed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.add_argument(

@@ -75,7 +75,7 @@ class ViTClassifier(nn.Module):
 
 class SwinClassifier(nn.Module):
     """MONAI 3D Swin transformer encoder, global average pool of the last stage, linear head.
-    Input sides must be multiples of 32 (patch 2 and four 2x merges)."""
+    Input sides must be multiples of 16 x patch_size (the patch embedding and four 2x merges)."""
 
     def __init__(
         self,
@@ -85,6 +85,7 @@ class SwinClassifier(nn.Module):
         depths: Sequence[int] = (2, 2, 2, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),
         window_size: int = 7,
+        patch_size: int = 2,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -92,7 +93,7 @@ class SwinClassifier(nn.Module):
             in_chans=in_channels,
             embed_dim=feature_size,
             window_size=(window_size,) * 3,
-            patch_size=(2, 2, 2),
+            patch_size=(patch_size,) * 3,
             depths=tuple(depths),
             num_heads=tuple(num_heads),
             drop_rate=dropout,
@@ -105,7 +106,7 @@ class SwinClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # the project's input standardisation, as every network gets (volta3d.models.input_norm)
-        last = self.swin(standardise(x), normalize=True)[-1]  # (B, C, D, H, W) -> (B, F, D/32, H/32, W/32)
+        last = self.swin(standardise(x), normalize=True)[-1]  # (B, C, D, H, W) -> (B, F, D/(16p), H/(16p), W/(16p))
         return last.mean(dim=(2, 3, 4))  # (B, F)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

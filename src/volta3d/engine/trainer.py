@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
@@ -52,8 +53,10 @@ class NonFiniteLossError(RuntimeError):
     """Training diverged; the last good checkpoint is left untouched."""
 
 
-def pretrain(cfg: DictConfig, data: str | Path, output: str | Path, *, progress: bool = True) -> Path:
-    """Run (or resume) VolTA-3D pretraining on a preprocessed folder; returns the run folder."""
+def pretrain(
+    cfg: DictConfig, data: str | Path | Sequence[str | Path], output: str | Path, *, progress: bool = True
+) -> Path:
+    """Run (or resume) VolTA-3D pretraining on one or more preprocessed folders; returns the run folder."""
     out = Path(output)
     device = resolve_device(cfg.device)
     dist_info = init_distributed(device.type)
@@ -66,7 +69,9 @@ def pretrain(cfg: DictConfig, data: str | Path, output: str | Path, *, progress:
     seed_everything(cfg.seed)
 
     # ---- data: preprocessed volumes -> 2 global + N local views (+ GMML) per volume
-    manifest = read_manifest(data)
+    folders = [data] if isinstance(data, (str, Path)) else list(data)
+    # Labels play no part in pretraining: keep only what every manifest has.
+    manifest = pd.concat([read_manifest(d)[["subject_id", "path"]] for d in folders], ignore_index=True)
     views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
     dataset = PretrainViewsDataset(VolumeDataset(manifest), views, base_seed=cfg.seed)
     sampler = ResumableSampler(

@@ -13,11 +13,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from volta3d.evaluation.results import load_run
 from volta3d.evaluation.splits import same_folds
-from volta3d.evaluation.statistics import bootstrap_ci, delong_test, paired_difference
+from volta3d.evaluation.statistics import bootstrap_ci, delong_test, paired_difference, rank_auc
 
 NOT_COMPARED = {"youden_threshold", "n_train", "n_test"}
 SUBJECT_METRIC_PREFIXES = ("dice", "hd95")
@@ -30,9 +29,7 @@ def _top_fraction(pred: pd.DataFrame) -> pd.DataFrame:
 
 
 def _pooled_auc_diff(y: np.ndarray, sa: np.ndarray, sb: np.ndarray) -> float:
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    return float(roc_auc_score(y, sa) - roc_auc_score(y, sb))
+    return rank_auc(y, sa) - rank_auc(y, sb)
 
 
 def compare_results(

@@ -32,6 +32,17 @@ def _structural_components(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.n
     return aucs, v10, v01
 
 
+def rank_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney statistic on midranks (equal to sklearn's ``roc_auc_score``, ties
+    included), ~100x faster for the thousands of bootstrap resamples a comparison draws."""
+    y = np.asarray(y_true) == 1
+    m, n = int(y.sum()), int((~y).sum())
+    if m == 0 or n == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(scores, dtype=float))
+    return float((ranks[y].sum() - m * (m + 1) / 2.0) / (m * n))
+
+
 def delong_covariance(y_true: Sequence[int], *scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """AUROCs (R,) and their DeLong covariance matrix (R, R) for R score vectors on the same cases."""
     y = np.asarray(y_true, dtype=int)
