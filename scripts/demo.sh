@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install, preprocess the bundled real scans, pretrain VolTA-3D
-# (tiny CPU configuration). Re-running skips cached scans and resumes the pretraining run.
+# The main job on a fresh machine: install, then run the whole path on the bundled real scans
+# (preprocess, pretrain VolTA-3D, classification / probes / segmentation against scratch baselines,
+# the HTML report). Re-running skips finished stages. Extra arguments go to `volta3d demo`
+# (e.g. --quick for a ~3-minute smoke run, --output DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-SHARED="${SHARED_DATA:-../shared/data}"
-OUT="${OUT:-runs/demo}"
-.venv/bin/volta3d preprocess --bundled ixi --shared-data "$SHARED" --output "$OUT/prep/ixi" --workers 2 \
-  preprocess.size=[64,64,64] preprocess.crop=foreground preprocess.resize=true
-.venv/bin/volta3d pretrain --config tiny-cpu --data "$OUT/prep/ixi" --output "$OUT/pretrain" "$@"
+.venv/bin/volta3d demo --output "${OUT:-runs/demo}" --shared-data "${SHARED_DATA:-../shared/data}" "$@"

@@ -40,7 +40,7 @@ class Stage:
     name: str
     run: Callable[[], int]
     needs: list[str] = field(default_factory=list)
-    expected_s: float = 60.0  # planning figure on a 2-core CPU, for the ETA only
+    expected_s: float = 60.0  # seconds this stage took in a full demo on a 2-core CPU: the ETA's plan
 
 
 def _command(argv: list[str]) -> Callable[[], int]:
@@ -79,24 +79,24 @@ def plan(out: Path, shared: Path, *, quick: bool = False, workers: int = 2) -> l
         Stage("preprocess-ixi", _command(
             ["preprocess", str(man / "ixi-demo.csv"), "--output", str(ixi), "--workers", str(workers), *np_,
              "preprocess.size=[64,64,64]", "preprocess.crop=foreground", "preprocess.resize=true"]),
-            ["manifests"], 70),
+            ["manifests"], 80),
         Stage("preprocess-msd", _command(
             ["preprocess", str(man / "msd-demo.csv"), "--output", str(msd), "--workers", str(workers), *np_,
              "preprocess.size=[48,64,48]"]), ["manifests"], 5),
         Stage("pretrain", _command(
             ["pretrain", *cfg, "--data", str(ixi), "--data", str(msd), "--output", enc, *np_,
-             f"train.num_workers={workers}", *quick_o["pretrain"]]), ["preprocess-ixi", "preprocess-msd"], 300),
+             f"train.num_workers={workers}", *quick_o["pretrain"]]), ["preprocess-ixi", "preprocess-msd"], 160),
         Stage("classify-sex-vit-scratch", _command(
             ["finetune", "classify", *cfg, "--data", str(ixi), "--label", "sex", "--model", "vit",
-             "--output", str(sex_splits.parent), *np_, *quick_o["classify"]]), ["preprocess-ixi"], 110),
+             "--output", str(sex_splits.parent), *np_, *quick_o["classify"]]), ["preprocess-ixi"], 100),
         Stage("classify-sex-volta3d", _command(
             ["finetune", "classify", *cfg, "--data", str(ixi), "--label", "sex", "--model", "vit", "--encoder", enc,
              "--splits", str(sex_splits), "--output", str(out / "classify-sex" / "volta3d"), *np_,
-             *quick_o["classify"]]), ["pretrain", "classify-sex-vit-scratch"], 110),
+             *quick_o["classify"]]), ["pretrain", "classify-sex-vit-scratch"], 100),
         Stage("classify-sex-swin-scratch", _command(
             ["finetune", "classify", *cfg, "--data", str(ixi), "--label", "sex", "--model", "swin",
              "--splits", str(sex_splits), "--output", str(out / "classify-sex" / "swin-scratch"), *np_,
-             *quick_o["classify"]]), ["classify-sex-vit-scratch"], 220),
+             *quick_o["classify"]]), ["classify-sex-vit-scratch"], 230),
     ]
     # Frozen-feature probes of the pretrained and of a random-init encoder on the same folds; the sex
     # probes' training fractions give the reduced-data curve. The random-init age probe makes the folds.
@@ -105,7 +105,7 @@ def plan(out: Path, shared: Path, *, quick: bool = False, workers: int = 2) -> l
         emb = out / "embeddings" / f"{init}.npz"
         stages.append(Stage(f"embed-{init}", _command(
             ["embed", *source, "--data", str(ixi), "--output", str(emb), *np_]),
-            ["pretrain"] if init == "volta3d" else ["preprocess-ixi"], 15))
+            ["pretrain"] if init == "volta3d" else ["preprocess-ixi"], 3))
         for label in ("sex", "age"):
             needs = [f"embed-{init}", "classify-sex-vit-scratch" if label == "sex" else "embed-random-init"]
             if label == "age" and init == "volta3d":
@@ -114,23 +114,23 @@ def plan(out: Path, shared: Path, *, quick: bool = False, workers: int = 2) -> l
             stages.append(Stage(f"probe-{label}-{init}", _command(
                 ["probe", *cfg, "--embeddings", str(emb), "--data", str(ixi), "--label", label,
                  *(["--splits", str(splits)] if splits else []), "--output", str(out / f"probe-{label}" / init),
-                 *quick_o["probe"]]), needs, 10))
+                 *quick_o["probe"]]), needs, 3))
     stages += [
         Stage("segment-unet-scratch", _command(
             ["finetune", "segment", *cfg, "--data", str(msd), "--model", "unet",
-             "--output", str(seg_splits.parent), *np_, *quick_o["segment"]]), ["preprocess-msd"], 100),
+             "--output", str(seg_splits.parent), *np_, *quick_o["segment"]]), ["preprocess-msd"], 70),
         Stage("segment-unetr-scratch", _command(
             ["finetune", "segment", *cfg, "--data", str(msd), "--model", "unetr", "--splits", str(seg_splits),
              "--output", str(out / "segment" / "unetr-scratch"), *np_, *quick_o["segment"]]),
-            ["segment-unet-scratch"], 180),
+            ["segment-unet-scratch"], 150),
         Stage("segment-unetr-volta3d", _command(
             ["finetune", "segment", *cfg, "--data", str(msd), "--model", "unetr", "--encoder", enc,
              "--splits", str(seg_splits), "--output", str(out / "segment" / "unetr-volta3d"), *np_,
-             *quick_o["segment"]]), ["pretrain", "segment-unet-scratch"], 180),
+             *quick_o["segment"]]), ["pretrain", "segment-unet-scratch"], 150),
         Stage("report", _command(
             ["report", str(out), "--output", str(out / "report"),
              "--title", "volta3d demo: VolTA-3D on the bundled IXI and MSD scans" + (" (quick)" if quick else "")]),
-            [], 30),
+            [], 20),
     ]
     return stages
 
@@ -161,13 +161,11 @@ def run_demo(out: str | Path, shared: str | Path, *, quick: bool = False, worker
     state["settings"] = {"quick": quick, "workers": workers, "shared_data": str(shared.resolve()),
                          "configs": "tiny-cpu + demo", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}  # fmt: skip
     status: dict[str, str] = {}
-    total_expected = sum(s.expected_s for s in stages)
-    elapsed_expected, t_start = 0.0, time.perf_counter()
+    ran_expected, t_start = 0.0, time.perf_counter()  # planned seconds of the stages run in this invocation
     for k, stage in enumerate(stages, 1):
         record = done.get(stage.name)
         if record and record["status"] == "done":
             status[stage.name] = "done"
-            elapsed_expected += stage.expected_s
             log.info("stage %d/%d %s: done in an earlier run, skipped", k, len(stages), stage.name)
             continue
         blocked = [n for n in stage.needs if status.get(n) != "done"]
@@ -177,9 +175,9 @@ def run_demo(out: str | Path, shared: str | Path, *, quick: bool = False, worker
                                 "reason": f"needs {', '.join(blocked)}"}  # fmt: skip
             log.warning("stage %d/%d %s: skipped, it needs %s", k, len(stages), stage.name, ", ".join(blocked))
             continue
-        spent = time.perf_counter() - t_start
-        pace = spent / elapsed_expected if elapsed_expected > 0 else 1.0
-        eta = (total_expected - elapsed_expected) * pace
+        # the plan's remaining seconds, scaled by how fast this machine has been once there is enough to judge
+        pace = (time.perf_counter() - t_start) / ran_expected if ran_expected >= 60 else 1.0
+        eta = sum(s.expected_s for s in stages[k - 1 :] if status.get(s.name) != "done") * pace
         log.info("stage %d/%d %s (demo ETA %.0f min)", k, len(stages), stage.name, eta / 60)
         t0 = time.perf_counter()
         try:
@@ -188,7 +186,7 @@ def run_demo(out: str | Path, shared: str | Path, *, quick: bool = False, worker
             log.error("stage %s failed: %s", stage.name, str(err).splitlines()[0] if str(err) else type(err).__name__)
             code = 1
         seconds = time.perf_counter() - t0
-        elapsed_expected += stage.expected_s
+        ran_expected += stage.expected_s
         setup_logging(out, "demo.log")  # the command logged into its own folder; back to the demo's log
         status[stage.name] = "done" if code == 0 else "failed"
         done[stage.name] = {"name": stage.name, "status": status[stage.name], "seconds": round(seconds, 1)}

@@ -24,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     p.add_argument("--no-baseline", action="store_true", help="skip the straightforward implementation")
+    p.add_argument("--matmul-size", type=int, default=2048, help="edge of the square matmul timed as the peak")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=run)
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.device)
-    report = run_benchmark(cfg, device, steps=args.steps, warmup=args.warmup, baseline=not args.no_baseline)
+    report = run_benchmark(cfg, device, steps=args.steps, warmup=args.warmup, baseline=not args.no_baseline,
+                           matmul_size=args.matmul_size)
     print(format_table(report, device))
     if args.json:
         payload = {**report, "results": [dataclasses.asdict(r) for r in report["results"]], "device": str(device)}

@@ -2,7 +2,7 @@
 
 A step is everything the trainer does per optimiser step: both crop sizes through the student, the
 teacher on the global views, all losses, backward, AdamW, EMA and centre updates (the trainer's own
-``_train_step`` is timed, on batches already in memory, so data loading is excluded). Achieved FLOP/s
+``train_step`` is timed, on batches already in memory, so data loading is excluded). Achieved FLOP/s
 are counted with ``torch.utils.flop_counter`` and divided by the rate of a large matmul timed in the
 same process: the fraction of the machine's practical peak the step reaches.
 
@@ -29,7 +29,7 @@ from volta3d.engine.distributed import DistInfo
 from volta3d.engine.meta_arch import VolTA3D, build_volta3d
 from volta3d.engine.optim import build_optimizer
 from volta3d.engine.schedules import Schedules
-from volta3d.engine.trainer import _train_step
+from volta3d.engine.trainer import train_step
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def time_step(
     info = DistInfo()
 
     def one(step: int) -> None:
-        _train_step(model, model.student, optimizer, schedules, step, it, accum, device, cfg, info)
+        train_step(model, model.student, optimizer, schedules, step, it, accum, device, cfg, info)
 
     with FlopCounterMode(display=False) as counter:
         one(0)
@@ -124,14 +124,15 @@ def time_step(
 
 
 def run_benchmark(
-    cfg: DictConfig, device: torch.device, *, steps: int = 3, warmup: int = 1, baseline: bool = True
+    cfg: DictConfig, device: torch.device, *, steps: int = 3, warmup: int = 1, baseline: bool = True,
+    matmul_size: int = 2048,
 ) -> dict[str, Any]:
     """Time the optimised step and (optionally) the straightforward one; returns figures and the peak."""
     torch.manual_seed(cfg.seed)
     batch_size = cfg.optim.batch_size * cfg.optim.accum_steps
     batch = {k: v.to(device) for k, v in _synthetic_batch(cfg, batch_size, cfg.seed).items() if torch.is_tensor(v)}
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    peak = matmul_rate(device, torch.bfloat16 if bf16 else torch.float32)
+    peak = matmul_rate(device, torch.bfloat16 if bf16 else torch.float32, n=matmul_size)
     model = build_volta3d(to_kwargs(cfg.model), to_kwargs(cfg.head), to_kwargs(cfg.loss)).to(device)
     results = [time_step(cfg, model, batch, device, steps=steps, warmup=warmup, name="volta3d")]
     if baseline:

@@ -109,6 +109,9 @@ def pretrain(
     health = CollapseMonitor(model.log_k, cfg.train.collapse_patience, logger)
 
     bar = tqdm(total=last_step, initial=step, desc="pretrain", unit="step", disable=not (progress and dist_info.is_main))
+    # without the bar, a log line with the ETA about every 5 % of the run
+    log_every = max(1, (last_step - step) // 20) if (dist_info.is_main and not progress) else 0
+    first_step, t_run = step, time.perf_counter()
     model.train()
     while step < last_step:
         epoch, first_batch = divmod(step, steps_per_epoch)
@@ -117,12 +120,17 @@ def pretrain(
         batches = iter(loader)
         while step < last_step and step // steps_per_epoch == epoch:
             t0 = time.perf_counter()
-            row = _train_step(model, student, optimizer, schedules, step, batches, accum, device, cfg, dist_info)
+            row = train_step(model, student, optimizer, schedules, step, batches, accum, device, cfg, dist_info)
             step += 1
             row.update(step=step, epoch=epoch, seconds_per_step=time.perf_counter() - t0, **model.centre_norms())
             health.observe(step, row)
             bar.update(1)
-            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "loss_global", "loss_local", "loss_rec") if k in row})
+            losses = {k: f"{row[k]:.3g}" for k in ("loss", "loss_global", "loss_local", "loss_rec") if k in row}
+            bar.set_postfix(losses)
+            if log_every and (step - first_step) % log_every == 0:
+                per_step = (time.perf_counter() - t_run) / (step - first_step)
+                logger.info("step %d/%d %s, ETA %.0f s", step, last_step,
+                            " ".join(f"{k} {v}" for k, v in losses.items()), per_step * (last_step - step))  # fmt: skip
             if metrics is not None and (step % cfg.train.log_every == 0 or step == last_step):
                 metrics.write({k: row.get(k, "") for k in METRIC_COLUMNS})
                 if board is not None:
@@ -138,14 +146,13 @@ def pretrain(
     bar.close()
     if board is not None:
         board.close()
-    if dist_info.is_main:
-        _save(out, model, optimizer, step, cfg, effective_batch, dist_info)
+    if dist_info.is_main:  # the last step was checkpointed and exported inside the loop
         logger.info("finished at step %d; encoder export in %s", step, out / "encoder.safetensors")
     barrier()
     return out
 
 
-def _train_step(
+def train_step(
     model: VolTA3D,
     student: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -173,7 +180,7 @@ def _train_step(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model.compute_losses(batch, teacher_temp, patch_temp, student=student)
             if not torch.isfinite(out["loss"]):
-                parts = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items() if k.startswith("loss_"))
+                parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items() if k.startswith("loss_"))
                 raise NonFiniteLossError(
                     f"non-finite loss at optimiser step {step} ({parts}); stopped without saving, the last good "
                     "checkpoint is kept. Lower optim.lr or loss.teacher_temp, or use train.precision=fp32"

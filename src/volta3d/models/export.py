@@ -171,7 +171,13 @@ def _format_keys(keys: Sequence[str], limit: int = 6) -> str:
 
 
 def _load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    expected = module.state_dict()
+    _raise_if_unfit(what, state, module.state_dict())
+    module.load_state_dict(state, strict=True)
+
+
+def _raise_if_unfit(what: str, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Compare every key and shape of ``state`` (the export) with ``expected`` (the target's state
+    dict) and raise one error naming what is missing, unexpected or of another shape."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
@@ -179,11 +185,6 @@ def _load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
         for k in sorted(set(state) & set(expected))
         if state[k].shape != expected[k].shape
     ]
-    _raise_if_unfit(what, missing, unexpected, mismatched)
-    module.load_state_dict(state, strict=True)
-
-
-def _raise_if_unfit(what: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
     problems = []
     if missing:
         problems.append(f"missing from the export: {_format_keys(missing)}")
@@ -244,13 +245,6 @@ def load_vit_weights(
                 raise EncoderLoadError(f"target_grid {new} does not hold {target_pos.shape[1]} tokens")
             vit_state[POS_EMBED_KEY] = interpolate_pos_embed(source_pos, old, new)
 
-    missing = sorted(set(target_state) - set(vit_state))
-    unexpected = sorted(set(vit_state) - set(target_state))
-    mismatched = [
-        f"{k} export {tuple(vit_state[k].shape)} vs target {tuple(target_state[k].shape)}"
-        for k in sorted(set(vit_state) & set(target_state))
-        if vit_state[k].shape != target_state[k].shape
-    ]
-    _raise_if_unfit("encoder", missing, unexpected, mismatched)
+    _raise_if_unfit("encoder", vit_state, target_state)
 
     target.load_state_dict({prefix + k: v for k, v in vit_state.items()}, strict=False)

@@ -1,0 +1,24 @@
+"""`volta3d bench` in CI-sized form (tiny model, one step) so the benchmark cannot rot."""
+
+import json
+
+from volta3d.cli import main
+
+from .conftest import TINY_OVERRIDES
+
+
+def test_bench_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--steps", "1", "--warmup", "0", "--matmul-size", "256", "--json", str(out),
+            *TINY_OVERRIDES, "preprocess.size=[32,32,32]"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    for needle in ("matmul rate", "volta3d", "straightforward", "speed-up over the straightforward step"):
+        assert needle in text
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report["results"]] == ["volta3d", "straightforward"]
+    for r in report["results"]:
+        assert r["seconds_per_step"] > 0 and r["flops_per_step"] > 0 and r["peak_memory_gb"] > 0
+    # the FLOP count of one step does not depend on how the batch is split or on fused attention
+    fast, naive = report["results"]
+    assert abs(fast["flops_per_step"] - naive["flops_per_step"]) / fast["flops_per_step"] < 0.05
