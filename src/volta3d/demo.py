@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from volta3d.data.bundled import write_bundled_manifests
-from volta3d.runtime import get_logger, setup_logging
+from volta3d.runtime import atomic_write, get_logger, setup_logging
 
 STAGES_NAME = "stages.json"
 # --quick: a smoke run of every stage on a few scans (about 3 minutes on 2 cores).
@@ -140,9 +140,7 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write((json.dumps(state, indent=2) + "\n").encode()))
 
 
 def run_demo(out: str | Path, shared: str | Path, *, quick: bool = False, workers: int = 2) -> int:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import random
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -31,6 +34,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device '{name}' requested but no CUDA GPU is available")
     return device
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write through a temporary file in the same folder, fsync, then rename: readers never see half
+    a file, and a crash leaves the previous version intact. ``write`` gets a binary file handle."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def get_logger() -> logging.Logger:
@@ -76,12 +97,11 @@ class MetricsCSV:
                 self._rewrite(rows)
 
     def _rewrite(self, rows: list[dict]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self._fields or [])
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=self._fields or [])
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(self.path, lambda f: f.write(text.getvalue().encode()))
 
     def write(self, row: Mapping[str, float | int | str]) -> None:
         if self._fields is None:

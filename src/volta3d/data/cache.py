@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from volta3d.runtime import atomic_write
 
 VOLUMES_DIR = "volumes"
 RECORDS_DIR = "records"
@@ -66,24 +66,12 @@ def volume_paths(key: str) -> tuple[str, str]:
     return f"{VOLUMES_DIR}/{key}.npy", f"{VOLUMES_DIR}/{key}_mask.npy"
 
 
-def _atomic_write(path: Path, write: Any, suffix: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_array(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.save(f, array), ".npy")
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def save_record(path: Path, record: dict[str, Any]) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(record, indent=1, default=_plain).encode()), ".json")
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1, default=_plain).encode()))
 
 
 def _plain(value: Any) -> Any:

@@ -7,36 +7,21 @@ position in the epoch, torch RNG state) plus the resolved config; it is read bac
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from volta3d.runtime import atomic_write
+
 CHECKPOINT_FORMAT = "volta3d-pretrain-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    return atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
+    """Atomic (temp file + rename): a crash mid-write leaves the previous checkpoint intact."""
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from volta3d.runtime import atomic_write
 
 RESULTS_NAME = "results.json"
 PREDICTIONS_NAME = "predictions.csv"
@@ -41,12 +42,8 @@ def _clean(obj: Any) -> Any:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomic write: a crash never leaves half a results file behind."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=1))
-    os.replace(tmp, p)
-    return p
+    text = json.dumps(_clean(obj), indent=1)
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_run(out_dir: str | Path, results: dict[str, Any], predictions: pd.DataFrame) -> tuple[Path, Path]:

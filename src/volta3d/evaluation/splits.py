@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from volta3d.runtime import atomic_write
+
 SPLITS_NAME = "splits.json"
 
 
@@ -109,9 +111,8 @@ def save_splits(splits: dict[str, Any], path: str | Path) -> Path:
     p = Path(path)
     if p.suffix != ".json":
         p = p / SPLITS_NAME
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(splits, indent=1))
-    return p
+    text = json.dumps(splits, indent=1)
+    return atomic_write(p, lambda f: f.write(text.encode()))
 
 
 def load_splits(path: str | Path) -> dict[str, Any]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,11 @@ import monai
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from volta3d.models.encoder import VolTAEncoder, interpolate_pos_embed
 from volta3d.models.summariser import CLSSummariser
+from volta3d.runtime import atomic_write
 
 EXPORT_FORMAT = "volta3d-encoder"
 EXPORT_FORMAT_VERSION = 1
@@ -39,18 +38,6 @@ TARGET_ONLY_KEYS = ("cls_token", "classification_head.")
 
 class EncoderLoadError(ValueError):
     """Encoder weights that do not fit the target (names the keys) or an unreadable export."""
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cpu_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -76,8 +63,8 @@ def save_encoder_export(
         "torch_version": torch.__version__,
     }
     weights_path, meta_path = out_dir / WEIGHTS_NAME, out_dir / META_NAME
-    _atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": EXPORT_FORMAT}))
-    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(weights_path, lambda f: f.write(save(state, metadata={"format": EXPORT_FORMAT})))
+    atomic_write(meta_path, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     return weights_path, meta_path
 
 
