@@ -25,7 +25,7 @@ from volta3d.data.bundled import write_bundled_manifests
 from volta3d.runtime import atomic_write, get_logger, setup_logging
 
 STAGES_NAME = "stages.json"
-# --quick: a smoke run of every stage on a few scans (about 3 minutes on 2 cores).
+# --quick: a smoke run of every stage on a few scans (about 1.5 minutes on 2 cores).
 QUICK_SUBJECTS = {"ixi": 30, "msd": 30}
 QUICK_OVERRIDES = {
     "pretrain": ["optim.epochs=1", "train.max_steps=8"],
