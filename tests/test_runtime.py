@@ -26,3 +26,15 @@ def test_metrics_csv_resume_drops_rows_after_the_checkpoint(tmp_path):
     assert [(r["step"], r["loss"]) for r in resumed.read()] == [("1", "1.0"), ("2", "0.5"), ("3", "0.5")]
     with pytest.raises(KeyError, match="not in metrics.csv"):
         resumed.write({"step": 4, "lr": 0.1})
+
+
+def test_every_command_has_help(capsys):
+    """`volta3d --help` and each subcommand's --help render (argparse %-formats help strings)."""
+    from volta3d.cli import COMMANDS, main
+
+    for argv in (["--help"], *[[c, "--help"] for c in COMMANDS], ["finetune", "classify", "--help"],
+                 ["finetune", "segment", "--help"]):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0, argv
+        assert "usage: volta3d" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
-        help="paired difference, bootstrap 95 % CI, Wilcoxon and DeLong tests between two runs",
+        help="paired difference, bootstrap 95 %% CI, Wilcoxon and DeLong tests between two runs",
         description="Compare run A with run B (results.json files or their folders; both must use the same "
         "folds). Per metric: mean paired difference A - B over folds with a seeded bootstrap 95 % CI and a "
         "Wilcoxon signed-rank test; per-subject metrics (Dice, HD95) paired by subject; for binary tasks, "
