@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import random
@@ -11,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -52,6 +53,20 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_json_file(path: str | Path, default_name: str, what: str) -> tuple[Path, Any]:
+    """Read a JSON file given as itself or as the folder holding ``default_name``; a missing file or
+    invalid JSON is a one-line error naming the file (``what``: e.g. "results", "splits")."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / default_name
+    if not p.exists():
+        raise FileNotFoundError(f"{what} file not found: {p}")
+    try:
+        return p, json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} file {p} is not valid JSON: {err.msg}") from None
 
 
 def get_logger() -> logging.Logger:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from volta3d.runtime import atomic_write
+from volta3d.runtime import atomic_write, read_json_file
 
 RESULTS_NAME = "results.json"
 PREDICTIONS_NAME = "predictions.csv"
@@ -57,15 +57,7 @@ def save_run(out_dir: str | Path, results: dict[str, Any], predictions: pd.DataF
 def load_run(path: str | Path) -> dict[str, Any]:
     """Read ``results.json`` (a file or its run folder) and attach ``predictions`` (a DataFrame,
     or None when predictions.csv is absent) and ``dir``."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / RESULTS_NAME
-    if not p.exists():
-        raise FileNotFoundError(f"results file not found: {p}")
-    try:
-        results = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"results file {p} is not valid JSON: {err.msg}") from None
+    p, results = read_json_file(path, RESULTS_NAME, "results")
     for key in ("folds", "aggregate"):
         if key not in results:
             raise ValueError(f"results file {p} has no '{key}' entry")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from volta3d.runtime import atomic_write
+from volta3d.runtime import atomic_write, read_json_file
 
 SPLITS_NAME = "splits.json"
 
@@ -116,15 +116,7 @@ def save_splits(splits: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_splits(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if p.is_dir():
-        p = p / SPLITS_NAME
-    if not p.exists():
-        raise FileNotFoundError(f"splits file not found: {p}")
-    try:
-        splits = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"splits file {p} is not valid JSON: {err.msg}") from None
+    p, splits = read_json_file(path, SPLITS_NAME, "splits")
     if not isinstance(splits, dict) or not isinstance(splits.get("folds"), list) or not splits["folds"]:
         raise ValueError(f"splits file {p} has no 'folds' list")
     return splits
