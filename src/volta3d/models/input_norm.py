@@ -6,7 +6,7 @@ one dominant direction (the patch embedding of the mean intensity): measured on 
 scans at initialisation, tokens at different positions had cosine similarity 0.98, so the teacher's
 outputs were the same for every volume and centring flattened them to a uniform distribution
 (collapse within one epoch). Z-scoring each input volume (MONAI ``NormalizeIntensity`` semantics,
-the usual MRI normalisation in nnU-Net and 3DINO) brings that similarity to 0.53. Every network in
+the usual MRI normalisation in nnU-Net and 3DINO) brings that similarity to 0.57 (benchmarks/token_similarity.py). Every network in
 volta3d (the VolTA-3D encoder, UNETR, the U-Net and Swin baselines) applies the same step, so the
 comparisons stay fair and an exported encoder sees in fine-tuning what it saw in pretraining.
 """
