@@ -28,7 +28,7 @@ STAGES_NAME = "stages.json"
 # --quick: a smoke run of every stage on a few scans (about 1.5 minutes on 2 cores).
 QUICK_SUBJECTS = {"ixi": 30, "msd": 30}
 QUICK_OVERRIDES = {
-    "pretrain": ["optim.epochs=1", "train.max_steps=8"],
+    "pretrain": ["optim.epochs=1", "train.max_steps=8", "eval.n_splits=3"],
     "classify": ["classify.epochs=1", "classify.n_splits=3"],
     "probe": ["probe.n_splits=3"],
     "segment": ["segment.epochs=1", "segment.val_every=1"],
@@ -85,7 +85,10 @@ def plan(out: Path, shared: Path, *, quick: bool = False, workers: int = 2) -> l
              "preprocess.size=[48,64,48]"]), ["manifests"], 5),
         Stage("pretrain", _command(
             ["pretrain", *cfg, "--data", str(ixi), "--data", str(msd), "--output", enc, *np_,
-             f"train.num_workers={workers}", *quick_o["pretrain"]]), ["preprocess-ixi", "preprocess-msd"], 160),
+             # the online probe (sex, age) of the teacher on the IXI scans it pretrains on: labels unused
+             # by pretraining, read only to watch what it learns (transductive, as the report says)
+             "--eval-data", str(ixi), "--eval-label", "sex", "--eval-label", "age",
+             f"train.num_workers={workers}", *quick_o["pretrain"]]), ["preprocess-ixi", "preprocess-msd"], 330),
         Stage("classify-sex-vit-scratch", _command(
             ["finetune", "classify", *cfg, "--data", str(ixi), "--label", "sex", "--model", "vit",
              "--output", str(sex_splits.parent), *np_, *quick_o["classify"]]), ["preprocess-ixi"], 100),
@@ -98,19 +101,21 @@ def plan(out: Path, shared: Path, *, quick: bool = False, workers: int = 2) -> l
              "--splits", str(sex_splits), "--output", str(out / "classify-sex" / "swin-scratch"), *np_,
              *quick_o["classify"]]), ["classify-sex-vit-scratch"], 230),
     ]
-    # Frozen-feature probes of the pretrained and of a random-init encoder on the same folds; the sex
-    # probes' training fractions give the reduced-data curve. The random-init age probe makes the folds.
-    for init in ("random-init", "volta3d"):
-        source = ["--encoder", enc] if init == "volta3d" else [*cfg, "--random-init"]
+    # Frozen-feature probes of the pretrained and of a random-init encoder, and of the raw volume
+    # (z-scored, average-pooled to 16^3: the floor), on the same folds; the sex probes' training
+    # fractions give the reduced-data curve. The random-init age probe makes the folds.
+    sources = {"random-init": [*cfg, "--random-init"], "volta3d": ["--encoder", enc],
+               "raw-volume": [*cfg, "--raw-volume"]}  # fmt: skip
+    for init, source in sources.items():
         emb = out / "embeddings" / f"{init}.npz"
         stages.append(Stage(f"embed-{init}", _command(
             ["embed", *source, "--data", str(ixi), "--output", str(emb), *np_]),
             ["pretrain"] if init == "volta3d" else ["preprocess-ixi"], 3))
         for label in ("sex", "age"):
             needs = [f"embed-{init}", "classify-sex-vit-scratch" if label == "sex" else "embed-random-init"]
-            if label == "age" and init == "volta3d":
+            if label == "age" and init != "random-init":
                 needs.append("probe-age-random-init")
-            splits = sex_splits if label == "sex" else (age_splits if init == "volta3d" else None)
+            splits = sex_splits if label == "sex" else (age_splits if init != "random-init" else None)
             stages.append(Stage(f"probe-{label}-{init}", _command(
                 ["probe", *cfg, "--embeddings", str(emb), "--data", str(ixi), "--label", label,
                  *(["--splits", str(splits)] if splits else []), "--output", str(out / f"probe-{label}" / init),

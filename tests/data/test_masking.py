@@ -129,3 +129,47 @@ def test_bad_volumes_raise():
         masker(torch.rand(16, 16, 16), torch.Generator())
     with pytest.raises(ValueError, match="patch_size 8 does not divide"):
         masker(torch.rand(1, 16, 12, 16), torch.Generator())
+
+
+def _boxes(mask: np.ndarray) -> list[tuple[int, ...]]:
+    """Edges of the bounding boxes of the mask's connected components (for a sparse mask, single blocks)."""
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(mask)
+    return [tuple(s.stop - s.start for s in box) for box in ndimage.find_objects(labels)]
+
+
+def test_random_blocks_have_edges_between_block_size_and_the_max_fraction():
+    masker = GMMLMasker(ratio=0.02, block_size=4, patch_size=16, block_shape="random", max_block_fraction=0.5)
+    edges = []
+    for seed in range(20):
+        _, voxel_mask, _ = _mask(masker, torch.rand(1, 64, 64, 64), seed)
+        edges += _boxes(voxel_mask[0].numpy())
+    isolated = [e for e in edges if max(e) <= 32]  # components that are (mostly) one block
+    assert len({e for e in isolated}) > 5  # edges vary between blocks, unlike cubes
+    assert all(min(e) >= 1 for e in edges) and max(max(e) for e in isolated) <= 32
+
+
+def test_random_blocks_keep_the_ratio_and_are_deterministic():
+    masker = GMMLMasker(ratio=0.5, block_size=8, patch_size=16, block_shape="random")
+    volume = torch.rand(1, 64, 64, 64)
+    a, b = _mask(masker, volume, 7), _mask(masker, volume, 7)
+    assert abs(a[1].float().mean().item() - 0.5) <= 1e-3
+    assert torch.equal(a[1], b[1])
+    # bigger blocks hide whole 16^3 tokens, where 8^3 cubes leave almost every token partly visible
+    cube_masker = GMMLMasker(ratio=0.5, block_size=8, patch_size=16)
+
+    def hidden_tokens(voxel_mask):
+        share = voxel_mask[0].float().reshape(4, 16, 4, 16, 4, 16).mean(dim=(1, 3, 5))
+        return int((share >= 0.9).sum())
+
+    seeds = range(4)
+    assert sum(hidden_tokens(_mask(masker, volume, s)[1]) for s in seeds) >= 8  # of 4 x 64 tokens
+    assert sum(hidden_tokens(_mask(cube_masker, volume, s)[1]) for s in seeds) <= 1
+
+
+def test_bad_block_shape():
+    with pytest.raises(ValueError, match="block_shape"):
+        GMMLMasker(block_shape="sphere")
+    with pytest.raises(ValueError, match="max_block_fraction"):
+        GMMLMasker(block_shape="random", max_block_fraction=0.0)

@@ -203,3 +203,18 @@ def test_bad_inputs_raise():
         _views()(torch.rand(16, 16, 16), seed=0)
     with pytest.raises(ValueError, match="empty list"):
         collate_views([])
+
+
+def test_flip_axes_restricts_flips_to_left_right():
+    volume = _volume(3, shape=(1, G, G, G))
+    views = _views(
+        n_local=0, global_scale=(1.0, 1.0), aspect_range=(1.0, 1.0), flip_prob=1.0, flip_axes=(0,),
+        gamma_prob=0.0, contrast_prob=0.0, noise_prob=0.0, bias_field_prob=0.0,
+    )
+    out = views(volume, seed=0)
+    for v in range(2):
+        torch.testing.assert_close(out["global"][v], volume.flip(1))  # spatial axis 0 is dim 1 of (C, D, H, W)
+    with pytest.raises(ValueError, match="flip_axes"):
+        _views(flip_axes=(0, 3))
+    with pytest.raises(ValueError, match="flip_axes"):
+        _views(flip_axes=(1, 1))

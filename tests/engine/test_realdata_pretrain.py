@@ -1,4 +1,5 @@
-"""A short VolTA-3D run on real scans: 8 bundled IXI T1 volumes, a 2-layer ViT, 80 optimiser steps."""
+"""A short VolTA-3D run on real scans: 8 bundled IXI T1 volumes, a 2-layer ViT, 80 optimiser steps,
+with the tiny-cpu recipe: the losses fall and the representation stays healthy (no collapse alarm)."""
 
 import math
 
@@ -39,9 +40,16 @@ def test_losses_go_down_on_real_scans(shared_data, tmp_path):
         return sum(values) / len(values)
 
     first, last = rows[:10], rows[-10:]
-    # (the CLS-style cross-entropy is bounded below by the teacher entropy, which rises as the centre
-    # settles, so that branch is checked for health rather than for a falling value)
     for key in ("loss", "loss_local", "loss_rec"):
         assert mean(key, last) < mean(key, first), key
-    # the CLS-style branch has not collapsed to a uniform teacher (log K = log 64)
-    assert float(rows[-1]["teacher_entropy"]) < 0.9 * math.log(64)
+    log_k = math.log(64)
+    # better than a uniform guess (the CLS-style loss is not held to it here: in this 32^3 toy model a
+    # 16^3 local crop is a single token, too little to predict the global target from in 80 steps;
+    # the demo's run is where L_global is measured against log K, README "Representation health")
+    assert mean("loss_local", last) < log_k
+    # healthy: no alarm, a teacher that is neither uniform nor the same for every volume
+    assert all(int(r["collapse_alarm"]) == 0 for r in rows)
+    assert mean("teacher_entropy", last) < 0.9 * log_k
+    assert mean("teacher_entropy_gap", last) > 0.1
+    assert mean("student_cls_cosine", last) < 0.95  # batch 2: one pair of volumes per view, a noisy mean
+    assert mean("cls_rank", last) > 2

@@ -89,3 +89,34 @@ def test_pretrains_on_several_folders(tiny_overrides, volume_folder, tmp_path):
     out = pretrain(load_config(overrides=tiny_overrides + ["train.max_steps=1"]), [volume_folder, other],
                    tmp_path / "run", progress=False)  # fmt: skip
     assert "pretraining on 6 volumes" in (out / "log.txt").read_text()
+
+
+def test_collapse_alarm_fires_on_a_collapsing_configuration(tiny_overrides, volume_folder, tmp_path):
+    """Without sharpening (teacher temperature 1 on cosine logits) DINO's teacher is uniform: the alarm must fire."""
+    out = _run(tiny_overrides, volume_folder, tmp_path / "run", "train.max_steps=4", "train.collapse_patience=2",
+               "loss.teacher_temp=1.0", "loss.warmup_teacher_temp=1.0")  # fmt: skip
+    rows = MetricsCSV(out / "metrics.csv").read()
+    assert [int(r["collapse_alarm"]) for r in rows] == [0, 1, 1, 1]
+    assert "collapse alarm at step 2: uniform" in (out / "log.txt").read_text()
+    for key in ("teacher_entropy_gap", "teacher_patch_entropy_gap", "student_cls_cosine", "teacher_cls_cosine",
+                "cls_rank", "patch_rank", "log_k"):
+        assert rows[-1][key] != "", key
+
+
+def test_resume_refuses_other_data(tiny_overrides, volume_folder, tmp_path):
+    from .conftest import write_volume_folder
+
+    out = _run(tiny_overrides, volume_folder, tmp_path / "run", "train.max_steps=1")
+    other = write_volume_folder(tmp_path / "other", n=4, seed=9)
+    with pytest.raises(ValueError, match="trained on other volumes"):
+        _run(tiny_overrides, other, out, "train.max_steps=2")
+
+
+def test_koleo_and_sinkhorn_options_train(tiny_overrides, volume_folder, tmp_path):
+    out = _run(tiny_overrides, volume_folder, tmp_path / "run", "train.max_steps=2", "loss.koleo_weight=0.1",
+               "loss.centering=sinkhorn")  # fmt: skip
+    rows = MetricsCSV(out / "metrics.csv").read()
+    assert float(rows[-1]["koleo"]) > 0 and float(rows[-1]["center_norm"]) == 0.0  # Sinkhorn leaves the centre unused
+    with pytest.raises(ValueError, match="koleo_weight > 0 needs optim.batch_size >= 2"):
+        _run(tiny_overrides, volume_folder, tmp_path / "b1", "train.max_steps=1", "loss.koleo_weight=0.1",
+             "optim.batch_size=1")  # fmt: skip

@@ -84,3 +84,48 @@ def test_bad_inputs_raise(call, message):
 def test_bad_momentum_raises():
     with pytest.raises(ValueError, match="momentum must be in"):
         Center(out_dim=3, momentum=1.5)
+
+
+def _sinkhorn_reference(logits: np.ndarray, temp: float, iterations: int) -> np.ndarray:
+    """Written from the definition: start from each row's softmax, then alternately give every prototype
+    (column) the mass 1/K and every row the mass 1/M; return rows scaled to sum to 1."""
+    q = _np_softmax(logits.astype(np.float64) / temp)
+    m, k = q.shape
+    q = q / m
+    for _ in range(iterations):
+        q = q / (q.sum(axis=0, keepdims=True) * k)
+        q = q / (q.sum(axis=1, keepdims=True) * m)
+    return q * m
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_sinkhorn_matches_the_definition(iterations):
+    from volta3d.losses import sinkhorn_knopp_probs
+
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(3))
+    out = sinkhorn_knopp_probs(logits, temp=0.1, n_iterations=iterations)
+    np.testing.assert_allclose(out.numpy(), _sinkhorn_reference(logits.numpy(), 0.1, iterations), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.sum(-1), torch.ones(6))
+
+
+def test_sinkhorn_spreads_a_batch_that_points_at_one_prototype():
+    from volta3d.losses import sinkhorn_knopp_probs
+
+    # every row prefers prototype 0 (a collapsed teacher): plain softmax gives every row the same target
+    logits = torch.zeros(8, 8)
+    logits[:, 0] = 1.0
+    logits += 0.01 * torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    out = sinkhorn_knopp_probs(logits, temp=0.05, n_iterations=50)
+    torch.testing.assert_close(out.sum(0), torch.ones(8), atol=1e-3, rtol=0)  # each prototype used equally
+    assert out[:, 0].max() < 0.5  # no longer everyone's first choice
+
+
+def test_sinkhorn_keeps_leading_dims_and_survives_a_low_temperature():
+    from volta3d.losses import sinkhorn_knopp_probs
+
+    logits = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)) * 5  # (B, N, K) patch logits
+    out = sinkhorn_knopp_probs(logits, temp=0.001)
+    assert out.shape == logits.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 5))
+    with pytest.raises(ValueError, match="temperature"):
+        sinkhorn_knopp_probs(logits, temp=0.0)

@@ -14,7 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Pretrain the VolTA-3D student/teacher 3D ViT (global CLS-style + patch-token "
         "distillation + GMML reconstruction). Re-running the same command resumes from "
         "OUTPUT/checkpoints/last.pt. Outputs: config.yaml, metrics.csv, log.txt, checkpoints/last.pt, "
-        "encoder.safetensors + encoder.json.",
+        "encoder.safetensors + encoder.json, pretrain_data.json; with --eval-data also online_eval.csv (linear "
+        "and kNN probes of the teacher, of the initial weights and of the raw volume on fixed folds).",
     )
     p.add_argument(
         "--config", action="append", default=[], metavar="FILE",
@@ -24,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder written by `volta3d preprocess` (holds manifest.csv); repeat to pretrain on "
                    "several (e.g. --data prep/ixi --data prep/msd); labels are never used")  # fmt: skip
     p.add_argument("--output", required=True, help="run folder (created; an existing run there is resumed)")
+    p.add_argument("--eval-data", default=None, metavar="PREP",
+                   help="preprocessed folder with labels for the online probe of the teacher (eval.data)")
+    p.add_argument("--eval-label", action="append", default=[], metavar="COLUMN",
+                   help="manifest column to probe every eval.every steps, e.g. sex; repeat for several (eval.labels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value",
@@ -33,8 +38,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from volta3d.engine.distributed import cleanup
     from volta3d.engine.trainer import pretrain  # heavy imports only when the command runs
 
-    cfg = load_config(args.config, args.overrides)
-    pretrain(cfg, args.data, args.output, progress=not args.no_progress)
+    overrides = list(args.overrides)
+    if args.eval_data:
+        overrides.append(f"eval.data={args.eval_data}")
+    if args.eval_label:
+        overrides.append(f"eval.labels=[{','.join(args.eval_label)}]")
+    cfg = load_config(args.config, overrides)
+    try:
+        pretrain(cfg, args.data, args.output, progress=not args.no_progress)
+    finally:
+        # under torchrun: destroy the process group before interpreter shutdown tears down its threads
+        # (an alive gloo group at exit intermittently aborts with "terminate called without an active exception")
+        cleanup()
     return 0

@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Logistic regression (standardised features) and cosine kNN probes for class labels, "
         "ridge and kNN regression for numeric labels, on frozen embeddings, cross-validated on the same "
         "subject-grouped folds as `finetune classify` (pass its splits.json). Writes one run folder per "
-        "probe and feature (results.json, predictions.csv) and summary.json into OUTPUT.",
+        "probe and feature (results.json, predictions.csv) and summary.json into OUTPUT. Embeddings from "
+        "`embed --raw-volume` are probed on their one feature, 'raw', whatever probe.features says.",
     )
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help=f"override file(s); bundled: {', '.join(bundled_configs())}")
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         labels.table["subject_id"], labels.strata, n_splits=pc["n_splits"], seed=cfg.seed)
     save_splits(splits, out)
     summary = {}
-    for feat in pc["features"]:
+    # raw-volume embeddings hold one feature, 'raw'; probe.features names the encoder's (cls / mean)
+    for feat in ["raw"] if "raw" in emb else pc["features"]:
         if feat not in emb:
             get_logger().warning(f"embeddings have no '{feat}' feature (encoder without a summariser?); skipped")
             continue
@@ -66,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
                 ridge_alpha=pc["ridge_alpha"], fractions=pc["fractions"],
             )  # fmt: skip
             results["embedding_init"] = meta.get("init")
+            if meta.get("grid") is not None:
+                results["embedding_grid"] = meta["grid"]  # the report names the baseline by it
             save_run(out / f"{probe}_{feat}", results, preds)
             primary = results["primary_metric"]
             agg = results["aggregate"][primary]

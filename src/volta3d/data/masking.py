@@ -13,11 +13,17 @@ import torch
 from torch import Tensor
 
 FILLS = ("noise", "zeros")
+BLOCK_SHAPES = ("cube", "random")
 _POSITIONS_PER_DRAW = 256  # block corners drawn per generator call; only affects speed
 
 
 class GMMLMasker:
     """Replace ``ratio`` of a volume's voxels, in random 3D blocks, with U(0, 1) noise or zeros.
+
+    ``block_shape="cube"``: cubes of ``block_size`` voxels. ``"random"``: boxes whose every edge is
+    drawn uniformly between ``block_size`` and ``max_block_fraction`` of the view's side (MC-SSL's
+    ``GMML_drop_rand_patches`` draws rectangles up to 0.3 of each side), so whole tokens and groups
+    of tokens disappear, where small cubes leave almost every token partly visible.
 
     Noise is uniform on [0, 1] because the MRI is scaled to [0, 1]; N(0, 1) suits ImageNet-normalised
     images only (pitfall 8). All randomness comes from the generator passed in, never global state.
@@ -30,6 +36,8 @@ class GMMLMasker:
         fill: str = "noise",
         token_masked_fraction: float = 0.5,
         patch_size: int = 16,
+        block_shape: str = "cube",
+        max_block_fraction: float = 0.3,
     ) -> None:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
@@ -41,6 +49,12 @@ class GMMLMasker:
             raise ValueError(f"token_masked_fraction must be in (0, 1], got {token_masked_fraction}")
         if int(patch_size) != patch_size or patch_size < 1:
             raise ValueError(f"patch_size must be an integer >= 1, got {patch_size}")
+        if block_shape not in BLOCK_SHAPES:
+            raise ValueError(f"block_shape must be one of {', '.join(BLOCK_SHAPES)}, got '{block_shape}'")
+        if not 0.0 < max_block_fraction <= 1.0:
+            raise ValueError(f"max_block_fraction must be in (0, 1], got {max_block_fraction}")
+        self.block_shape = block_shape
+        self.max_block_fraction = float(max_block_fraction)
         self.ratio = float(ratio)
         self.block_size = int(block_size)
         self.fill = fill
@@ -83,13 +97,16 @@ class GMMLMasker:
         """
         mask = np.zeros(spatial, dtype=bool)
         remaining = round(self.ratio * mask.size)
-        edges = [min(self.block_size, s) for s in spatial]
-        highs = torch.tensor([s - e + 1 for s, e in zip(spatial, edges, strict=True)])
+        sides = torch.tensor(spatial)
+        low = torch.clamp(torch.full((3,), self.block_size), max=sides)
+        high = low if self.block_shape == "cube" else torch.maximum(low, (self.max_block_fraction * sides).long())
         while remaining > 0:
-            unit = torch.rand((_POSITIONS_PER_DRAW, 3), generator=generator, device=generator.device).cpu()
-            corners = (unit * highs).long().clamp(max=highs - 1).tolist()  # (n, 3) uniform block corners
-            for d0, h0, w0 in corners:
-                block = mask[d0 : d0 + edges[0], h0 : h0 + edges[1], w0 : w0 + edges[2]]  # a view into mask
+            unit = torch.rand((_POSITIONS_PER_DRAW, 6), generator=generator, device=generator.device).cpu()
+            edges = low + (unit[:, 3:] * (high - low + 1)).long().clamp(max=high - low)  # (n, 3) block edges
+            span = sides - edges + 1
+            corners = (unit[:, :3] * span).long().clamp(max=span - 1)  # (n, 3) uniform block corners
+            for (d0, h0, w0), (ed, eh, ew) in zip(corners.tolist(), edges.tolist(), strict=True):
+                block = mask[d0 : d0 + ed, h0 : h0 + eh, w0 : w0 + ew]  # a view into mask
                 new = ~block
                 n_new = int(np.count_nonzero(new))
                 if n_new > remaining:

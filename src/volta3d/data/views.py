@@ -50,8 +50,11 @@ class MultiCropViews:
     """Build the 2 global + n_local crops of one volume, plus the GMML-masked global views.
 
     Each crop: random resized 3D crop (volume fraction from the scale range, per-axis aspect jitter,
-    uniform position, trilinear resize to a cube), random flip per axis, then MRI-plausible intensity
-    changes (gamma, scale/shift, smooth bias field, Gaussian noise) and a clamp back to [0, 1].
+    uniform position, trilinear resize to a cube), random flip per axis of ``flip_axes``, then
+    MRI-plausible intensity changes (gamma, scale/shift, smooth bias field, Gaussian noise) and a clamp
+    back to [0, 1]. On RAS volumes axis 0 runs left to right: ``flip_axes=(0,)`` flips left-right only,
+    as DINO and MC-SSL flip images horizontally only (up-down and front-back flips ask for invariances
+    larger than the differences between brains).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class MultiCropViews:
         local_scale: Sequence[float] = (0.05, 0.4),
         aspect_range: Sequence[float] = (0.9, 1.0 / 0.9),
         flip_prob: float = 0.5,
+        flip_axes: Sequence[int] = (0, 1, 2),
         gamma_prob: float = 0.5,
         gamma_range: Sequence[float] = (0.7, 1.5),
         contrast_prob: float = 0.5,
@@ -93,7 +97,10 @@ class MultiCropViews:
         self.aspect_range = _check_range("aspect_range", aspect_range, 0.0, math.inf)
         gamma = _check_range("gamma_range", gamma_range, 0.0, math.inf)
         self.masker = masker
-        flip = [RandFlip(prob=_check_prob("flip_prob", flip_prob), spatial_axis=axis) for axis in range(3)]
+        if not set(flip_axes) <= {0, 1, 2} or len(set(flip_axes)) != len(flip_axes):
+            raise ValueError(f"flip_axes must be distinct spatial axes among 0, 1, 2, got {list(flip_axes)}")
+        self.flip_axes = tuple(int(a) for a in flip_axes)
+        flip = [RandFlip(prob=_check_prob("flip_prob", flip_prob), spatial_axis=axis) for axis in self.flip_axes]
         contrast_prob = _check_prob("contrast_prob", contrast_prob)
         intensity = [
             RandAdjustContrast(prob=_check_prob("gamma_prob", gamma_prob), gamma=gamma),

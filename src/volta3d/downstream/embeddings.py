@@ -1,5 +1,8 @@
 """One embedding per scan from a frozen encoder: the CLS-style summary (when the encoder has a
-summariser) and the mean patch token, saved as ``.npz`` with the scans' subject ids and paths."""
+summariser) and the mean patch token, saved as ``.npz`` with the scans' subject ids and paths.
+
+Also the raw-volume baseline: the preprocessed volume itself, z-scored and average-pooled to a
+small grid. It is the floor a learned representation must clear to be worth its pretraining."""
 
 from __future__ import annotations
 
@@ -9,12 +12,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from volta3d.data.dataset import VolumeDataset
 from volta3d.models.encoder import VolTAEncoder
+from volta3d.models.input_norm import standardise
 from volta3d.models.summariser import CLSSummariser
+
+FEATURES = ("mean", "cls", "raw")  # the feature arrays an embeddings file may hold
 
 
 @torch.no_grad()
@@ -39,16 +46,46 @@ def extract_embeddings(
         if summariser is not None:
             cls.append(summariser(tokens).float().cpu())  # (B, N, E) -> (B, E)
         index.append(torch.as_tensor(batch["index"]))
-    rows = torch.cat(index).numpy()
-    out = {
-        # fixed-width unicode arrays (not object arrays): .npz stays loadable without pickle
-        "subject_id": np.asarray(dataset.table["subject_id"].astype(str).tolist(), dtype=str)[rows],
-        "path": np.asarray(dataset.table["path"].astype(str).tolist(), dtype=str)[rows],
-        "mean": torch.cat(mean).numpy(),
-    }
+    out = {**_identities(dataset, index), "mean": torch.cat(mean).numpy()}
     if cls:
         out["cls"] = torch.cat(cls).numpy()
     return out
+
+
+def _identities(dataset: VolumeDataset, index: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    """Subject ids and paths of the embedded rows, in the order they were embedded."""
+    rows = torch.cat(index).numpy()
+    return {
+        # fixed-width unicode arrays (not object arrays): .npz stays loadable without pickle
+        "subject_id": np.asarray(dataset.table["subject_id"].astype(str).tolist(), dtype=str)[rows],
+        "path": np.asarray(dataset.table["path"].astype(str).tolist(), dtype=str)[rows],
+    }
+
+
+def raw_volume_features(images: torch.Tensor, grid: int = 16) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, C * grid**3) float32: each volume z-scored as every network's input
+    is (so intensity scale carries no signal a network would not see), then average-pooled to
+    ``grid`` cells per axis (a side that is not a multiple of ``grid`` gets PyTorch's overlapping
+    adaptive bins)."""
+    if images.ndim != 5:
+        raise ValueError(f"raw_volume_features expects (B, C, D, H, W) images, got shape {tuple(images.shape)}")
+    if grid < 1:
+        raise ValueError(f"raw-volume grid must be a positive integer, got {grid}")
+    x = standardise(images.float())
+    return F.adaptive_avg_pool3d(x, grid).flatten(1).float()  # (B, C, grid, grid, grid) -> (B, C * grid^3)
+
+
+@torch.no_grad()
+def extract_raw_embeddings(
+    dataset: VolumeDataset, grid: int = 16, batch_size: int = 2, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """``{"subject_id": (N,), "path": (N,), "raw": (N, C * grid**3)}`` in dataset order (no encoder)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    raw, index = [], []
+    for batch in tqdm(loader, desc="raw volume", unit="batch", disable=not progress, leave=False):
+        raw.append(raw_volume_features(batch["image"], grid))
+        index.append(torch.as_tensor(batch["index"]))
+    return {**_identities(dataset, index), "raw": torch.cat(raw).numpy()}
 
 
 def save_embeddings(path: str | Path, embeddings: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
@@ -66,7 +103,8 @@ def load_embeddings(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
         raise FileNotFoundError(f"embeddings file not found: {p}")
     with np.load(p, allow_pickle=False) as z:
         data = {k: z[k] for k in z.files}
-    if "subject_id" not in data or "mean" not in data:
-        raise ValueError(f"{p} is not a volta3d embeddings file (needs subject_id and mean arrays)")
+    if "subject_id" not in data or not any(k in data for k in FEATURES):
+        raise ValueError(f"{p} is not a volta3d embeddings file (needs subject_id and one of "
+                         f"{', '.join(FEATURES)} arrays)")
     meta = json.loads(str(data.pop("meta"))) if "meta" in data else {}
     return data, meta

@@ -15,7 +15,15 @@ from torch import nn
 
 from volta3d.engine.distributed import all_reduce_sum
 from volta3d.engine.ema import ema_update
-from volta3d.losses import Center, GlobalDistillationLoss, PatchDistillationLoss, masked_mse
+from volta3d.engine.health import cross_volume_cosine, entropy_stats
+from volta3d.losses import (
+    Center,
+    GlobalDistillationLoss,
+    PatchDistillationLoss,
+    koleo_loss,
+    masked_mse,
+    sinkhorn_knopp_probs,
+)
 from volta3d.models.encoder import VolTAEncoder, build_encoder
 from volta3d.models.heads import build_heads
 from volta3d.models.summariser import CLSSummariser
@@ -50,14 +58,16 @@ class Student(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """global_views (Vg*B, C, G, G, G); local_views (Vl*B, C, L, L, L) or None.
 
-        Returns (as requested): cls_logits (Vg*B, K), local_cls_logits (Vl*B, K),
-        patch_logits (Vg*B, N, K), reconstruction (Vg*B, C, G, G, G).
+        Returns patch_tokens (Vg*B, N, E) and, as requested: cls_embed (Vg*B, E) (the CLS-style
+        summary), cls_logits (Vg*B, K), local_cls_logits (Vl*B, K), patch_logits (Vg*B, N, K),
+        reconstruction (Vg*B, C, G, G, G).
         """
-        out: dict[str, torch.Tensor] = {}
         feats = self.encoder.forward_features(global_views)
         tokens = feats["patch_tokens"]  # (Vg*B, N, E)
+        out: dict[str, torch.Tensor] = {"patch_tokens": tokens}
         if need_cls:
-            out["cls_logits"] = self.global_head(self.summariser(tokens))  # (Vg*B, E) -> (Vg*B, K)
+            out["cls_embed"] = self.summariser(tokens)  # (Vg*B, N, E) -> (Vg*B, E)
+            out["cls_logits"] = self.global_head(out["cls_embed"])  # (Vg*B, E) -> (Vg*B, K)
             if local_views is not None and local_views.shape[0] > 0:
                 local_tokens = self.encoder.forward_features(local_views)["patch_tokens"]  # (Vl*B, n, E)
                 out["local_cls_logits"] = self.global_head(self.summariser(local_tokens))
@@ -74,9 +84,8 @@ class Student(nn.Module):
         return [p for p in params if p.requires_grad]
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    """Mean entropy (nats) of the distributions along the last dim."""
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+CENTERINGS = ("ema", "sinkhorn")
+PATCH_TOKENS_FOR_RANK = 8  # patch tokens per view fed to the rolling effective-rank buffer
 
 
 class VolTA3D(nn.Module):
@@ -91,8 +100,15 @@ class VolTA3D(nn.Module):
         student_temp: float = 0.1,
         local_tokens: str = "all",
         center_momentum: float = 0.9,
+        centering: str = "ema",
+        sinkhorn_iterations: int = 3,
+        koleo_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"loss.centering must be one of {', '.join(CENTERINGS)}, got '{centering}'")
+        if koleo_weight < 0:
+            raise ValueError(f"loss.koleo_weight must be >= 0, got {koleo_weight}")
         if local_tokens not in ("all", "masked"):
             raise ValueError(f"loss.local_tokens must be 'all' or 'masked', got '{local_tokens}'")
         if global_weight <= 0 and local_weight <= 0 and rec_weight <= 0:
@@ -106,6 +122,7 @@ class VolTA3D(nn.Module):
         self.global_loss = GlobalDistillationLoss()
         self.patch_loss = PatchDistillationLoss()
         self.weights = {"global": global_weight, "local": local_weight, "rec": rec_weight}
+        self.centering, self.sinkhorn_iterations, self.koleo_weight = centering, sinkhorn_iterations, koleo_weight
         self.student_temp = student_temp
         self.local_tokens = local_tokens
         self.log_k = math.log(out_dim)
@@ -144,22 +161,24 @@ class VolTA3D(nn.Module):
             t_out = self.teacher(_views_first(clean), None, need_cls=use_g, need_patch=use_l)
         s_out = student(student_in, local_in, need_cls=use_g, need_patch=use_l, need_reconstruction=use_r)
 
-        out: dict[str, Any] = {"center_stats": {}}
+        out: dict[str, Any] = {"center_stats": {}, "embeddings": _rank_rows(t_out, n_global)}
         total = clean.new_zeros(())
         if use_g:
             t_logits = t_out["cls_logits"].float()
-            t_probs = self.global_center.teacher_probs(t_logits, teacher_temp)  # (2B, K)
+            t_probs = self._teacher_probs("global", t_logits, teacher_temp, out["center_stats"])  # (2B, K)
             s_views = list(s_out["cls_logits"].chunk(n_global))
             if "local_cls_logits" in s_out:
                 s_views += list(s_out["local_cls_logits"].chunk(local.shape[0]))
             out["loss_global"] = self.global_loss(s_views, list(t_probs.chunk(n_global)), self.student_temp)
             total = total + self.weights["global"] * out["loss_global"]
-            out["center_stats"]["global"] = Center.batch_stats(t_logits)
-            out["teacher_entropy"] = _entropy(t_probs)
-            out["teacher_marginal_entropy"] = _entropy(t_probs.mean(0, keepdim=True))
+            out.update(entropy_stats(t_probs, "teacher_"), **_cosines(s_out, t_out, n_global))
+            if self.koleo_weight > 0:
+                # DINOv2: KoLeo on the student's summary of each global view separately
+                out["koleo"] = torch.stack([koleo_loss(v) for v in s_out["cls_embed"].chunk(n_global)]).mean()
+                total = total + self.koleo_weight * out["koleo"]
         if use_l:
             t_logits = t_out["patch_logits"].float()  # (2B, N, K)
-            t_probs = self.patch_center.teacher_probs(t_logits, teacher_patch_temp)
+            t_probs = self._teacher_probs("patch", t_logits, teacher_patch_temp, out["center_stats"])
             weight = _views_first(batch["token_mask"]).float() if self.local_tokens == "masked" else None
             s_chunks, t_chunks = s_out["patch_logits"].chunk(n_global), t_probs.chunk(n_global)
             w_chunks = weight.chunk(n_global) if weight is not None else [None] * n_global
@@ -167,8 +186,7 @@ class VolTA3D(nn.Module):
             per_view = [self.patch_loss(s, t, self.student_temp, w) for s, t, w in zip(s_chunks, t_chunks, w_chunks, strict=True)]
             out["loss_local"] = torch.stack(per_view).mean()
             total = total + self.weights["local"] * out["loss_local"]
-            out["center_stats"]["patch"] = Center.batch_stats(t_logits)
-            out["teacher_patch_entropy"] = _entropy(t_probs)
+            out.update(entropy_stats(t_probs, "teacher_patch_"))
         if use_r:
             out["loss_rec"] = masked_mse(
                 s_out["reconstruction"].float(), _views_first(clean).float(), _views_first(batch["voxel_mask"])
@@ -176,6 +194,14 @@ class VolTA3D(nn.Module):
             total = total + self.weights["rec"] * out["loss_rec"]
         out["loss"] = total
         return out
+
+    def _teacher_probs(self, branch: str, logits: torch.Tensor, temp: float, center_stats: dict[str, Any]) -> torch.Tensor:
+        """Centred and sharpened (eq. 2, 4) or Sinkhorn-Knopp targets; records the EMA centre's statistics."""
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp_probs(logits, temp, self.sinkhorn_iterations, reduce_sum=all_reduce_sum)
+        centre = self.global_center if branch == "global" else self.patch_center
+        center_stats[branch] = Center.batch_stats(logits)
+        return centre.teacher_probs(logits, temp)
 
     # ------------------------------------------------------------------ updates after an optimiser step
     @torch.no_grad()
@@ -200,6 +226,25 @@ class VolTA3D(nn.Module):
         }
 
 
+def _cosines(s_out: Mapping[str, torch.Tensor], t_out: Mapping[str, torch.Tensor], n_global: int) -> dict[str, torch.Tensor]:
+    """Mean cosine between the CLS-style embeddings of different volumes, student and teacher."""
+    return {
+        f"{who}_cls_cosine": cross_volume_cosine(o["cls_embed"].detach().unflatten(0, (n_global, -1)))  # (V, B, E)
+        for who, o in (("student", s_out), ("teacher", t_out))
+    }
+
+
+def _rank_rows(t_out: Mapping[str, torch.Tensor], n_global: int) -> dict[str, torch.Tensor]:
+    """Teacher embeddings for the rolling effective rank: the CLS-style summaries and a fixed, evenly
+    spaced subset of each view's patch tokens (all of them would swamp the buffer with one step)."""
+    tokens = t_out["patch_tokens"].detach()  # (2B, N, E)
+    stride = max(1, tokens.shape[1] // PATCH_TOKENS_FOR_RANK)
+    rows = {"patch": tokens[:, ::stride].flatten(0, 1)}  # (2B, n, E) -> (2B * n, E)
+    if "cls_embed" in t_out:
+        rows["cls"] = t_out["cls_embed"].detach()
+    return rows
+
+
 def build_volta3d(model: Mapping[str, Any], head: Mapping[str, Any], loss: Mapping[str, Any]) -> VolTA3D:
     """Config sections (plain dicts) -> the meta-architecture."""
     model = dict(model)
@@ -217,4 +262,7 @@ def build_volta3d(model: Mapping[str, Any], head: Mapping[str, Any], loss: Mappi
         student_temp=loss["student_temp"],
         local_tokens=loss["local_tokens"],
         center_momentum=loss["center_momentum"],
+        centering=loss["centering"],
+        sinkhorn_iterations=loss["sinkhorn_iterations"],
+        koleo_weight=loss["koleo_weight"],
     )

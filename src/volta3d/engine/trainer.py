@@ -9,6 +9,8 @@ command continues from ``checkpoints/last.pt`` and reaches the same weights bit 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +28,9 @@ from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.data.views import PretrainViewsDataset, build_views, collate_views
 from volta3d.engine.checkpoint import load_checkpoint, save_checkpoint
 from volta3d.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from volta3d.engine.health import CollapseMonitor, RollingRank
 from volta3d.engine.meta_arch import VolTA3D, build_volta3d
+from volta3d.engine.online_eval import OnlineProbe, summarise_online
 from volta3d.engine.optim import (
     apply_schedule_values,
     build_optimizer,
@@ -35,18 +39,25 @@ from volta3d.engine.optim import (
 )
 from volta3d.engine.sampler import ResumableSampler
 from volta3d.engine.schedules import Schedules, build_schedules, scaled_lr
+from volta3d.evaluation.pretrain_health import ONLINE_EVAL_NAME, PRETRAIN_DATA_NAME
 from volta3d.models.export import save_encoder_export
-from volta3d.runtime import MetricsCSV, resolve_device, seed_everything, setup_logging
+from volta3d.runtime import MetricsCSV, atomic_write, resolve_device, seed_everything, setup_logging
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 METRIC_COLUMNS = [
-    "step", "epoch", "loss", "loss_global", "loss_local", "loss_rec", "lr", "weight_decay", "momentum",
-    "teacher_temp", "teacher_patch_temp", "teacher_entropy", "teacher_marginal_entropy", "teacher_patch_entropy",
+    "step", "epoch", "loss", "loss_global", "loss_local", "loss_rec", "koleo", "log_k", "lr", "weight_decay",
+    "momentum", "teacher_temp", "teacher_patch_temp",
+    "teacher_entropy", "teacher_marginal_entropy", "teacher_entropy_gap",
+    "teacher_patch_entropy", "teacher_patch_marginal_entropy", "teacher_patch_entropy_gap",
+    "student_cls_cosine", "teacher_cls_cosine", "cls_rank", "patch_rank", "collapse_alarm",
     "center_norm", "patch_center_norm", "grad_norm", "seconds_per_step",
 ]  # fmt: skip
+LOGGED_PREFIXES = ("loss", "teacher_", "student_", "koleo")
 # Keys that may change between a run and its resume: they do not alter the optimisation.
 RESUME_FREE_KEYS = ("train.num_workers", "train.log_every", "train.checkpoint_every", "train.max_steps",
-                    "train.tensorboard", "device", "optim.batch_size", "optim.accum_steps")  # fmt: skip
+                    "train.tensorboard", "device", "optim.batch_size", "optim.accum_steps", "train.collapse_patience",
+                    "train.collapse_max_cosine", "train.rank_buffer")  # fmt: skip
+RESUME_FREE_PREFIXES = ("eval.",)  # what is evaluated, and how often, does not alter the optimisation
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,6 +83,7 @@ def pretrain(
     folders = [data] if isinstance(data, (str, Path)) else list(data)
     # Labels play no part in pretraining: keep only what every manifest has.
     manifest = pd.concat([read_manifest(d)[["subject_id", "path"]] for d in folders], ignore_index=True)
+    data_record = _data_record(folders, manifest)
     views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
     dataset = PretrainViewsDataset(VolumeDataset(manifest), views, base_seed=cfg.seed)
     sampler = ResumableSampler(
@@ -94,10 +106,11 @@ def pretrain(
     model = build_volta3d(to_kwargs(cfg.model), to_kwargs(cfg.head), to_kwargs(cfg.loss)).to(device)
     optimizer = build_optimizer(model.student, cfg.optim.betas)
     schedules = _schedules(cfg, steps_per_epoch, effective_batch)
-    step = _maybe_resume(out / CHECKPOINT, cfg, model, optimizer, effective_batch, logger)
+    step = _maybe_resume(out / CHECKPOINT, cfg, model, optimizer, effective_batch, data_record, logger)
     last_step = schedules.total_steps if cfg.train.max_steps <= 0 else min(cfg.train.max_steps, schedules.total_steps)
     if dist_info.is_main:
         save_config(cfg, out)
+        atomic_write(out / PRETRAIN_DATA_NAME, lambda f: f.write((json.dumps(data_record, indent=1) + "\n").encode()))
         logger.info(
             "pretraining on %d volumes: %d epochs x %d steps, effective batch %d (%d x %d accumulation x %d ranks), "
             "lr %.3g, device %s", len(dataset), cfg.optim.epochs, steps_per_epoch, effective_batch,
@@ -106,7 +119,8 @@ def pretrain(
     student = _wrap_student(model, device, dist_info)
     metrics = MetricsCSV(out / "metrics.csv", keep_until_step=step) if dist_info.is_main else None
     board = _tensorboard(out) if (dist_info.is_main and cfg.train.tensorboard) else None
-    health = CollapseMonitor(model.log_k, cfg.train.collapse_patience, logger)
+    health = HealthTracker(model.log_k, cfg.train, logger)
+    online = _online_probe(cfg, out, step, model, device, logger) if dist_info.is_main else None
 
     bar = tqdm(total=last_step, initial=step, desc="pretrain", unit="step", disable=not (progress and dist_info.is_main))
     # without the bar, a log line with the ETA about every 5 % of the run
@@ -120,10 +134,13 @@ def pretrain(
         batches = iter(loader)
         while step < last_step and step // steps_per_epoch == epoch:
             t0 = time.perf_counter()
-            row = train_step(model, student, optimizer, schedules, step, batches, accum, device, cfg, dist_info)
+            row, embeddings = train_step(model, student, optimizer, schedules, step, batches, accum, device, cfg,
+                                         dist_info)  # fmt: skip
             step += 1
             row.update(step=step, epoch=epoch, seconds_per_step=time.perf_counter() - t0, **model.centre_norms())
-            health.observe(step, row)
+            health.observe(step, row, embeddings)
+            if online is not None and (step % cfg.eval.every == 0 or step == last_step):
+                online.run(step, model.teacher, device)
             bar.update(1)
             losses = {k: f"{row[k]:.3g}" for k in ("loss", "loss_global", "loss_local", "loss_rec") if k in row}
             bar.set_postfix(losses)
@@ -138,7 +155,7 @@ def pretrain(
                         if k in row:
                             board.add_scalar(k, row[k], step)
             if step % cfg.train.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == last_step:
-                _save(out, model, optimizer, step, cfg, effective_batch, dist_info)
+                _save(out, model, optimizer, step, cfg, effective_batch, data_record, dist_info)
         if step % steps_per_epoch == 0 and dist_info.is_main:
             logger.info("epoch %d/%d done (step %d/%d): loss %.4f", epoch + 1, cfg.optim.epochs, step,
                         schedules.total_steps, row["loss"])  # fmt: skip
@@ -163,8 +180,11 @@ def train_step(
     device: torch.device,
     cfg: DictConfig,
     dist_info: DistInfo,
-) -> dict[str, float]:
-    """One optimiser step over ``accum`` micro-batches. Returns the step's logged values."""
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One optimiser step over ``accum`` micro-batches.
+
+    Returns the step's logged values and the teacher embeddings of its last micro-batch (for the
+    rolling effective rank)."""
     # 1. schedule values for this optimiser step
     apply_schedule_values(optimizer, float(schedules.lr[step]), float(schedules.weight_decay[step]))
     teacher_temp, patch_temp = float(schedules.teacher_temp[step]), float(schedules.teacher_patch_temp[step])
@@ -191,7 +211,7 @@ def train_step(
             acc[0] += sum_
             acc[1] += count
         for k, v in out.items():
-            if k.startswith(("loss", "teacher_")):
+            if k.startswith(LOGGED_PREFIXES):
                 logged[k] = logged.get(k, 0.0) + float(v.detach()) / accum
 
     if dist_info.world_size > 1:  # log the mean over ranks, i.e. over the whole effective batch
@@ -214,34 +234,64 @@ def train_step(
     logged.update(
         lr=float(schedules.lr[step]), weight_decay=float(schedules.weight_decay[step]),
         momentum=float(schedules.momentum[step]), teacher_temp=teacher_temp, teacher_patch_temp=patch_temp,
-        grad_norm=float(grad_norm),
+        grad_norm=float(grad_norm), log_k=model.log_k,
     )  # fmt: skip
-    return logged
+    return logged, out["embeddings"]
 
 
-class CollapseMonitor:
-    """Warns when the teacher's output collapses for ``patience`` consecutive steps: to uniform
-    (mean per-volume entropy near log K) or to one prototype (entropy of the batch-mean near 0)."""
+class HealthTracker:
+    """Adds the rolling effective ranks and the collapse alarm to each step's row (engine/health.py)."""
 
-    def __init__(self, log_k: float, patience: int, logger: Any) -> None:
-        self.log_k, self.patience, self.logger = log_k, patience, logger
-        self.count = 0
-        self.warned = False
+    def __init__(self, log_k: float, train_section: Any, logger: Any) -> None:
+        self.ranks = {name: RollingRank(train_section.rank_buffer) for name in ("cls", "patch")}
+        self.alarm = CollapseMonitor(log_k, train_section.collapse_patience, logger, train_section.collapse_max_cosine)
 
-    def observe(self, step: int, row: Mapping[str, float]) -> None:
-        if "teacher_entropy" not in row:
-            return
-        uniform = row["teacher_entropy"] > 0.95 * self.log_k
-        single = row["teacher_marginal_entropy"] < 0.05 * self.log_k
-        self.count = self.count + 1 if (uniform or single) else 0
-        if self.count >= self.patience and not self.warned:
-            kind = "uniform" if uniform else "a single prototype"
-            self.logger.warning(
-                "teacher output has collapsed to %s for %d steps (step %d: entropy %.3f, marginal %.3f, log K %.3f); "
-                "lower loss.teacher_temp or raise the batch size (METHOD-NOTES pitfall 3)",
-                kind, self.count, step, row["teacher_entropy"], row["teacher_marginal_entropy"], self.log_k,
-            )  # fmt: skip
-            self.warned = True
+    def observe(self, step: int, row: dict[str, float], embeddings: Mapping[str, torch.Tensor]) -> None:
+        for name, rows in embeddings.items():
+            row[f"{name}_rank"] = self.ranks[name].add(rows)
+        row["collapse_alarm"] = self.alarm.observe(step, row)
+
+
+class OnlineEvaluation:
+    """Runs the online probe (engine/online_eval.py) and appends its rows to online_eval.csv."""
+
+    def __init__(self, probe: OnlineProbe, csv: MetricsCSV, logger: Any) -> None:
+        self.probe, self.csv, self.logger = probe, csv, logger
+        self.references = [{**r, "value": float(r["value"])} for r in csv.read() if r["source"] != "teacher"]
+
+    def start(self, teacher: torch.nn.Module, device: torch.device) -> None:
+        """Step 0 of a fresh run: the initial weights and the raw volume, the two references."""
+        with torch.random.fork_rng(devices=[]):  # evaluating must not change the training's random stream
+            rows = self.probe.evaluate(0, "init", teacher.encoder, teacher.summariser, device)
+            rows += self.probe.evaluate_raw()
+        for r in rows:
+            self.csv.write(r)
+        self.references = rows
+        self.logger.info("online probe at step 0: %s", summarise_online(rows))
+
+    def run(self, step: int, teacher: torch.nn.Module, device: torch.device) -> None:
+        with torch.random.fork_rng(devices=[]):
+            rows = self.probe.evaluate(step, "teacher", teacher.encoder, teacher.summariser, device)
+        for r in rows:
+            self.csv.write(r)
+        self.logger.info("online probe at step %d: %s", step, summarise_online(rows + self.references))
+
+
+def _online_probe(
+    cfg: DictConfig, out: Path, step: int, model: VolTA3D, device: torch.device, logger: Any
+) -> OnlineEvaluation | None:
+    if not cfg.eval.data:
+        return None
+    pc = cfg.probe
+    probe = OnlineProbe(
+        cfg.eval.data, list(cfg.eval.labels), out / "online_eval_splits", n_splits=cfg.eval.n_splits,
+        raw_grid=cfg.eval.raw_grid, max_volumes=cfg.eval.max_volumes, seed=cfg.seed, batch_size=pc.batch_size,
+        probe_kwargs={"logreg_c": pc.logreg_c, "knn_k": pc.knn_k, "ridge_alpha": pc.ridge_alpha},
+    )  # fmt: skip
+    evaluation = OnlineEvaluation(probe, MetricsCSV(out / ONLINE_EVAL_NAME, keep_until_step=step), logger)
+    if step == 0:
+        evaluation.start(model.teacher, device)
+    return evaluation
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -254,6 +304,10 @@ def _validate(cfg: DictConfig) -> None:
             raise ValueError(f"views.{key} ({cfg.views[key]}) must be a multiple of model.patch_size ({cfg.model.patch_size})")
     if cfg.optim.accum_steps < 1 or cfg.optim.batch_size < 1:
         raise ValueError("optim.batch_size and optim.accum_steps must be >= 1")
+    if cfg.loss.koleo_weight > 0 and cfg.optim.batch_size < 2:
+        raise ValueError("loss.koleo_weight > 0 needs optim.batch_size >= 2 (KoLeo compares volumes within a batch)")
+    if cfg.eval.data and cfg.eval.every < 1:
+        raise ValueError(f"eval.every must be >= 1, got {cfg.eval.every}")
 
 
 def _schedules(cfg: DictConfig, steps_per_epoch: int, effective_batch: int) -> Schedules:
@@ -277,14 +331,31 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _data_record(folders: Sequence[str | Path], manifest: pd.DataFrame) -> dict[str, Any]:
+    """What the run pretrains on (pretrain_data.json): the report reads it to tell whether downstream test
+    subjects were in the pretraining set; the hash of ids and paths guards a resume against other data."""
+    ids, paths = manifest["subject_id"].astype(str).tolist(), manifest["path"].astype(str).tolist()
+    digest = hashlib.sha256("\n".join(f"{i}\t{p}" for i, p in zip(ids, paths, strict=True)).encode()).hexdigest()
+    return {"folders": [str(Path(f).resolve()) for f in folders], "n_volumes": len(ids), "sha256": digest,
+            "subject_ids": ids}  # fmt: skip
+
+
 def _maybe_resume(
-    path: Path, cfg: DictConfig, model: VolTA3D, optimizer: torch.optim.Optimizer, effective_batch: int, logger: Any
-) -> int:
+    path: Path, cfg: DictConfig, model: VolTA3D, optimizer: torch.optim.Optimizer, effective_batch: int,
+    data_record: Mapping[str, Any], logger: Any,
+) -> int:  # fmt: skip
     if not path.exists():
         return 0
     state = load_checkpoint(path)
+    then_data = state.get("data_sha256")
+    if then_data is not None and then_data != data_record["sha256"]:
+        raise ValueError(
+            f"{path} was trained on other volumes than --data now gives ({data_record['n_volumes']} volumes from "
+            f"{', '.join(data_record['folders'])}); use a new --output folder to pretrain on other data"
+        )
     now, then = _flatten(to_kwargs(cfg)), _flatten(state["config"])
-    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in RESUME_FREE_KEYS)
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in RESUME_FREE_KEYS
+                     and not k.startswith(RESUME_FREE_PREFIXES))  # fmt: skip
     if changed:
         k = changed[0]
         raise ValueError(
@@ -305,7 +376,7 @@ def _maybe_resume(
 
 def _save(
     out: Path, model: VolTA3D, optimizer: torch.optim.Optimizer, step: int, cfg: DictConfig, effective_batch: int,
-    dist_info: DistInfo,
+    data_record: Mapping[str, Any], dist_info: DistInfo,
 ) -> None:  # fmt: skip
     if not dist_info.is_main:
         return
@@ -314,7 +385,7 @@ def _save(
         {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "effective_batch": effective_batch, "config": OmegaConf.to_container(cfg, resolve=True),
-            "rng": torch.get_rng_state(),
+            "rng": torch.get_rng_state(), "data_sha256": data_record["sha256"],
         },
     )  # fmt: skip
     # DINO evaluates the teacher: it is the better encoder, so it is the one exported.
@@ -340,4 +411,4 @@ def _tensorboard(out: Path) -> Any:
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-__all__ = ["pretrain", "NonFiniteLossError", "CollapseMonitor"]
+__all__ = ["pretrain", "NonFiniteLossError", "HealthTracker"]

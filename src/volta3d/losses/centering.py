@@ -8,6 +8,8 @@ once per optimiser step, so the centre is what one big batch would give (METHOD-
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,3 +59,42 @@ class Center(nn.Module):
             raise ValueError(f"teacher temperature must be > 0, got {temp}")
         centred = teacher_logits.detach().float() - self.center.float()
         return F.softmax(centred / temp, dim=-1)
+
+
+@torch.no_grad()
+def sinkhorn_knopp_probs(
+    teacher_logits: Tensor, temp: float, n_iterations: int = 3, reduce_sum: Callable[..., None] | None = None
+) -> Tensor:
+    """Teacher targets by Sinkhorn-Knopp instead of an EMA centre (SwAV; DINOv2 ``sinkhorn_knopp_teacher``).
+
+    ``(..., K) -> (..., K)`` float32 rows that sum to 1, from ``exp(logits / temp)`` alternately
+    normalised so that every prototype receives the same total mass over the rows of the batch and
+    every row the same mass. This equal-partition constraint forbids the output from being the same
+    for every volume, which EMA centring only discourages slowly. Across data-parallel ranks the
+    column sums are summed by ``reduce_sum`` (in place, e.g. an all-reduce), so the partition is over
+    the whole batch. With far fewer rows than prototypes the constraint forces near-uniform rows: use
+    a moderate K.
+    """
+    if temp <= 0:
+        raise ValueError(f"teacher temperature must be > 0, got {temp}")
+    if n_iterations < 1:
+        raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+    all_reduce_sum = reduce_sum if reduce_sum is not None else _no_reduce
+    shape = teacher_logits.shape
+    # start from each row's softmax: the same as exp(logits / temp) up to a per-row scale, which the
+    # row normalisation removes anyway, and it cannot overflow at a low temperature
+    q = F.softmax(teacher_logits.detach().float().reshape(-1, shape[-1]) / temp, dim=-1).T  # (..., K) -> (K, M)
+    n_rows = torch.tensor(float(q.shape[1]), device=q.device)
+    all_reduce_sum(n_rows)
+    q = q / n_rows  # the whole matrix sums to 1
+    k = q.shape[0]
+    for _ in range(n_iterations):
+        per_prototype = q.sum(dim=1, keepdim=True)  # (K, 1)
+        all_reduce_sum(per_prototype)
+        q /= per_prototype.clamp_min(torch.finfo(q.dtype).tiny) * k  # every prototype gets mass 1 / K
+        q /= q.sum(dim=0, keepdim=True) * n_rows  # every row gets mass 1 / M
+    return (q * n_rows).T.reshape(shape)  # rows sum to 1
+
+
+def _no_reduce(*tensors: Tensor) -> None:
+    """A single process: nothing to sum across."""
