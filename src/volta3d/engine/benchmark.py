@@ -136,10 +136,12 @@ def run_benchmark(
     model = build_volta3d(to_kwargs(cfg.model), to_kwargs(cfg.head), to_kwargs(cfg.loss)).to(device)
     results = [time_step(cfg, model, batch, device, steps=steps, warmup=warmup, name="volta3d")]
     if baseline:
-        # The paper's way: batch 1 x accumulation B, fp32, MONAI's unfused einsum attention.
+        # The paper's way: batch 1 x accumulation B, fp32, MONAI's unfused einsum attention, and the
+        # paper's losses (KoLeo compares volumes within a micro-batch: undefined at batch 1).
         naive_cfg = OmegaConf.merge(
             cfg, {"optim": {"batch_size": 1, "accum_steps": batch_size}, "train": {"precision": "fp32"}}
         )
+        model.koleo_weight = 0.0
         model.student.encoder.set_fused_attention(False)
         model.teacher.encoder.set_fused_attention(False)
         results.append(time_step(naive_cfg, model, batch, device, steps=steps, warmup=warmup, name="straightforward"))

@@ -1,61 +1,91 @@
-"""One self-contained HTML report of a volta3d run (issue 7), plus the same tables in Markdown.
+"""One self-contained HTML report of a volta3d run (issues 7 and 14), plus the same tables in Markdown.
 
 Inputs: any number of downstream ``results.json`` files (fine-tuning, probes, segmentation), an
-optional pretraining run folder (``metrics.csv`` + ``config.yaml``) and an optional ``stages.json``
+optional pretraining run folder (``metrics.csv`` + ``config.yaml``; read with its optional
+``online_eval.csv``, ``pretrain_data.json`` and ``log.txt``) and an optional ``stages.json``
 (``{"stages": [{"name", "status", "seconds"}], "settings": {...}, "data": {...}}``). Runs are grouped
-by task = (task, kind, label) as recorded in results.json. Within a task the reference is the
-VolTA-3D-initialised model (an encoder export that is not a random-init embedding) unless a name is
-given; every other model is compared with it by ``compare_results`` (paired over the same folds).
+by task; within a task every model is compared with the VolTA-3D-initialised one (``report_runs``).
 
-The headline is derived from those comparisons only: which model is better on the primary metric,
-by how much, and whether the 95 % bootstrap CI of the difference excludes 0.
+The page answers the reader's question first: the first screen holds the headline table, its
+sentence, the forest plot and the provenance line (``report_headline``). Below it come the
+pretraining health (a collapse alarm is also boxed at the page top), one section per task (tables,
+with the long ones folded; ROC curves and reduced-data curves with one panel per group of
+comparable models; segmentation overlays) and the settings, data counts, versions and stage times.
 
 Outputs in ``out_dir``: ``report.html`` (every figure embedded as a base64 PNG, inline CSS, no
-script, no external URL), ``figures/*.png`` and ``summary.md``.
+script, no external URL), ``figures/*.png`` and ``summary.md`` (``report_doc`` renders both).
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
 import json
 import math
 import platform
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
+from volta3d.evaluation import pretrain_health as health
 from volta3d.evaluation import report_plots
 from volta3d.evaluation.comparison import compare_results
-from volta3d.evaluation.results import RESULTS_NAME, load_run
+from volta3d.evaluation.report_doc import (
+    Alert,
+    Block,
+    Figure,
+    Heading,
+    Line,
+    Note,
+    Section,
+    Table,
+    digits_for,
+    fmt_general,
+    fmt_hms,
+    fmt_num,
+    fmt_p,
+    fmt_signed,
+    mean_sd,
+    metric_label,
+    omitted,
+    render_html,
+    render_markdown,
+    slug,
+)
+from volta3d.evaluation.report_headline import headline_rows, headline_section, provenance_line
+from volta3d.evaluation.report_runs import (
+    COMPARE_METRICS,
+    PRETRAIN_FILES,
+    ReportInputs,
+    Run,
+    better_when_lower,
+    comparable_group,
+    default_name,
+    discover_inputs,
+    flatten,
+    initialisation,
+    named_inputs,
+    pair_runs,
+    read_config,
+    task_title,
+    test_subjects,
+    top_predictions,
+    variant,
+)
 
-STAGES_NAME = "stages.json"
-PRETRAIN_FILES = ("metrics.csv", "config.yaml")
+__all__ = ["Run", "build_report", "default_name", "initialisation", "pair_runs"]  # what other modules import here
+
 REPORT_NAME, SUMMARY_NAME, FIGURES_DIR = "report.html", "summary.md", "figures"
-LOWER_IS_BETTER = ("mae", "hd95")
-METRIC_LABELS = {
-    "auroc": "AUROC", "balanced_accuracy": "bal. acc.", "sensitivity": "sens.", "specificity": "spec.",
-    "balanced_accuracy_youden": "bal. acc. (Youden)", "sensitivity_youden": "sens. (Youden)",
-    "specificity_youden": "spec. (Youden)", "mae": "MAE", "r2": "R²", "dice": "Dice", "hd95": "HD95 (mm)",
-    "dice_mean": "Dice (per subject)", "hd95_mean": "HD95 (mm, per subject)",
-}  # fmt: skip
 TABLE_METRICS = {
     "binary": ["auroc", "balanced_accuracy", "sensitivity", "specificity", "balanced_accuracy_youden",
                "sensitivity_youden", "specificity_youden"],
     "multiclass": ["auroc", "balanced_accuracy"],
     "regression": ["mae", "r2"],
     "segmentation": ["dice", "hd95"],
-}  # fmt: skip
-COMPARE_METRICS = {
-    "binary": ["auroc", "balanced_accuracy_youden"], "multiclass": ["auroc", "balanced_accuracy"],
-    "regression": ["mae", "r2"], "segmentation": ["dice", "hd95"],
 }  # fmt: skip
 PRETRAIN_HIGHLIGHTS = [
     "seed", "model.img_size", "model.patch_size", "model.hidden_size", "model.num_layers", "model.num_heads",
@@ -71,292 +101,37 @@ DOWNSTREAM_SETTINGS = {
 }
 SOFTWARE = ["torch", "monai", "volta3d", "numpy", "scikit-learn", "scipy", "pandas", "matplotlib"]
 OVERLAY_CASES = 3
-SMALL_SUBJECTS, SMALL_FOLDS = 20, 5  # below these, a 'significant' bootstrap CI is flagged as indicative
 
 
-# ----------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class Run:
-    """One downstream results file (``load_run`` dictionary, with ``predictions`` and ``dir``)."""
-
-    name: str
-    results: dict[str, Any]
-
-    @property
-    def dir(self) -> Path:
-        return Path(self.results["dir"])
-
-    @property
-    def kind(self) -> str:
-        return str(self.results.get("kind", "?"))
-
-    @property
-    def pretrained(self) -> bool:
-        """Initialised from a VolTA-3D encoder export (a random-init embedding of one does not count)."""
-        return bool(self.results.get("encoder")) and self.results.get("embedding_init") != "random-init"
-
-    @property
-    def task_key(self) -> tuple[str, str, str]:
-        r = self.results
-        return str(r.get("task", "?")), self.kind, str(r.get("label", "?"))
-
-    @property
-    def primary(self) -> str:
-        return str(self.results.get("primary_metric") or COMPARE_METRICS.get(self.kind, ["auroc"])[0])
-
-
-@dataclass
-class ReportInputs:
-    runs: list[Run]
-    pretrain: Path | None = None
-    stages: Path | None = None
-
-
-def default_name(results: Mapping[str, Any]) -> str:
-    """``vit-pretrained``, ``unet-scratch``; probes add the embedding's initialisation."""
-    name = str(results.get("model", "model"))
-    return f"{name} ({results['embedding_init']})" if results.get("embedding_init") else name
-
-
-def _unique_names(runs: list[Run]) -> list[Run]:
-    """Two runs of one task with the same name (e.g. two pretraining configs) get their folder appended."""
-    by_task: dict[tuple, list[Run]] = {}
-    for r in runs:
-        by_task.setdefault((r.task_key, r.name), []).append(r)
-    for group in by_task.values():
-        if len(group) > 1:
-            for r in group:
-                r.name = f"{r.name} [{r.dir.parent.name}/{r.dir.name}]"
-    return runs
-
-
-def discover_inputs(paths: Sequence[str | Path]) -> ReportInputs:
-    """Find results.json files, pretraining folders and stages.json under each path (a file or a folder,
-    searched recursively)."""
-    results: dict[Path, None] = {}
-    pretrain: list[Path] = []
-    stages: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.exists():
-            raise FileNotFoundError(f"report input not found: {p}")
-        if p.is_file():
-            if p.name == STAGES_NAME:
-                stages.append(p)
-            elif p.suffix == ".json":
-                results[p.resolve()] = None
-            else:
-                raise ValueError(f"report input {p} is neither a results.json, a stages.json nor a folder")
-            continue
-        results.update((f.resolve(), None) for f in sorted(p.rglob(RESULTS_NAME)))
-        pretrain += [m.parent for m in sorted(p.rglob(PRETRAIN_FILES[0])) if (m.parent / PRETRAIN_FILES[1]).exists()]
-        stages += sorted(p.rglob(STAGES_NAME), key=lambda s: len(s.parts))
-    if not (results or pretrain or stages):
-        raise ValueError(f"no {RESULTS_NAME}, pretraining run (metrics.csv + config.yaml) or {STAGES_NAME} found in "
-                         + ", ".join(str(p) for p in paths))  # fmt: skip
-    runs = []
-    for f in results:
-        r = load_run(f)
-        runs.append(Run(default_name(r), r))
-    return ReportInputs(_unique_names(runs), pretrain[0] if pretrain else None, stages[0] if stages else None)
-
-
-def named_inputs(runs: Mapping[str, Sequence[str | Path]]) -> list[Run]:
-    """``{model name: [results.json or run folder, ...]}`` (one file per task) -> runs."""
-    out = [Run(name, load_run(p)) for name, files in runs.items() for p in files]
-    seen: dict[tuple, Path] = {}
-    for r in out:
-        key = (r.task_key, r.name)
-        if key in seen:
-            raise ValueError(f"model '{r.name}' has two results for task {'/'.join(r.task_key)}: {seen[key]} and {r.dir}")
-        seen[key] = r.dir
-    return out
-
-
-# ----------------------------------------------------------------------------- document model
-
-
-@dataclass
-class Table:
-    columns: list[str]
-    rows: list[list[str]]
-    caption: str = ""
-
-
-@dataclass
-class Figure:
-    path: Path
-    caption: str
-
-
-@dataclass
-class Note:
-    """A one-line remark (an omitted part, a caveat), set apart from findings."""
-
-    text: str
-
-
-@dataclass
-class Section:
-    title: str
-    anchor: str
-    blocks: list[Table | Figure | Note | str] = field(default_factory=list)
-
-
-def _num(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "—"
-    return f"{v:.{digits}f}"
-
-
-def _general(v: Any) -> str:
-    return "—" if v is None or not math.isfinite(v) else f"{v:.4g}"
-
-
-def _p(v: Any) -> str:
-    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3g}"
-
-
-def _digits(metric: str) -> int:
-    return 2 if metric.startswith("hd95") else 3
-
-
-def mean_sd(agg: Mapping[str, Any] | None, digits: int = 3) -> str:
-    """``0.812 ± 0.031`` (SD over folds); just the mean when there is one fold."""
-    if not agg or not agg.get("n"):
-        return "—"
-    sd = agg.get("sd")
-    if sd is None or not math.isfinite(sd):
-        return _num(agg["mean"], digits)
-    return f"{_num(agg['mean'], digits)} ± {_num(sd, digits)}"
-
-
-def metric_label(metric: str) -> str:
-    m = re.fullmatch(r"(dice|hd95)_label(\d+)", metric)
-    if m:
-        return f"{METRIC_LABELS[m.group(1)]} label {m.group(2)}"
-    return METRIC_LABELS.get(metric, metric)
-
-
-def task_title(key: tuple[str, str, str]) -> str:
-    task, kind, label = key
-    if kind == "segmentation":
-        return "segmentation" if label in ("label_path", "?") else f"segmentation of {label}"
-    how = {"classify": "fine-tuning", "probe": "frozen-feature probes"}.get(task, task)
-    return f"{label} ({kind}, {how})"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "x"
-
-
-def _omitted(section: Section, why: str) -> Section:
-    section.blocks.append(Note(f"Omitted: {why}."))
-    return section
-
-
-# ----------------------------------------------------------------------------- comparisons
-
-
-def better_when_lower(metric: str) -> bool:
-    return metric.startswith(LOWER_IS_BETTER)
-
-
-def pair_runs(group: list[Run], reference: str | None) -> tuple[list[Run], list[tuple[Run, Run]]]:
-    """References of a task and the (reference, other) pairs to compare. A baseline meets the
-    reference with the same underlying model (e.g. the same probe on random-init features), else
-    the first reference by name."""
-    refs = [r for r in group if r.name == reference] if reference else []
-    if not refs:
-        refs = sorted((r for r in group if r.pretrained), key=lambda r: r.name)
-    if not refs:
-        return [], []
-    pairs = []
-    for other in sorted((r for r in group if r not in refs), key=lambda r: r.name):
-        same = [r for r in refs if r.results.get("model") == other.results.get("model")]
-        pairs.append(((same or refs)[0], other))
-    return refs, pairs
-
-
-def evidence(cmp: Mapping[str, Any], metric: str) -> dict[str, Any] | None:
-    """The strongest paired evidence on ``metric`` in a comparison: DeLong on pooled AUROC, else
-    per-subject values (segmentation), else folds (needs at least 2). None when nothing is testable."""
-    d = cmp.get("delong")
-    if metric == "auroc" and d:
-        return {"a": d["auroc_a"], "b": d["auroc_b"], "diff": d["diff"], "low": d["ci_low"], "high": d["ci_high"],
-                "test": f"DeLong p = {_p(d['p'])}", "basis": f"pooled out-of-fold AUROC, bootstrap over {d['n']} subjects",
-                "n": d["n"], "unit": "subjects"}
-    sub = cmp.get("subject_level", {}).get(f"{metric}_mean")
-    if sub:
-        return {"a": sub["mean_a"], "b": sub["mean_b"], "diff": sub["estimate"], "low": sub["ci_low"],
-                "high": sub["ci_high"], "test": f"Wilcoxon p = {_p(sub['wilcoxon_p'])}",
-                "basis": f"per subject, bootstrap over {sub['n']} subjects", "n": sub["n"], "unit": "subjects"}
-    fold = cmp.get("fold_level", {}).get(metric)
-    if fold and fold["n"] >= 2:
-        return {"a": fold["mean_a"], "b": fold["mean_b"], "diff": fold["estimate"], "low": fold["ci_low"],
-                "high": fold["ci_high"], "test": f"Wilcoxon p = {_p(fold['wilcoxon_p'])}",
-                "basis": f"mean over {fold['n']} folds, bootstrap over folds", "n": fold["n"], "unit": "folds"}
-    return None
-
-
-def headline_sentence(title: str, ref: Run, other: Run, cmp: Mapping[str, Any] | str) -> str:
-    """One sentence: did the reference beat ``other`` on the task's primary metric, and is the
-    difference significant (95 % CI of the paired difference excludes 0)? ``cmp`` is a
-    ``compare_results`` dictionary or the reason the runs could not be compared."""
-    who = f"the VolTA-3D-initialised model ({ref.name})" if ref.pretrained else ref.name
-    lead = f"{title[0].upper()}{title[1:]}: {who}"
-    if isinstance(cmp, str):
-        return f"{lead} could not be compared with {other.name} (not comparable: {cmp})."
-    metric = ref.primary
-    ev = evidence(cmp, metric)
-    if ev is None:
-        return f"{lead} vs {other.name}: no paired {metric_label(metric)} values to test (one fold, no per-subject values)."
-    dg = _digits(metric)
-    numbers = (f"{metric_label(metric)} {_num(ev['a'], dg)} vs {_num(ev['b'], dg)}, difference {ev['diff']:+.{dg}f} "
-               f"(95 % CI {ev['low']:+.{dg}f} to {ev['high']:+.{dg}f}; {ev['test']}; {ev['basis']})")
-    significant = ev["low"] > 0 or ev["high"] < 0
-    few = ev["n"] < (SMALL_SUBJECTS if ev["unit"] == "subjects" else SMALL_FOLDS)
-    caveat = f" Only {ev['n']} {ev['unit']}: indicative at best." if few else ""
-    if ev["diff"] == 0:
-        return f"{lead} tied with {other.name}: {numbers}.{caveat}"
-    won = ev["diff"] < 0 if better_when_lower(metric) else ev["diff"] > 0
-    if won:
-        verdict = ("the difference is significant (the CI excludes 0)" if significant
-                   else "but the difference is not significant (the CI includes 0)")
-        return f"{lead} beat {other.name}: {numbers}; {verdict}.{caveat}"
-    verdict = (f"{other.name} is significantly better (the CI excludes 0)" if significant
-               else "the difference is not significant (the CI includes 0)")
-    plain = " Pretraining did not help here." if ref.pretrained else ""
-    return f"{lead} did not beat {other.name}: {numbers}; {verdict}.{plain}{caveat}"
+# ----------------------------------------------------------------------------- paired comparisons
 
 
 def comparison_rows(ref: Run, other: Run, cmp: Mapping[str, Any] | str) -> list[list[str]]:
-    """Rows of the paired-comparison table (differences are reference - other)."""
+    """Rows of a task's paired-comparison table (differences are reference - other): every compared
+    metric over folds, the per-subject metrics and DeLong's test on pooled AUROC."""
     if isinstance(cmp, str):
         return [[ref.name, other.name, f"not comparable: {cmp}", *["—"] * 7]]
     rows = []
     for m in COMPARE_METRICS.get(ref.kind, []):
         r = cmp["fold_level"].get(m)
         if r:
-            dg = _digits(m)
+            dg = digits_for(m)
             tested = r["n"] >= 2  # one fold: a difference, but nothing to resample or rank
-            rows.append([ref.name, other.name, metric_label(m), f"folds ({r['n']})", _num(r["mean_a"], dg),
-                         _num(r["mean_b"], dg), f"{r['estimate']:+.{dg}f}",
+            rows.append([ref.name, other.name, metric_label(m), f"folds ({r['n']})", fmt_num(r["mean_a"], dg),
+                         fmt_num(r["mean_b"], dg), fmt_signed(r["estimate"], dg),
                          f"[{r['ci_low']:+.{dg}f}, {r['ci_high']:+.{dg}f}]" if tested else "—",
-                         "Wilcoxon" if tested else "—", _p(r["wilcoxon_p"]) if tested else "—"])
+                         "Wilcoxon" if tested else "—", fmt_p(r["wilcoxon_p"]) if tested else "—"])
     for m, r in cmp["subject_level"].items():
         if m in ("dice_mean", "hd95_mean"):
-            dg = _digits(m)
-            rows.append([ref.name, other.name, metric_label(m), f"subjects ({r['n']})", _num(r["mean_a"], dg),
-                         _num(r["mean_b"], dg), f"{r['estimate']:+.{dg}f}",
-                         f"[{r['ci_low']:+.{dg}f}, {r['ci_high']:+.{dg}f}]", "Wilcoxon", _p(r["wilcoxon_p"])])
+            dg = digits_for(m)
+            rows.append([ref.name, other.name, metric_label(m), f"subjects ({r['n']})", fmt_num(r["mean_a"], dg),
+                         fmt_num(r["mean_b"], dg), fmt_signed(r["estimate"], dg),
+                         f"[{r['ci_low']:+.{dg}f}, {r['ci_high']:+.{dg}f}]", "Wilcoxon", fmt_p(r["wilcoxon_p"])])
     d = cmp.get("delong")
     if d:
-        rows.append([ref.name, other.name, "AUROC (pooled)", f"subjects ({d['n']})", _num(d["auroc_a"]),
-                     _num(d["auroc_b"]), f"{d['diff']:+.3f}", f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
-                     "DeLong", _p(d["p"])])
+        rows.append([ref.name, other.name, "AUROC (pooled)", f"subjects ({d['n']})", fmt_num(d["auroc_a"]),
+                     fmt_num(d["auroc_b"]), fmt_signed(d["diff"]), f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
+                     "DeLong", fmt_p(d["p"])])
     return rows
 
 
@@ -364,85 +139,95 @@ COMPARISON_COLUMNS = ["reference", "compared with", "metric", "paired over", "re
                       "difference", "95 % CI", "test", "p"]
 
 
-# ----------------------------------------------------------------------------- sections
+# ----------------------------------------------------------------------------- per task
 
 
-def _top_predictions(run: Run) -> pd.DataFrame | None:
-    pred = run.results.get("predictions")
-    if pred is None or pred.empty:
-        return None
-    if "fraction" in pred.columns:
-        pred = pred[pred["fraction"] == pred["fraction"].max()]
-    return pred
+def _trace(run: Run, dashes: dict[str, str]) -> report_plots.Trace:
+    """Colour by initialisation, dash by variant (feature or architecture), the same in every panel."""
+    dash = dashes.setdefault(variant(run), report_plots.DASHES[len(dashes) % len(report_plots.DASHES)])
+    return report_plots.Trace(run.name, report_plots.source_colour(initialisation(run)), dash)
 
 
-def results_section(tasks: dict[tuple, list[Run]], comparisons: dict[tuple, list[tuple]]) -> Section:
-    sec = Section("Results per task", "results")
-    if not tasks:
-        return _omitted(sec, "no downstream results.json among the inputs")
-    sec.blocks.append("Mean ± SD over folds (the aggregate in each results.json). Differences in the "
-                      "comparison tables are reference − other, paired over the same folds or subjects.")
-    for key, group in tasks.items():
-        metrics = [m for m in TABLE_METRICS.get(key[1], []) if any(m in r.results["aggregate"] for r in group)]
-        rows = []
-        for r in group:
-            agg = r.results["aggregate"]
-            init = "VolTA-3D" if r.pretrained else ("random init" if r.results.get("embedding_init") else "scratch")
-            rows.append([r.name, init, str(len(r.results["folds"])),
-                         *[mean_sd(agg.get(m), _digits(m)) for m in metrics]])
-        sec.blocks.append(Table(["model", "initialisation", "folds", *map(metric_label, metrics)], rows,
-                                f"{task_title(key)}: metrics over folds"))
-        pairs = comparisons.get(key, [])
-        if pairs:
-            cmp_rows = [row for ref, other, cmp in pairs for row in comparison_rows(ref, other, cmp)]
-            sec.blocks.append(Table(COMPARISON_COLUMNS, cmp_rows, f"{task_title(key)}: paired comparisons"))
-        else:
-            sec.blocks.append(Note(f"{task_title(key)}: no VolTA-3D-initialised model (or named reference) to compare against."))
-    return sec
+def _panels(group: Sequence[Run]) -> dict[str, list[Run]]:
+    panels: dict[str, list[Run]] = {}
+    for r in group:
+        panels.setdefault(comparable_group(r), []).append(r)
+    return panels
 
 
-def roc_section(tasks: dict[tuple, list[Run]], fig_dir: Path) -> Section:
-    sec = Section("ROC curves", "roc")
-    for key, group in tasks.items():
-        if key[1] != "binary":
-            continue
-        curves = {}
-        for r in group:
-            pred = _top_predictions(r)
+def metrics_blocks(key: tuple, group: list[Run], pairs: list[tuple]) -> list[Block]:
+    """The metrics over folds of every model, and every paired comparison (folded when long)."""
+    metrics = [m for m in TABLE_METRICS.get(key[1], []) if any(m in r.results["aggregate"] for r in group)]
+    rows = [[r.name, initialisation(r), str(len(r.results["folds"])),
+             *[mean_sd(r.results["aggregate"].get(m), digits_for(m)) for m in metrics]] for r in group]
+    blocks: list[Block] = [
+        Heading("Metrics and paired comparisons"),
+        Line("Mean ± SD over folds (the aggregate in each results.json). Differences in the comparison table are "
+             "reference − other, paired over the same folds or subjects."),
+        Table(["model", "initialisation", "folds", *map(metric_label, metrics)], rows,
+              f"{task_title(key)}: metrics over folds")]  # fmt: skip
+    if pairs:
+        cmp_rows = [row for ref, other, cmp in pairs for row in comparison_rows(ref, other, cmp)]
+        blocks.append(Table(COMPARISON_COLUMNS, cmp_rows, f"{task_title(key)}: paired comparisons"))
+    else:
+        blocks.append(Note(f"{task_title(key)}: no VolTA-3D-initialised model (or named reference) to compare against."))
+    return blocks
+
+
+def roc_blocks(key: tuple, group: list[Run], fig_dir: Path) -> list[Block]:
+    """Pooled out-of-fold ROC curves, one panel per group of comparable models."""
+    dashes: dict[str, str] = {}
+    panels: dict[str, list] = {}
+    for name, runs in _panels(group).items():
+        for r in runs:
+            pred = top_predictions(r)
             if pred is not None and {"y_true", "score"} <= set(pred.columns) and pred["y_true"].nunique() == 2:
-                curves[r.name] = (pred["y_true"].to_numpy(int), pred["score"].to_numpy(float))
-        if curves:
-            path = report_plots.roc_figure(curves, task_title(key), fig_dir / f"roc_{_slug(task_title(key))}.png")
-            sec.blocks.append(Figure(path, f"{task_title(key)}: ROC of out-of-fold predictions pooled over folds "
-                                           "(largest training fraction)"))
-    if not sec.blocks:
-        return _omitted(sec, "no binary classification run with predictions.csv among the inputs")
-    return sec
+                curve = (_trace(r, dashes), pred["y_true"].to_numpy(int), pred["score"].to_numpy(float))
+                panels.setdefault(name, []).append(curve)
+    if not panels:
+        return [Heading("ROC curves"), Note("ROC curves omitted: no run of this task saved predictions.csv with both classes.")]
+    path = report_plots.roc_figure(panels, task_title(key), fig_dir / f"roc_{slug(task_title(key))}.png")
+    return [Heading("ROC curves"),
+            Figure(path, f"{task_title(key)}: ROC of out-of-fold predictions pooled over folds (largest training "
+                         "fraction); colour: initialisation, line style: feature or architecture")]  # fmt: skip
 
 
-def fractions_section(tasks: dict[tuple, list[Run]], fig_dir: Path) -> Section:
-    sec = Section("Reduced-data curves", "fractions")
-    for key, group in tasks.items():
-        with_fractions = [r for r in group if r.results.get("fractions")]
-        if not with_fractions:
-            continue
-        metric = with_fractions[0].primary
-        points, rows = {}, []
-        for r in with_fractions:
+def mean_ci(agg: Mapping[str, Any]) -> tuple[float, float]:
+    """95 % t interval of the mean over folds from (mean, SD, n); NaN with fewer than 2 folds."""
+    n, sd, mean = agg.get("n") or 0, agg.get("sd"), agg.get("mean")
+    if n < 2 or sd is None or mean is None or not math.isfinite(sd):
+        return math.nan, math.nan
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def fraction_blocks(key: tuple, group: list[Run], fig_dir: Path) -> list[Block]:
+    """The reduced-data curve: mean and shaded 95 % CI per model and training fraction, one panel per
+    group of comparable models, and its table (folded: one row per model and fraction)."""
+    with_fractions = [r for r in group if r.results.get("fractions")]
+    if not with_fractions:
+        return []
+    metric, dg = with_fractions[0].primary, digits_for(with_fractions[0].primary)
+    dashes: dict[str, str] = {}
+    panels: dict[str, list] = {}
+    rows = []
+    for name, runs in _panels(with_fractions).items():
+        for r in runs:
             recs = []
             for frac, entry in r.results["fractions"].items():
                 agg = entry["aggregate"].get(metric, {})
-                recs.append({"fraction": float(frac), "mean": agg.get("mean"), "sd": agg.get("sd")})
-                rows.append([r.name, f"{float(frac):g}", mean_sd(agg, _digits(metric)), str(agg.get("n", 0))])
-            points[r.name] = pd.DataFrame(recs, dtype=float)
-        path = report_plots.fraction_figure(points, metric_label(metric), task_title(key),
-                                            fig_dir / f"fractions_{_slug(task_title(key))}.png")
-        sec.blocks.append(Figure(path, f"{task_title(key)}: {metric_label(metric)} vs training fraction (mean ± SD over folds)"))
-        sec.blocks.append(Table(["model", "training fraction", metric_label(metric), "folds"], rows,
-                                f"{task_title(key)}: reduced-data curve"))
-    if not sec.blocks:
-        return _omitted(sec, "no run with several training fractions among the inputs")
-    return sec
+                low, high = mean_ci(agg)
+                recs.append({"fraction": float(frac), "mean": agg.get("mean"), "low": low, "high": high})
+                ci = f"[{fmt_num(low, dg)}, {fmt_num(high, dg)}]" if math.isfinite(low) else "—"
+                rows.append([r.name, f"{float(frac):g}", mean_sd(agg, dg), ci, str(agg.get("n", 0))])
+            panels.setdefault(name, []).append((_trace(r, dashes), pd.DataFrame(recs, dtype=float)))
+    title = task_title(key)
+    path = report_plots.fraction_figure(panels, metric_label(metric), title, fig_dir / f"fractions_{slug(title)}.png")
+    return [Heading("Reduced-data curves"),
+            Figure(path, f"{title}: {metric_label(metric)} vs training fraction; line: mean over folds, shaded: 95 % "
+                         "CI of that mean (t interval over folds)"),
+            Table(["model", "training fraction", metric_label(metric), "95 % CI of the mean", "folds"], rows,
+                  f"{title}: reduced-data curve")]  # fmt: skip
 
 
 def _load_case(row: Any, pred_dir: Path, label: str) -> dict[str, Any]:
@@ -478,71 +263,131 @@ def overlay_cases(run: Run, n: int = OVERLAY_CASES) -> tuple[list[dict[str, Any]
     return cases, notes
 
 
-def segmentation_section(tasks: dict[tuple, list[Run]], fig_dir: Path) -> Section:
-    sec = Section("Segmentation", "segmentation")
-    seg = [r for key, group in tasks.items() if key[1] == "segmentation" for r in group]
-    if not seg:
-        return _omitted(sec, "no segmentation run among the inputs")
+def segmentation_blocks(group: list[Run], fig_dir: Path) -> list[Block]:
+    """Dice and HD95 per structure (folded when long) and overlays of saved test predictions."""
     rows = []
-    for r in seg:
+    for r in group:
         agg = r.results["aggregate"]
         for c in [c for c in r.results.get("classes", []) if c != 0]:
-            rows.append([r.name, f"label {c}", mean_sd(agg.get(f"dice_label{c}")),
-                         mean_sd(agg.get(f"hd95_label{c}"), 2)])
-    sec.blocks.append(Table(["model", "structure", "Dice", "HD95 (mm)"], rows,
-                            "Per structure: mean ± SD over folds (each fold: mean over its test subjects)"))
+            rows.append([r.name, f"label {c}", mean_sd(agg.get(f"dice_label{c}")), mean_sd(agg.get(f"hd95_label{c}"), 2)])
+    blocks: list[Block] = [Heading("Segmentation per structure and overlays"),
+                           Table(["model", "structure", "Dice", "HD95 (mm)"], rows,
+                                 "Per structure: mean ± SD over folds (each fold: mean over its test subjects)")]
     drawn = False
-    for r in seg:
+    for r in group:
         if not (r.dir / "predictions" / "index.csv").exists():
             continue
         cases, notes = overlay_cases(r)
-        sec.blocks.extend(map(Note, notes))
+        blocks.extend(map(Note, notes))
         if cases:
-            path = report_plots.overlay_figure(cases, r.name, fig_dir / f"overlay_{_slug(r.name)}.png")
-            sec.blocks.append(Figure(path, f"{r.name}: test subjects with the lowest, median and highest Dice; "
-                                           "ground truth in cyan, prediction in orange"))
+            path = report_plots.overlay_figure(cases, r.name, fig_dir / f"overlay_{slug(r.name)}.png")
+            blocks.append(Figure(path, f"{r.name}: test subjects with the lowest, median and highest Dice; "
+                                       "ground truth in cyan, prediction in orange"))
             drawn = True
     if not drawn:
-        sec.blocks.append(Note("Overlays omitted: no segmentation run saved its test predictions (predictions/index.csv)."))
-    return sec
+        blocks.append(Note("Overlays omitted: no segmentation run saved its test predictions (predictions/index.csv)."))
+    return blocks
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+def task_sections(tasks: dict[tuple, list[Run]], comparisons: dict[tuple, list[tuple]], fig_dir: Path) -> list[Section]:
+    """One section per task: its tables, then its figures."""
+    if not tasks:
+        return [omitted(Section("Results per task", "results"), "no downstream results.json among the inputs")]
+    out = []
+    for key, group in tasks.items():
+        title = task_title(key)
+        sec = Section(f"{title[0].upper()}{title[1:]}", f"task-{slug(title)}")
+        sec.blocks += metrics_blocks(key, group, comparisons.get(key, []))
+        if key[1] == "binary":
+            sec.blocks += roc_blocks(key, group, fig_dir)
+        sec.blocks += fraction_blocks(key, group, fig_dir)
+        if key[1] == "segmentation":
+            sec.blocks += segmentation_blocks(group, fig_dir)
+        out.append(sec)
     return out
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+# ----------------------------------------------------------------------------- pretraining
 
 
-def pretraining_section(pretrain: Path | None, fig_dir: Path) -> Section:
-    sec = Section("Pretraining", "pretraining")
-    if pretrain is None:
-        return _omitted(sec, "no pretraining run folder (metrics.csv + config.yaml) among the inputs")
-    metrics = pd.read_csv(pretrain / "metrics.csv").apply(pd.to_numeric, errors="coerce")
-    if metrics.empty or "step" not in metrics.columns:
-        return _omitted(sec, f"{pretrain / 'metrics.csv'} holds no logged steps")
-    out_dim = _flatten(_read_config(pretrain / "config.yaml")).get("head.out_dim")
-    log_k = math.log(out_dim) if out_dim else None
-    path = report_plots.pretraining_figure(metrics, fig_dir / "pretraining.png", log_k)
-    sec.blocks.append(Figure(path, f"Pretraining ({pretrain.name}): losses, teacher entropies (dashed: log K, "
-                                   "the entropy of a collapsed, uniform teacher), learning rate and gradient norm"))
+def _curve_blocks(pretrain: Path, metrics: pd.DataFrame, logk: float | None, fig_dir: Path) -> list[Block]:
+    """The training curves and the first / last logged values."""
+    path = report_plots.pretraining_figure(metrics, fig_dir / "pretraining.png", logk)
+    blocks: list[Block] = [Figure(path, f"Pretraining ({pretrain.name}): losses, teacher entropies (dashed: log K, "
+                                 "the entropy of a collapsed, uniform teacher), learning rate and gradient norm")]
     cols = [c for c in ("loss", "loss_global", "loss_local", "loss_rec", "teacher_entropy", "teacher_marginal_entropy",
                         "teacher_patch_entropy", "lr", "grad_norm", "seconds_per_step") if c in metrics.columns]
     first, last = metrics.iloc[0], metrics.iloc[-1]
-    rows = [[c, _general(first[c]), _general(last[c])] for c in cols]
-    sec.blocks.append(Table(["quantity", f"step {int(first['step'])}", f"step {int(last['step'])}"], rows,
-                            "First and last logged values"))
+    rows = [[c, fmt_general(first[c]), fmt_general(last[c])] for c in cols]
+    blocks.append(Table(["quantity", f"step {int(first['step'])}", f"step {int(last['step'])}"], rows,
+                        "First and last logged values"))
+    return blocks
+
+
+def _health_blocks(metrics: pd.DataFrame, rows: list[health.HealthRow], alarm: tuple[int, int] | None,
+                   fig_dir: Path) -> list[Block]:
+    """The health table and, when any health quantity was logged, its curves."""
+    n = health.HEALTH_WINDOW
+    if not rows:
+        return [Note("Pretraining health table not shown: metrics.csv logs no alignment loss or health quantity.")]
+    table = [[r.quantity, fmt_general(r.first), fmt_general(r.last), fmt_general(r.log_k),
+              r.verdict or health.HEALTH_READINGS.get(r.quantity, "")] for r in rows]
+    blocks: list[Block] = [Table(["quantity", f"mean, first {n} logged steps", f"mean, last {n} logged steps", "log K",
+                           "verdict / reading"], table,
+                          f"Pretraining health: means over the first and last {n} logged steps (an alignment loss "
+                          "below log K shows a teacher that is not uniform)")]
+    health_cols = [c for _, cols in report_plots.HEALTH_PANELS for c in cols]
+    if any(c in metrics.columns and metrics[c].notna().any() for c in health_cols):
+        path = report_plots.health_figure(metrics, fig_dir / "pretraining_health.png", alarm[0] if alarm else None)
+        blocks.append(Figure(path, "Pretraining health: entropy gaps (marginal minus per-sample entropy), mean pairwise "
+                                   "cosine of different volumes' CLS-style embeddings and effective ranks (RankMe)"))
+    return blocks
+
+
+def _online_blocks(pretrain: Path, fig_dir: Path) -> list[Block]:
+    """The online-probe curve per (label, metric) and its first / last values against the references."""
+    table = health.read_online_eval(pretrain)
+    if table is None:
+        return [Note(f"Online-probe curve not shown: no {health.ONLINE_EVAL_NAME} in {pretrain}.")]
+    if isinstance(table, str):
+        return [Note(f"Online-probe curve not shown: {table}.")]
+    panels = {}
+    for (label, metric), rows in table.groupby(["label", "metric"], sort=True):
+        better = "lower" if better_when_lower(metric) else "higher"
+        panels[f"{label + ': ' if label else ''}{metric_label(metric)} ({better} is better)"] = rows
+    path = report_plots.online_probe_figure(panels, fig_dir / "online_probe.png")
+    blocks: list[Block] = [Figure(path, "Online probes during pretraining: the teacher's features (solid) against the "
+                                 "initial weights and the raw-volume floor (dashed)")]
+    rows = [[r["label"] or "—", metric_label(r["metric"]), r["probe"], r["feature"], fmt_num(r["first"]),
+             f"{fmt_num(r['last'])} (step {r['last_step']})", fmt_num(r["init"]), fmt_num(r["raw"])]
+            for r in health.online_summary(table)]
+    blocks.append(Table(["label", "metric", "probe", "feature", "teacher, first", "teacher, last", "initial weights",
+                         "raw volume"], rows, "Online probes: the teacher at its first and last evaluation"))
+    return blocks
+
+
+def pretraining_section(pretrain: Path | None, fig_dir: Path) -> Section:
+    """Pretraining health (issue 13): losses against log K, entropies, spread, the online probe and the alarm."""
+    sec = Section("Pretraining", "pretraining")
+    if pretrain is None:
+        return omitted(sec, "no pretraining run folder (metrics.csv + config.yaml) among the inputs")
+    metrics = pd.read_csv(pretrain / "metrics.csv").apply(pd.to_numeric, errors="coerce")
+    if metrics.empty or "step" not in metrics.columns:
+        return omitted(sec, f"{pretrain / 'metrics.csv'} holds no logged steps")
+    logk = health.log_k(metrics, flatten(read_config(pretrain / "config.yaml")).get("head.out_dim"))
+    rows, alarm = health.health_rows(metrics, logk), health.first_alarm(metrics)
+    if alarm:
+        sec.blocks.append(Alert(f"Collapse alarm: the pretraining health check fired first at step {alarm[0]} "
+                                f"({alarm[1]} logged step(s) in all). The encoder may have collapsed; read the "
+                                "Pretraining section before trusting any result built on it."))
+    sec.blocks.append(health.health_sentence(rows, alarm, "collapse_alarm" in metrics.columns))
+    sec.blocks += _curve_blocks(pretrain, metrics, logk, fig_dir)
+    sec.blocks += _health_blocks(metrics, rows, alarm, fig_dir)
+    sec.blocks += _online_blocks(pretrain, fig_dir)
     return sec
+
+
+# ----------------------------------------------------------------------------- settings
 
 
 def _versions() -> list[list[str]]:
@@ -555,39 +400,36 @@ def _versions() -> list[list[str]]:
     return rows
 
 
-def _hms(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
-        return "—"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+def _downstream_rows(runs: list[Run]) -> list[list[str]]:
+    rows = []
+    for r in runs:
+        task = r.task_key[0]
+        conf = r.results.get("config", {}).get(task, {})
+        settings = ", ".join(f"{k}={conf[k]}" for k in DOWNSTREAM_SETTINGS.get(task, []) if k in conf)
+        rows.append([r.name, task_title(r.task_key), f"{r.results.get('splits', {}).get('method', '?')} "
+                     f"({len(r.results['folds'])})", str(len(test_subjects(r))), settings or "—"])  # fmt: skip
+    return rows
 
 
-def settings_section(runs: list[Run], pretrain: Path | None, stages: Path | None) -> Section:
+def settings_section(runs: list[Run], pretrain: Path | None, info: Mapping[str, Any]) -> Section:
+    """Configuration highlights, downstream settings, stages.json's settings, data counts and stage
+    times, and the software versions."""
     sec = Section("Run settings, data and software", "settings")
-    info: dict[str, Any] = json.loads(stages.read_text()) if stages else {}
     if pretrain is not None:
-        cfg = _flatten(_read_config(pretrain / "config.yaml"))
+        cfg = flatten(read_config(pretrain / "config.yaml"))
         rows = [[k, str(cfg[k])] for k in PRETRAIN_HIGHLIGHTS if k in cfg]
         sec.blocks.append(Table(["setting", "value"], rows, f"Pretraining configuration highlights ({pretrain / 'config.yaml'})"))
     if runs:
-        rows = []
-        for r in runs:
-            task = r.task_key[0]
-            conf = r.results.get("config", {}).get(task, {})
-            splits = r.results.get("splits", {})
-            subjects = {s for f in splits.get("folds", []) for s in f.get("test", [])}
-            settings = ", ".join(f"{k}={conf[k]}" for k in DOWNSTREAM_SETTINGS.get(task, []) if k in conf)
-            rows.append([r.name, task_title(r.task_key), f"{splits.get('method', '?')} ({len(r.results['folds'])})",
-                         str(len(subjects)), settings or "—"])
-        sec.blocks.append(Table(["model", "task", "split (folds)", "test subjects", "settings"], rows, "Downstream runs"))
+        sec.blocks.append(Table(["model", "task", "split (folds)", "test subjects", "settings"], _downstream_rows(runs),
+                                "Downstream runs"))
     for key, caption in (("settings", "Demo settings (stages.json)"), ("data", "Data counts (stages.json)")):
         if isinstance(info.get(key), Mapping) and info[key]:
-            sec.blocks.append(Table(["item", "value"], [[k, str(v)] for k, v in _flatten(info[key]).items()], caption))
-    stage_rows = [[str(s.get("name", "?")), str(s.get("status", "?")), _hms(s.get("seconds"))]
-                  for s in info.get("stages", []) if isinstance(s, Mapping)]
-    if stage_rows:
-        total = sum(s.get("seconds") or 0 for s in info["stages"] if isinstance(s, Mapping))
-        sec.blocks.append(Table(["stage", "status", "wall time (h:mm:ss)"], [*stage_rows, ["total", "", _hms(total)]],
+            sec.blocks.append(Table(["item", "value"], [[k, str(v)] for k, v in flatten(info[key]).items()], caption))
+    stages = [s for s in info.get("stages", []) if isinstance(s, Mapping)]
+    if stages:
+        total = sum(s.get("seconds") or 0 for s in stages)
+        rows = [[str(s.get("name", "?")), str(s.get("status", "?")), fmt_hms(s.get("seconds"))] for s in stages]
+        sec.blocks.append(Table(["stage", "status", "wall time (h:mm:ss)"], [*rows, ["total", "", fmt_hms(total)]],
                                 "Wall time per stage"))
     else:
         sec.blocks.append(Note("Wall time per stage omitted: no stages.json among the inputs."))
@@ -595,95 +437,49 @@ def settings_section(runs: list[Run], pretrain: Path | None, stages: Path | None
     return sec
 
 
-def headline_section(tasks: dict[tuple, list[Run]], comparisons: dict[tuple, list[tuple]]) -> Section:
-    sec = Section("Headline", "headline")
-    if not tasks:
-        return _omitted(sec, "no downstream results.json among the inputs, so there is nothing to compare")
-    for key in tasks:
-        pairs = comparisons.get(key, [])
-        if not pairs:
-            sec.blocks.append(Note(f"{task_title(key)[0].upper()}{task_title(key)[1:]}: no VolTA-3D-initialised model "
-                                   "among the inputs, so nothing to compare."))
-        sec.blocks.extend(headline_sentence(task_title(key), ref, other, cmp) for ref, other, cmp in pairs)
-    sec.blocks.append(Note("Significant means the 95 % bootstrap CI of the paired difference excludes 0. With few "
-                           "folds or subjects these intervals are wide, and no correction for multiple comparisons "
-                           "is applied."))
-    return sec
-
-
-# ----------------------------------------------------------------------------- rendering
-
-CSS = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#1d2330;background:#f6f7f9;margin:0}
-main{max-width:1120px;margin:0 auto;padding:24px 32px 48px;background:#fff;min-height:100vh}
-h1{font-size:1.7em;margin:0 0 4px} h2{font-size:1.3em;border-bottom:2px solid #e3e6ec;padding-bottom:4px;margin-top:36px}
-.meta{color:#5b6474;font-size:.9em;margin-bottom:12px} nav{font-size:.92em;margin:8px 0 16px}
-nav a{margin-right:14px;color:#0a58a8;text-decoration:none} p{line-height:1.5;margin:8px 0}
-.headline p.finding{background:#f1f6fd;border-left:4px solid #0a58a8;padding:8px 12px;margin:8px 0}
-p.caption{font-weight:600;font-size:.9em;color:#333a47;margin:18px 0 4px}
-.table-wrap{overflow-x:auto;margin:0 0 16px}
-table{border-collapse:collapse;font-size:.86em;min-width:40%}
-th,td{border:1px solid #d9dde4;padding:4px 9px;text-align:left;white-space:nowrap}
-th{background:#eef1f5} tr:nth-child(even) td{background:#fafbfc}
-figure{margin:14px 0 24px} figure img{max-width:100%;height:auto;border:1px solid #e3e6ec}
-figcaption{font-size:.86em;color:#4a5262;margin-top:4px} p.note{color:#5b6474;font-style:italic;font-size:.92em}
-"""
-
-
-def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def render_html(title: str, sections: list[Section], generated: str) -> str:
-    e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>{e(title)}</title><style>{CSS}</style></head><body><main>",
-             f"<h1>{e(title)}</h1>", f'<div class="meta">{e(generated)}</div>',
-             "<nav>" + "".join(f'<a href="#{s.anchor}">{e(s.title)}</a>' for s in sections) + "</nav>"]
-    for s in sections:
-        parts.append(f'<section id="{s.anchor}" class="{s.anchor}"><h2>{e(s.title)}</h2>')
-        for b in s.blocks:
-            if isinstance(b, Table):
-                head = "".join(f"<th>{e(c)}</th>" for c in b.columns)
-                body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b.rows)
-                parts.append(f'<p class="caption">{e(b.caption)}</p><div class="table-wrap"><table>'
-                             f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
-            elif isinstance(b, Figure):
-                parts.append(f'<figure><img src="{_data_uri(b.path)}" alt="{e(b.caption)}">'
-                             f"<figcaption>{e(b.caption)}</figcaption></figure>")
-            elif isinstance(b, Note):
-                parts.append(f'<p class="note">{e(b.text)}</p>')
-            else:
-                parts.append(f'<p class="finding">{e(b)}</p>')
-        parts.append("</section>")
-    parts.append("</main></body></html>")
-    return "\n".join(parts)
-
-
-def render_markdown(title: str, sections: list[Section], generated: str, out_dir: Path) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = [f"# {title}", "", generated, ""]
-    for s in sections:
-        lines += [f"## {s.title}", ""]
-        for b in s.blocks:
-            if isinstance(b, Table):
-                lines += [f"**{cell(b.caption)}**", "", "| " + " | ".join(map(cell, b.columns)) + " |",
-                          "|" + "---|" * len(b.columns)]
-                lines += ["| " + " | ".join(map(cell, row)) + " |" for row in b.rows]
-            elif isinstance(b, Figure):
-                lines.append(f"![{cell(b.caption)}]({b.path.relative_to(out_dir).as_posix()})")
-            elif isinstance(b, Note):
-                lines.append(f"*{b.text}*")
-            else:
-                lines.append(b)
-            lines.append("")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- entry point
+
+
+def _resolve_inputs(runs: Mapping[str, Sequence[str | Path]] | Sequence[str | Path] | str | Path,
+                    pretrain: str | Path | None, stages: str | Path | None, reference: str | None) -> ReportInputs:
+    """Discovered or named runs, with an explicit pretraining folder / stages.json overriding discovery."""
+    if isinstance(runs, Mapping):
+        inputs = ReportInputs(named_inputs(runs))
+    else:
+        inputs = discover_inputs([runs] if isinstance(runs, (str, Path)) else list(runs))
+    if pretrain is not None:
+        if not all((Path(pretrain) / f).is_file() for f in PRETRAIN_FILES):
+            raise FileNotFoundError(f"pretraining folder {pretrain} needs {' and '.join(PRETRAIN_FILES)}")
+        inputs.pretrain = Path(pretrain)
+    if stages is not None:
+        if not Path(stages).is_file():
+            raise FileNotFoundError(f"stages file not found: {stages}")
+        inputs.stages = Path(stages)
+    if reference is not None and reference not in {r.name for r in inputs.runs}:
+        raise ValueError(f"--reference '{reference}' names no model (models: {', '.join(sorted({r.name for r in inputs.runs}))})")
+    return inputs
+
+
+def _compare(tasks: dict[tuple, list[Run]], reference: str | None, n_boot: int,
+             seed: int) -> dict[tuple, list[tuple]]:
+    """Per task, (reference, other, compare_results dictionary or the reason they are not comparable)."""
+    comparisons: dict[tuple, list[tuple]] = {}
+    for key, group in tasks.items():
+        for ref, other in pair_runs(group, reference)[1]:
+            try:
+                cmp: dict[str, Any] | str = compare_results(ref.results, other.results, n_boot=n_boot, seed=seed)
+            except ValueError as err:
+                cmp = str(err)
+            comparisons.setdefault(key, []).append((ref, other, cmp))
+    return comparisons
+
+
+def _fresh_figures(out: Path) -> Path:
+    fig_dir = out / FIGURES_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for old in fig_dir.glob("*.png"):  # figures of an earlier report of other runs must not linger
+        old.unlink()
+    return fig_dir
 
 
 def build_report(
@@ -703,47 +499,23 @@ def build_report(
     results.json files, a pretraining folder and stages.json are discovered. ``pretrain`` / ``stages``
     override what discovery finds. ``reference``: the model name every other model of a task is
     compared with (default: the VolTA-3D-initialised model)."""
-    if isinstance(runs, Mapping):
-        inputs = ReportInputs(named_inputs(runs))
-    else:
-        inputs = discover_inputs([runs] if isinstance(runs, (str, Path)) else list(runs))
-    if pretrain is not None:
-        if not all((Path(pretrain) / f).is_file() for f in PRETRAIN_FILES):
-            raise FileNotFoundError(f"pretraining folder {pretrain} needs {' and '.join(PRETRAIN_FILES)}")
-        inputs.pretrain = Path(pretrain)
-    if stages is not None:
-        if not Path(stages).is_file():
-            raise FileNotFoundError(f"stages file not found: {stages}")
-        inputs.stages = Path(stages)
-    if reference is not None and reference not in {r.name for r in inputs.runs}:
-        raise ValueError(f"--reference '{reference}' names no model (models: {', '.join(sorted({r.name for r in inputs.runs}))})")
-
+    inputs = _resolve_inputs(runs, pretrain, stages, reference)
     out = Path(out_dir)
-    fig_dir = out / FIGURES_DIR
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for old in fig_dir.glob("*.png"):  # figures of an earlier report of other runs must not linger
-        old.unlink()
+    fig_dir = _fresh_figures(out)
     tasks: dict[tuple, list[Run]] = {}
     for r in inputs.runs:
         tasks.setdefault(r.task_key, []).append(r)
     tasks = {k: sorted(v, key=lambda r: (not r.pretrained, r.name)) for k, v in sorted(tasks.items())}
-    comparisons: dict[tuple, list[tuple]] = {}
-    for key, group in tasks.items():
-        for ref, other in pair_runs(group, reference)[1]:
-            try:
-                cmp: dict[str, Any] | str = compare_results(ref.results, other.results, n_boot=n_boot, seed=seed)
-            except ValueError as err:
-                cmp = str(err)
-            comparisons.setdefault(key, []).append((ref, other, cmp))
-
+    comparisons = _compare(tasks, reference, n_boot, seed)
+    info: dict[str, Any] = json.loads(inputs.stages.read_text()) if inputs.stages else {}
+    all_runs = [r for group in tasks.values() for r in group]
+    who = "VolTA-3D" if all(r.pretrained for r in inputs.runs if r.name == reference) else "reference"
     sections = [
-        headline_section(tasks, comparisons),
-        results_section(tasks, comparisons),
-        roc_section(tasks, fig_dir),
-        fractions_section(tasks, fig_dir),
-        segmentation_section(tasks, fig_dir),
+        headline_section(headline_rows(tasks, comparisons, reference), provenance_line(inputs.pretrain, all_runs, info),
+                         fig_dir, who),
         pretraining_section(inputs.pretrain, fig_dir),
-        settings_section([r for group in tasks.values() for r in group], inputs.pretrain, inputs.stages),
+        *task_sections(tasks, comparisons, fig_dir),
+        settings_section(all_runs, inputs.pretrain, info),
     ]
     generated = (f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by volta3d report from "
                  f"{len(inputs.runs)} results file(s); bootstrap: {n_boot} resamples, seed {seed}.")

@@ -73,6 +73,7 @@ class Line:
 
     text: str
     css: str = ""
+    anchor: str = ""
 
 
 Block = Table | Figure | Note | Alert | Heading | Line | str
@@ -160,7 +161,7 @@ nav a{margin-right:14px;color:#0a58a8;text-decoration:none} p{line-height:1.45;m
 p.finding{background:#f1f6fd;border-left:4px solid #0a58a8;padding:6px 12px;margin:6px 0}
 p.provenance{font-size:.9em;color:#333a47;margin:4px 0 6px}
 p.caption{font-weight:600;font-size:.88em;color:#333a47;margin:14px 0 4px}
-section.headline p.caption{margin-top:4px}
+section.headline p.caption{margin-top:4px} #headline-table th,#headline-table td{padding:3px 6px}
 .table-wrap{overflow-x:auto;margin:0 0 12px}
 table{border-collapse:collapse;font-size:.86em;min-width:40%}
 th,td{border:1px solid #d9dde4;padding:3px 8px;text-align:left;white-space:nowrap}
@@ -205,7 +206,7 @@ def _html_block(b: Block) -> str:
     if isinstance(b, Heading):
         return f"<h3>{e(b.text)}</h3>"
     if isinstance(b, Line):
-        return f'<p class="{e(b.css)}">{e(b.text)}</p>'
+        return f'<p class="{e(b.css)}"{_id(b.anchor)}>{e(b.text)}</p>'
     return f'<p class="finding">{e(b)}</p>'
 
 

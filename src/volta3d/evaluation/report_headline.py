@@ -54,7 +54,7 @@ HEADLINE_PROBE = "probe-linear-cls"  # the frozen-probe reference: fixed in adva
 FINE_TUNING, PROBES = "fine-tuning", "frozen probes"
 NOT_TESTED, NOT_COMPARABLE = "not tested", "not comparable"
 SMALL = {"subjects": 20, "folds": 5}  # below these, a CI that excludes 0 is indicative at best
-TABLE_ID, FOREST_ID = "headline-table", "forest-plot"
+TABLE_ID, FOREST_ID, PROVENANCE_ID = "headline-table", "forest-plot", "provenance"  # element ids: the page test finds them
 FOREST_NAME = "forest.png"
 
 
@@ -160,10 +160,12 @@ def _row(key: tuple, ref: Run, other: Run, cmp: Mapping[str, Any] | str) -> Head
 def headline_rows(tasks: Mapping[tuple, list[Run]], comparisons: Mapping[tuple, list[tuple]],
                   reference: str | None = None) -> list[HeadlineRow]:
     """Fine-tuning tasks first, then frozen probes; per task the reference against each of its
-    baselines (a row without values when the task has no VolTA-3D model)."""
+    baselines (a row without values when the task has no VolTA-3D model). The reference is chosen
+    among the models that were compared with a baseline, so a preferred probe without one gives way."""
     rows = []
     for key in sorted(tasks, key=lambda k: (k[0] == "probe", k)):
-        ref = headline_reference(tasks[key], reference)
+        compared = [r for r in tasks[key] if any(r is p[0] for p in comparisons.get(key, []))]
+        ref = headline_reference(compared, reference) or headline_reference(tasks[key], reference)
         pairs = [(r, o, c) for r, o, c in comparisons.get(key, []) if r is ref]
         if ref is None or not pairs:
             metric = (ref or tasks[key][0]).primary
@@ -193,7 +195,7 @@ def headline_table(rows: Sequence[HeadlineRow], who: str) -> Table:
                      r.verdict if r.other else "—"])  # fmt: skip
     columns = ["group", "task", "metric", f"{who} model", who, "baseline", "baseline value",
                f"{who} − baseline", "95 % CI", "p", "paired over", "verdict"]  # fmt: skip
-    caption = f"Did pretraining help? {who} against each baseline on the task's primary metric"
+    caption = f"{who} against each baseline on the task's primary metric (↑ higher, ↓ lower is better)"
     return Table(columns, body, caption, anchor=TABLE_ID)
 
 
@@ -239,12 +241,18 @@ def _rule_notes(rows: Sequence[HeadlineRow], who: str) -> list[Note]:
                   f"{who} reference per task: the VolTA-3D-initialised model (fine-tuning) and the linear probe on "
                   "the CLS-style summary (frozen probes), fixed in advance rather than the best VolTA-3D probe; "
                   "every pair is in the per-task tables. No correction for multiple comparisons.")]
+    coarse = sorted({r.n for r in rows if r.unit == "folds" and 2 <= r.n <= 5 and math.isfinite(r.p)})
+    if coarse:
+        floors = ", ".join(f"{2 / 2**n:.3g} with {n} folds" for n in coarse)
+        notes.append(Note(f"The smallest two-sided Wilcoxon p that few folds allow is {floors}, so p can stay above "
+                          "0.05 while the bootstrap CI excludes 0; the verdict follows the CI."))
     few = [r.label for r in rows if r.verdict in ("better", "worse") and r.n < SMALL.get(r.unit, 0)]
     if few:
         notes.append(Note(f"Indicative at best (fewer than {SMALL['folds']} folds or {SMALL['subjects']} subjects): "
                           + "; ".join(few) + "."))
-    notes += [Note(f"{r.label}: {r.verdict} ({r.reason}).") if r.other else Note(f"{r.task} ({r.group}): not compared ({r.reason}).")
-              for r in rows if r.reason]
+    for r in (r for r in rows if r.reason):
+        what = f"{r.label}: {r.verdict}" if r.other else f"{r.task} ({r.group}): not compared"
+        notes.append(Note(f"{what} ({r.reason})."))
     return notes
 
 
@@ -256,8 +264,8 @@ def _pretrain_device(pretrain: Path) -> str:
         found = re.findall(r"x (\d+) ranks\), lr \S+, device (\S+)", log.read_text(errors="replace"))
         if found:
             ranks, device = found[-1]
-            device = device if ranks == "1" else f"{ranks} x {device}"
-    return device
+            return device if ranks == "1" else f"{ranks} x {device}"
+    return device if device != "auto" else "an unrecorded device (config: auto)"
 
 
 def _wall_time(pretrain: Path, stages: Mapping[str, Any]) -> str:
@@ -275,7 +283,7 @@ def provenance_line(pretrain: Path | None, runs: Sequence[Run], stages: Mapping[
     """Volumes pretrained on, transductive or external, wall time and hardware, in two sentences."""
     if pretrain is None:
         return Line("Provenance: no pretraining run folder among the inputs, so the pretraining data, wall time and "
-                    "hardware are unknown.", "provenance")
+                    "hardware are unknown.", "provenance", PROVENANCE_ID)
     info = health.read_pretrain_data(pretrain)
     if isinstance(info, dict):
         tested: dict[str, set[str]] = {}
@@ -286,7 +294,7 @@ def provenance_line(pretrain: Path | None, runs: Sequence[Run], stages: Mapping[
         data = f"Pretraining data not recorded ({info or f'no {health.PRETRAIN_DATA_NAME} in {pretrain}'})."
     machine = stages.get("settings", {}).get("machine") if isinstance(stages.get("settings"), Mapping) else None
     hardware = _pretrain_device(pretrain) + (f" ({machine})" if machine else "")
-    return Line(f"{data} Pretraining {_wall_time(pretrain, stages)} on {hardware}.", "provenance")
+    return Line(f"{data} Pretraining {_wall_time(pretrain, stages)} on {hardware}.", "provenance", PROVENANCE_ID)
 
 
 def headline_section(rows: Sequence[HeadlineRow], provenance: Line, fig_dir: Path, who: str = "VolTA-3D") -> Section:
