@@ -104,7 +104,7 @@ def plan(out: Path, shared: Path, *, quick: bool = False, workers: int = 2) -> l
     # Frozen-feature probes of the pretrained and of a random-init encoder, and of the raw volume
     # (z-scored, average-pooled to 16^3: the floor), on the same folds; the sex probes' training
     # fractions give the reduced-data curve. The random-init age probe makes the folds.
-    sources = {"random-init": [*cfg, "--random-init"], "volta3d": ["--encoder", enc],
+    sources = {"random-init": [*cfg, "--random-init"], "volta3d": [*cfg, "--encoder", enc],
                "raw-volume": [*cfg, "--raw-volume"]}  # fmt: skip
     for init, source in sources.items():
         emb = out / "embeddings" / f"{init}.npz"

@@ -56,7 +56,7 @@ def test_load_embeddings_accepts_raw_only_and_names_what_is_missing(tmp_path):
     assert set(data) == {"subject_id", "path", "raw"} and meta == {"init": "raw-volume"}
     bad = save_embeddings(tmp_path / "bad.npz", {"subject_id": ids, "other": np.zeros((2, 8))}, {})
     with pytest.raises(ValueError, match=r"bad.npz is not a volta3d embeddings file \(needs subject_id and one of "
-                                         r"mean, cls, raw arrays\)"):
+                                         r"mean, cls, tokens, raw arrays\)"):
         load_embeddings(bad)
 
 
@@ -118,3 +118,25 @@ def test_report_pairs_the_raw_floor_with_every_pretrained_probe_of_its_kind():
         ("probe-linear-cls (pretrained)", "probe-linear-raw (raw volume 16^3)"),
         ("probe-linear-mean (pretrained)", "probe-linear-raw (raw volume 16^3)"),
     ]
+
+
+def test_token_grid_embedding_is_the_flattened_patch_tokens(tmp_path):
+    import pandas as pd
+
+    from volta3d.data.dataset import VolumeDataset
+    from volta3d.downstream.embeddings import extract_embeddings
+    from volta3d.models.encoder import VolTAEncoder
+
+    torch.manual_seed(0)
+    images = torch.rand(3, 1, 32, 32, 32)
+    for i, image in enumerate(images):
+        np.save(tmp_path / f"v{i}.npy", image.numpy())
+    table = pd.DataFrame({"subject_id": [f"s{i}" for i in range(3)], "path": [str(tmp_path / f"v{i}.npy") for i in range(3)]})
+    encoder = VolTAEncoder(img_size=32, patch_size=16, hidden_size=16, mlp_dim=32, num_layers=1, num_heads=2)
+    emb = extract_embeddings(encoder, None, VolumeDataset(table), batch_size=2, progress=False, tokens=True)
+    with torch.no_grad():
+        expected = encoder.forward_features(images)["patch_tokens"]  # (3, 8, 16)
+    assert emb["tokens"].shape == (3, 8 * 16)
+    np.testing.assert_allclose(emb["tokens"], expected.flatten(1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(emb["mean"], expected.mean(1).numpy(), rtol=1e-5, atol=1e-6)
+    assert "tokens" not in extract_embeddings(encoder, None, VolumeDataset(table), progress=False)

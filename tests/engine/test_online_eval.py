@@ -14,7 +14,7 @@ from volta3d.engine.trainer import pretrain
 
 from .conftest import write_volume_folder
 
-EVAL = ["eval.labels=[sex,age]", "eval.every=2", "eval.n_splits=3", "probe.knn_k=3"]
+EVAL = ["eval.labels=[sex,age]", "eval.every=2", "eval.n_splits=3", "probe.knn_k=3", "probe.features=[cls,mean,tokens]"]
 
 
 def _labelled_folder(folder: Path, n: int = 12) -> Path:
@@ -41,7 +41,7 @@ def test_online_rows_have_references_and_teacher_steps(tiny_overrides, volume_fo
     assert set(rows.loc[rows["label"] == "sex", "metric"]) == {"auroc"}
     assert set(rows.loc[rows["label"] == "age", "metric"]) == {"mae"}
     assert set(rows.loc[rows["source"] == "raw", "feature"]) == {"raw"}
-    assert set(rows.loc[rows["source"] == "teacher", "feature"]) == {"cls", "mean"}
+    assert set(rows.loc[rows["source"] == "teacher", "feature"]) == {"cls", "mean", "tokens"}
     assert rows["value"].notna().all()
     assert (out / "online_eval_splits" / "sex.json").is_file()
     assert "online probe at step 3" in (out / "log.txt").read_text()
@@ -52,15 +52,18 @@ def test_online_probe_equals_offline_embed_and_probe(tiny_overrides, volume_fold
     out = _pretrain(tiny_overrides, volume_folder, eval_data, tmp_path / "run", "train.max_steps=2")
     online = pd.read_csv(out / "online_eval.csv")
     emb = tmp_path / "teacher.npz"
-    assert main(["embed", "--encoder", str(out), "--data", str(eval_data), "--output", str(emb), "--no-progress"]) == 0
+    features = "probe.features=[cls,mean,tokens]"
+    assert main(["embed", "--encoder", str(out), "--data", str(eval_data), "--output", str(emb), "--no-progress",
+                 features]) == 0  # fmt: skip
     for label in ("sex", "age"):
         probe_out = tmp_path / f"probe-{label}"
         code = main(["probe", "--embeddings", str(emb), "--data", str(eval_data), "--label", label, "--splits",
-                     str(out / "online_eval_splits" / f"{label}.json"), "--output", str(probe_out), "probe.knn_k=3"])
+                     str(out / "online_eval_splits" / f"{label}.json"), "--output", str(probe_out), "probe.knn_k=3",
+                     features])  # fmt: skip
         assert code == 0
         summary = pd.read_json(probe_out / "summary.json")
         for probe in ("linear", "knn"):
-            for feature in ("cls", "mean"):
+            for feature in ("cls", "mean", "tokens"):
                 mine = online[(online["step"] == 2) & (online["source"] == "teacher") & (online["label"] == label)
                               & (online["probe"] == probe) & (online["feature"] == feature)]["value"]  # fmt: skip
                 metric = "auroc" if label == "sex" else "mae"

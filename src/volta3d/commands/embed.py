@@ -16,8 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "embed",
         help="extract one embedding per scan from a frozen encoder (for probes)",
         description="Run a frozen encoder over every scan of a preprocessed folder and save, per scan, the "
-        "CLS-style summary (when the export has a summariser) and the mean patch token, with subject ids, "
-        "to an .npz file. --random-init gives the honest baseline: the same architecture, untrained. "
+        "CLS-style summary (when the export has a summariser) and the mean patch token (and the flattened "
+        "patch-token grid when probe.features lists 'tokens'), with subject ids, to an .npz file. --random-init gives the honest baseline: the same architecture, untrained. "
         "--raw-volume gives the floor: no network, each volume z-scored and average-pooled to a "
         "--raw-grid^3 grid.",
     )
@@ -70,9 +70,10 @@ def _encoder_embeddings(args: argparse.Namespace, cfg: Any, dataset: Any) -> tup
         summariser = CLSSummariser(**summ_kwargs) if summ_kwargs else None
         source = "random-init"
     emb = extract_embeddings(encoder, summariser, dataset, batch_size=cfg.probe.batch_size,
-                             device=resolve_device(cfg.device), progress=not args.no_progress)
+                             device=resolve_device(cfg.device), progress=not args.no_progress,
+                             tokens="tokens" in cfg.probe.features)  # fmt: skip
     meta = {"encoder": args.encoder, "init": source, "architecture": encoder.architecture,
-            "features": [k for k in ("cls", "mean") if k in emb]}
+            "features": [k for k in ("cls", "mean", "tokens") if k in emb]}
     return emb, meta
 
 

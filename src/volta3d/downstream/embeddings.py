@@ -21,7 +21,7 @@ from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.input_norm import standardise
 from volta3d.models.summariser import CLSSummariser
 
-FEATURES = ("mean", "cls", "raw")  # the feature arrays an embeddings file may hold
+FEATURES = ("mean", "cls", "tokens", "raw")  # the feature arrays an embeddings file may hold
 
 
 @torch.no_grad()
@@ -32,23 +32,31 @@ def extract_embeddings(
     batch_size: int = 2,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    tokens: bool = False,
 ) -> dict[str, np.ndarray]:
-    """``{"subject_id": (N,), "path": (N,), "mean": (N, E), "cls": (N, E) if a summariser}`` in dataset order."""
+    """``{"subject_id": (N,), "path": (N,), "mean": (N, E), "cls": (N, E) if a summariser}`` in dataset order,
+    and with ``tokens`` the whole patch-token grid, ``"tokens": (N, n * E)`` (tokens in the patch
+    embedding's d-major order): pooling to one vector discards where in the brain a feature sits,
+    which the raw-volume floor keeps, so the grid is the like-for-like learned counterpart."""
     device = torch.device(device)
     encoder.eval().to(device)
     if summariser is not None:
         summariser.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    mean, cls, index = [], [], []
+    mean, cls, grid, index = [], [], [], []
     for batch in tqdm(loader, desc="embed", unit="batch", disable=not progress, leave=False):
-        tokens = encoder.forward_features(batch["image"].to(device))["patch_tokens"]  # (B, N, E)
-        mean.append(tokens.mean(1).float().cpu())  # (B, N, E) -> (B, E)
+        patch = encoder.forward_features(batch["image"].to(device))["patch_tokens"]  # (B, N, E)
+        mean.append(patch.mean(1).float().cpu())  # (B, N, E) -> (B, E)
         if summariser is not None:
-            cls.append(summariser(tokens).float().cpu())  # (B, N, E) -> (B, E)
+            cls.append(summariser(patch).float().cpu())  # (B, N, E) -> (B, E)
+        if tokens:
+            grid.append(patch.flatten(1).float().cpu())  # (B, N, E) -> (B, N * E)
         index.append(torch.as_tensor(batch["index"]))
     out = {**_identities(dataset, index), "mean": torch.cat(mean).numpy()}
     if cls:
         out["cls"] = torch.cat(cls).numpy()
+    if grid:
+        out["tokens"] = torch.cat(grid).numpy()
     return out
 
 

@@ -1,7 +1,7 @@
 """Online evaluation while pretraining: frozen-feature probes of the teacher on a small labelled set.
 
-Every ``eval.every`` steps the teacher embeds the labelled volumes (CLS-style summary and mean patch
-token, exactly as ``volta3d embed`` does) and linear / kNN probes are cross-validated on fixed,
+Every ``eval.every`` steps the teacher embeds the labelled volumes (the ``probe.features``: CLS-style
+summary, mean patch token and/or the token grid, exactly as ``volta3d embed`` does) and linear / kNN probes are cross-validated on fixed,
 subject-grouped folds (exactly as ``volta3d probe`` does). The same probes of the initial weights and
 of the raw volume (z-scored, average-pooled to ``raw_grid``^3) are logged once as references: a
 representation that does not beat the raw pixels has learnt nothing a linear model could not read
@@ -45,6 +45,7 @@ class OnlineProbe:
     def __init__(
         self, data: str | Path, labels: Sequence[str], splits_dir: Path, *, n_splits: int = 5, raw_grid: int = 16,
         max_volumes: int = 0, seed: int = 0, batch_size: int = 4, probe_kwargs: Mapping[str, Any] | None = None,
+        features: Sequence[str] = ("cls", "mean"),
     ) -> None:  # fmt: skip
         if not labels:
             raise ValueError("eval.labels is empty: name at least one manifest column to probe (--eval-label)")
@@ -54,6 +55,7 @@ class OnlineProbe:
         self.dataset = VolumeDataset(table.reset_index(drop=True))
         self.batch_size, self.raw_grid, self.seed = batch_size, raw_grid, seed
         self.probe_kwargs = dict(probe_kwargs or {})
+        self.features = [f for f in features if f in ("cls", "mean", "tokens")]
         self.tasks = {name: self._task(name, splits_dir, n_splits) for name in labels}
 
     def _task(self, label: str, splits_dir: Path, n_splits: int) -> ProbeTask:
@@ -74,10 +76,11 @@ class OnlineProbe:
     ) -> list[dict[str, Any]]:
         """Probe an encoder's frozen features (restores its train/eval mode afterwards)."""
         modes = [(m, m.training) for m in (encoder, summariser) if m is not None]
-        emb = extract_embeddings(encoder, summariser, self.dataset, self.batch_size, device, progress=False)
+        emb = extract_embeddings(encoder, summariser, self.dataset, self.batch_size, device, progress=False,
+                                 tokens="tokens" in self.features)  # fmt: skip
         for module, was_training in modes:
             module.train(was_training)
-        return self._probe_all(step, source, {k: emb[k] for k in ("cls", "mean") if k in emb})
+        return self._probe_all(step, source, {k: emb[k] for k in self.features if k in emb})
 
     def evaluate_raw(self) -> list[dict[str, Any]]:
         """The raw-volume floor (step 0)."""

@@ -287,6 +287,7 @@ def _online_probe(
         cfg.eval.data, list(cfg.eval.labels), out / "online_eval_splits", n_splits=cfg.eval.n_splits,
         raw_grid=cfg.eval.raw_grid, max_volumes=cfg.eval.max_volumes, seed=cfg.seed, batch_size=pc.batch_size,
         probe_kwargs={"logreg_c": pc.logreg_c, "knn_k": pc.knn_k, "ridge_alpha": pc.ridge_alpha},
+        features=list(pc.features),
     )  # fmt: skip
     evaluation = OnlineEvaluation(probe, MetricsCSV(out / ONLINE_EVAL_NAME, keep_until_step=step), logger)
     if step == 0:
