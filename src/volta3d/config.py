@@ -14,6 +14,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from volta3d.config_rules import ConfigValueError, validate_config
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 RESOLVED_NAME = "config.yaml"
@@ -52,7 +54,8 @@ def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ())
     A file may name a base with a top-level ``defaults: [other]`` list (bundled names or paths),
     merged before it, so ``paper.yaml`` and ``tiny-cpu.yaml`` only list what they change.
     """
-    cfg = OmegaConf.load(DEFAULT_CONFIG)
+    defaults = OmegaConf.load(DEFAULT_CONFIG)
+    cfg = defaults.copy()
     OmegaConf.set_struct(cfg, True)
     for f in files:
         cfg = _merge_file(cfg, config_path(f), seen=set())
@@ -60,6 +63,10 @@ def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ())
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         cfg = _merge_strict(cfg, OmegaConf.from_dotlist([item]), f"command-line override '{item}'")
+    try:
+        validate_config(cfg, defaults)
+    except ConfigValueError as err:
+        raise ConfigError(str(err)) from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -229,32 +229,37 @@ def render_html(title: str, sections: list[Section], generated: str) -> str:
 # ----------------------------------------------------------------------------- Markdown
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+def _md(text: str) -> str:
+    """User-supplied strings (titles, labels, subject ids, model names) as inert Markdown: HTML is
+    escaped, so a renderer shows ``<script>`` instead of running it; ``](`` is broken up, so no link
+    or image can be formed; a ``|`` cannot end a table cell; one line. (Emphasis characters are left
+    alone: they can change how text looks, not what it does, and CIs keep their brackets.)"""
+    text = html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+    return text.replace("](", "]\\(")
 
 
 def _md_block(b: Block, out_dir: Path) -> list[str]:
     if isinstance(b, Table):
-        return [f"**{_cell(b.caption)}**", "", "| " + " | ".join(map(_cell, b.columns)) + " |",
-                "|" + "---|" * len(b.columns), *("| " + " | ".join(map(_cell, row)) + " |" for row in b.rows)]
+        return [f"**{_md(b.caption)}**", "", "| " + " | ".join(map(_md, b.columns)) + " |",
+                "|" + "---|" * len(b.columns), *("| " + " | ".join(map(_md, row)) + " |" for row in b.rows)]
     if isinstance(b, Figure):
-        return [f"![{_cell(b.caption)}]({b.path.relative_to(out_dir).as_posix()})"]
+        return [f"![{_md(b.caption)}]({b.path.relative_to(out_dir).as_posix()})"]
     if isinstance(b, Note):
-        return [f"*{b.text}*"]
+        return [f"*{_md(b.text)}*"]
     if isinstance(b, Alert):
-        return [f"> **Warning.** {b.text}"]
+        return [f"> **Warning.** {_md(b.text)}"]
     if isinstance(b, Heading):
-        return [f"### {b.text}"]
+        return [f"### {_md(b.text)}"]
     if isinstance(b, Line):
-        return [b.text]
-    return [b]
+        return [_md(b.text)]
+    return [_md(b)]
 
 
 def render_markdown(title: str, sections: list[Section], generated: str, out_dir: Path) -> str:
-    lines = [f"# {title}", "", generated, ""]
-    lines += [line for a in alerts(sections) for line in (f"> **Warning.** {a.text}", "")]
+    lines = [f"# {_md(title)}", "", _md(generated), ""]
+    lines += [line for a in alerts(sections) for line in (f"> **Warning.** {_md(a.text)}", "")]
     for s in sections:
-        lines += [f"## {s.title}", ""]
+        lines += [f"## {_md(s.title)}", ""]
         for b in s.blocks:
             lines += [*_md_block(b, out_dir), ""]
     return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""Value checks for a merged configuration: a wrong type, an out-of-range number or an unknown choice
+is a one-line ``ConfigError`` naming the key, raised before any work starts.
+
+Types come from ``default.yaml`` itself (a key whose default is a number takes a number, a boolean
+takes a boolean, a list a list; ``null`` defaults take anything), so a new key is type-checked
+without being listed here. Ranges and choices are listed for the keys where a wrong value would
+otherwise run and give nonsense (``optim.lr=-1``, ``train.precision=fp8``) or fail deep inside a
+run (``train.log_every=0``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+POSITIVE = ("optim.lr", "classify.lr", "segment.lr", "loss.student_temp", "loss.teacher_temp",
+            "loss.warmup_teacher_temp", "loss.teacher_patch_temp", "loss.warmup_teacher_patch_temp",
+            "preprocess.spacing", "probe.logreg_c")  # fmt: skip
+NON_NEGATIVE = ("optim.min_lr", "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad",
+                "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "loss.global_weight", "loss.local_weight",
+                "loss.rec_weight", "loss.koleo_weight", "loss.warmup_teacher_temp_epochs", "classify.weight_decay",
+                "segment.weight_decay", "probe.ridge_alpha", "views.noise_std", "views.bias_field_coeff",
+                "views.intensity_scale", "views.intensity_shift", "model.dropout", "train.max_steps",
+                "eval.max_volumes", "train.num_workers", "classify.num_workers", "segment.num_workers",
+                "classify.unfreeze_last")  # fmt: skip
+UNIT_INTERVAL = ("optim.momentum_teacher", "optim.momentum_teacher_end", "loss.center_momentum", "masking.ratio",
+                 "views.flip_prob", "views.gamma_prob", "views.contrast_prob", "views.noise_prob",
+                 "views.bias_field_prob", "train.collapse_max_cosine", "segment.pos_fraction", "segment.val_fraction",
+                 "segment.holdout_fraction", "segment.sw_overlap")  # fmt: skip
+AT_LEAST = {  # integer counts and their smallest sensible value
+    "seed": 0, "optim.epochs": 1, "optim.batch_size": 1, "optim.accum_steps": 1, "head.out_dim": 1,
+    "head.hidden_dim": 1, "head.bottleneck_dim": 1, "head.nlayers": 1, "model.img_size": 1, "model.patch_size": 1,
+    "model.hidden_size": 1, "model.mlp_dim": 1, "model.num_layers": 1, "model.num_heads": 1, "model.in_channels": 1,
+    "model.summariser_heads": 1, "views.global_size": 1, "views.local_size": 1, "views.n_local": 0,
+    "masking.block_size": 1, "loss.sinkhorn_iterations": 1, "train.log_every": 1, "train.checkpoint_every": 1,
+    "train.collapse_patience": 1, "train.rank_buffer": 2, "eval.every": 1, "eval.n_splits": 2, "eval.raw_grid": 1,
+    "classify.epochs": 1, "classify.batch_size": 1, "classify.n_splits": 2, "segment.epochs": 1,
+    "segment.batch_size": 1, "segment.samples_per_volume": 1, "segment.val_every": 1, "segment.n_splits": 2,
+    "segment.sw_batch_size": 1, "segment.crop_size": 1, "probe.batch_size": 1, "probe.knn_k": 1, "probe.n_splits": 2,
+}  # fmt: skip
+CHOICES = {
+    "train.precision": ("auto", "fp32", "bf16"), "loss.centering": ("ema", "sinkhorn"),
+    "loss.local_tokens": ("all", "masked"), "masking.fill": ("noise", "zeros"), "masking.block_shape": ("cube", "random"),
+    "optim.lr_scaling": ("linear", "sqrt", "none"), "model.input_norm": ("zscore", "none"),
+    "preprocess.intensity": ("minmax", "percentile"), "preprocess.crop": ("center", "foreground"),
+    "preprocess.dtype": ("float16", "float32"), "classify.model": ("vit", "swin"),
+    "classify.task": ("auto", "classification", "regression"), "classify.pooling": ("cls", "mean"),
+    "classify.mode": ("frozen", "partial", "full"), "classify.regression_loss": ("mse", "l1"),
+    "segment.model": ("unetr", "unet"), "segment.split": ("holdout", "kfold"),
+}  # fmt: skip
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class ConfigValueError(ValueError):
+    """A config value of the wrong type or out of range (a ``ConfigError`` is raised from it)."""
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _type_error(key: str, default: Any, value: Any) -> str | None:
+    if default is None:
+        return None  # a null default (an optional value) accepts anything
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if _is_number(default):
+        return None if _is_number(value) else "must be a finite number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "must be a string"
+    if isinstance(default, list):
+        return None if isinstance(value, list) else "must be a list, e.g. [a, b]"
+    return None
+
+
+def _range_error(key: str, value: Any) -> str | None:
+    if key in AT_LEAST and (not isinstance(value, int) or isinstance(value, bool) or value < AT_LEAST[key]):
+        return f"must be an integer >= {AT_LEAST[key]}"
+    if key in POSITIVE and not value > 0:
+        return "must be > 0"
+    if key in NON_NEGATIVE and not value >= 0:
+        return "must be >= 0"
+    if key in UNIT_INTERVAL and not 0 <= value <= 1:
+        return "must be in [0, 1]"
+    if key in CHOICES and value not in CHOICES[key]:
+        return f"must be one of {', '.join(CHOICES[key])}"
+    if key == "device" and not DEVICE.match(str(value)):
+        return "must be auto, cpu, cuda or cuda:N"
+    return None
+
+
+def validate_config(cfg: DictConfig, defaults: DictConfig) -> None:
+    """Raise ``ConfigValueError`` naming the first key whose value has the wrong type or range."""
+    merged = OmegaConf.to_container(cfg, resolve=True)
+    base = dict(_leaves(OmegaConf.to_container(defaults, resolve=True)))
+    for key, value in _leaves(merged):
+        problem = _type_error(key, base.get(key), value) or (_range_error(key, value) if value is not None else None)
+        if problem:
+            raise ConfigValueError(f"config value {key}={value!r} {problem}")
