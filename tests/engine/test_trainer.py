@@ -120,3 +120,20 @@ def test_koleo_and_sinkhorn_options_train(tiny_overrides, volume_folder, tmp_pat
     with pytest.raises(ValueError, match="koleo_weight > 0 needs optim.batch_size >= 2"):
         _run(tiny_overrides, volume_folder, tmp_path / "b1", "train.max_steps=1", "loss.koleo_weight=0.1",
              "optim.batch_size=1")  # fmt: skip
+
+
+def test_non_finite_loss_is_one_line_in_the_cli_and_in_the_log(tiny_overrides, volume_folder, tmp_path, monkeypatch,
+                                                                capsys):  # fmt: skip
+    real = VolTA3D.compute_losses
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(VolTA3D, "compute_losses", poisoned)
+    out = tmp_path / "nan"
+    code = main(["pretrain", "--data", str(volume_folder), "--output", str(out), "--no-progress", *tiny_overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "non-finite loss at optimiser step 0" in err[-1] and "new --output folder" in err[-1]
+    assert "non-finite loss at optimiser step 0" in (out / "log.txt").read_text()

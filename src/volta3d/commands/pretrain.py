@@ -38,8 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from volta3d.cli import CommandError
     from volta3d.engine.distributed import cleanup
-    from volta3d.engine.trainer import pretrain  # heavy imports only when the command runs
+    from volta3d.engine.trainer import (  # heavy imports only when the command runs
+        NonFiniteLossError,
+        pretrain,
+    )
 
     overrides = list(args.overrides)
     if args.eval_data:
@@ -49,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     try:
         pretrain(cfg, args.data, args.output, progress=not args.no_progress)
+    except NonFiniteLossError as err:  # a diverged run is reported like bad input: one line, exit 2
+        raise CommandError(str(err)) from None
     finally:
         # under torchrun: destroy the process group before interpreter shutdown tears down its threads
         # (an alive gloo group at exit intermittently aborts with "terminate called without an active exception")

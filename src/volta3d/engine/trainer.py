@@ -134,8 +134,12 @@ def pretrain(
         batches = iter(loader)
         while step < last_step and step // steps_per_epoch == epoch:
             t0 = time.perf_counter()
-            row, embeddings = train_step(model, student, optimizer, schedules, step, batches, accum, device, cfg,
-                                         dist_info)  # fmt: skip
+            try:
+                row, embeddings = train_step(model, student, optimizer, schedules, step, batches, accum, device, cfg,
+                                             dist_info)  # fmt: skip
+            except NonFiniteLossError as err:
+                logger.error("%s", err)  # into log.txt too, beside the run's other records
+                raise
             step += 1
             row.update(step=step, epoch=epoch, seconds_per_step=time.perf_counter() - t0, **model.centre_norms())
             health.observe(step, row, embeddings)
@@ -203,7 +207,8 @@ def train_step(
                 parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items() if k.startswith("loss_"))
                 raise NonFiniteLossError(
                     f"non-finite loss at optimiser step {step} ({parts}); stopped without saving, the last good "
-                    "checkpoint is kept. Lower optim.lr or loss.teacher_temp, or use train.precision=fp32"
+                    "checkpoint is kept. A resume must keep the settings: to change them (a lower optim.lr or "
+                    "loss.teacher_temp, or train.precision=fp32) start a new --output folder"
                 )
             (out["loss"] / accum).backward()
         for name, (sum_, count) in out["center_stats"].items():
