@@ -125,3 +125,18 @@ class CollapseMonitor:
                     row.get("teacher_marginal_entropy", math.nan), self.log_k, row.get("student_cls_cosine", math.nan),
                 )  # fmt: skip
         return int(bool(firing))
+
+
+class HealthTracker:
+    """Adds the rolling effective ranks and the collapse alarm to each logged step's row."""
+
+    def __init__(
+        self, log_k: float, logger: Any, *, rank_buffer: int, collapse_patience: int, collapse_max_cosine: float
+    ) -> None:  # the train.* keys of the same names
+        self.ranks = {name: RollingRank(rank_buffer) for name in ("cls", "patch")}
+        self.alarm = CollapseMonitor(log_k, collapse_patience, logger, collapse_max_cosine)
+
+    def observe(self, step: int, row: dict[str, float], embeddings: Mapping[str, torch.Tensor]) -> None:
+        for name, rows in embeddings.items():
+            row[f"{name}_rank"] = self.ranks[name].add(rows)
+        row["collapse_alarm"] = self.alarm.observe(step, row)

@@ -18,14 +18,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import DictConfig
 
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.downstream.embeddings import extract_embeddings, extract_raw_embeddings
 from volta3d.downstream.labels import LabelSet, prepare_labels
 from volta3d.downstream.probes import run_probe
+from volta3d.evaluation.pretrain_health import ONLINE_EVAL_NAME
 from volta3d.evaluation.splits import load_splits, make_kfold_splits, save_splits
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.summariser import CLSSummariser
+from volta3d.runtime import MetricsCSV
 
 PROBES = ("linear", "knn")
 
@@ -108,3 +111,48 @@ def summarise_online(rows: Sequence[Mapping[str, Any]]) -> str:
         best = group.groupby("source")["value"].min() if metric == "mae" else group.groupby("source")["value"].max()
         parts.append(f"{label} {metric} " + " / ".join(f"{s} {v:.3f}" for s, v in best.items()))
     return "; ".join(parts)
+
+
+class OnlineEvaluation:
+    """Runs the online probe during training and appends its rows to online_eval.csv."""
+
+    def __init__(self, probe: OnlineProbe, csv: MetricsCSV, logger: Any) -> None:
+        self.probe, self.csv, self.logger = probe, csv, logger
+        self.references = [{**r, "value": float(r["value"])} for r in csv.read() if r["source"] != "teacher"]
+
+    def start(self, teacher: torch.nn.Module, device: torch.device) -> None:
+        """Step 0 of a fresh run: the initial weights and the raw volume, the two references."""
+        with torch.random.fork_rng(devices=[]):  # evaluating must not change the training's random stream
+            rows = self.probe.evaluate(0, "init", teacher.encoder, teacher.summariser, device)
+            rows += self.probe.evaluate_raw()
+        for r in rows:
+            self.csv.write(r)
+        self.references = rows
+        self.logger.info("online probe at step 0: %s", summarise_online(rows))
+
+    def run(self, step: int, teacher: torch.nn.Module, device: torch.device) -> None:
+        with torch.random.fork_rng(devices=[]):
+            rows = self.probe.evaluate(step, "teacher", teacher.encoder, teacher.summariser, device)
+        for r in rows:
+            self.csv.write(r)
+        self.logger.info("online probe at step %d: %s", step, summarise_online(rows + self.references))
+
+
+def online_evaluation(
+    cfg: DictConfig, out: Path, step: int, teacher: torch.nn.Module, device: torch.device, logger: Any
+) -> OnlineEvaluation | None:
+    """The run's online evaluation from the ``eval:`` and ``probe:`` sections (None without ``eval.data``);
+    a fresh run (step 0) logs the two references first, a resumed one reads them back."""
+    if not cfg.eval.data:
+        return None
+    pc = cfg.probe
+    probe = OnlineProbe(
+        cfg.eval.data, list(cfg.eval.labels), out / "online_eval_splits", n_splits=cfg.eval.n_splits,
+        raw_grid=cfg.eval.raw_grid, max_volumes=cfg.eval.max_volumes, seed=cfg.seed, batch_size=pc.batch_size,
+        probe_kwargs={"logreg_c": pc.logreg_c, "knn_k": pc.knn_k, "ridge_alpha": pc.ridge_alpha},
+        features=list(pc.features),
+    )  # fmt: skip
+    evaluation = OnlineEvaluation(probe, MetricsCSV(out / ONLINE_EVAL_NAME, keep_until_step=step), logger)
+    if step == 0:
+        evaluation.start(teacher, device)
+    return evaluation

@@ -28,9 +28,9 @@ from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.data.views import PretrainViewsDataset, build_views, collate_views
 from volta3d.engine.checkpoint import load_checkpoint, save_checkpoint
 from volta3d.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from volta3d.engine.health import CollapseMonitor, RollingRank
+from volta3d.engine.health import HealthTracker
 from volta3d.engine.meta_arch import VolTA3D, build_volta3d
-from volta3d.engine.online_eval import OnlineProbe, summarise_online
+from volta3d.engine.online_eval import online_evaluation
 from volta3d.engine.optim import (
     apply_schedule_values,
     build_optimizer,
@@ -39,7 +39,7 @@ from volta3d.engine.optim import (
 )
 from volta3d.engine.sampler import ResumableSampler
 from volta3d.engine.schedules import Schedules, build_schedules, scaled_lr
-from volta3d.evaluation.pretrain_health import ONLINE_EVAL_NAME, PRETRAIN_DATA_NAME
+from volta3d.evaluation.pretrain_health import PRETRAIN_DATA_NAME
 from volta3d.models.export import save_encoder_export
 from volta3d.runtime import MetricsCSV, atomic_write, resolve_device, seed_everything, setup_logging
 
@@ -119,8 +119,9 @@ def pretrain(
     student = _wrap_student(model, device, dist_info)
     metrics = MetricsCSV(out / "metrics.csv", keep_until_step=step) if dist_info.is_main else None
     board = _tensorboard(out) if (dist_info.is_main and cfg.train.tensorboard) else None
-    health = HealthTracker(model.log_k, cfg.train, logger)
-    online = _online_probe(cfg, out, step, model, device, logger) if dist_info.is_main else None
+    health = HealthTracker(model.log_k, logger, **{k: cfg.train[k] for k in ("rank_buffer", "collapse_patience",
+                                                                          "collapse_max_cosine")})
+    online = online_evaluation(cfg, out, step, model.teacher, device, logger) if dist_info.is_main else None
 
     bar = tqdm(total=last_step, initial=step, desc="pretrain", unit="step", disable=not (progress and dist_info.is_main))
     # without the bar, a log line with the ETA about every 5 % of the run
@@ -244,62 +245,6 @@ def train_step(
     return logged, out["embeddings"]
 
 
-class HealthTracker:
-    """Adds the rolling effective ranks and the collapse alarm to each step's row (engine/health.py)."""
-
-    def __init__(self, log_k: float, train_section: Any, logger: Any) -> None:
-        self.ranks = {name: RollingRank(train_section.rank_buffer) for name in ("cls", "patch")}
-        self.alarm = CollapseMonitor(log_k, train_section.collapse_patience, logger, train_section.collapse_max_cosine)
-
-    def observe(self, step: int, row: dict[str, float], embeddings: Mapping[str, torch.Tensor]) -> None:
-        for name, rows in embeddings.items():
-            row[f"{name}_rank"] = self.ranks[name].add(rows)
-        row["collapse_alarm"] = self.alarm.observe(step, row)
-
-
-class OnlineEvaluation:
-    """Runs the online probe (engine/online_eval.py) and appends its rows to online_eval.csv."""
-
-    def __init__(self, probe: OnlineProbe, csv: MetricsCSV, logger: Any) -> None:
-        self.probe, self.csv, self.logger = probe, csv, logger
-        self.references = [{**r, "value": float(r["value"])} for r in csv.read() if r["source"] != "teacher"]
-
-    def start(self, teacher: torch.nn.Module, device: torch.device) -> None:
-        """Step 0 of a fresh run: the initial weights and the raw volume, the two references."""
-        with torch.random.fork_rng(devices=[]):  # evaluating must not change the training's random stream
-            rows = self.probe.evaluate(0, "init", teacher.encoder, teacher.summariser, device)
-            rows += self.probe.evaluate_raw()
-        for r in rows:
-            self.csv.write(r)
-        self.references = rows
-        self.logger.info("online probe at step 0: %s", summarise_online(rows))
-
-    def run(self, step: int, teacher: torch.nn.Module, device: torch.device) -> None:
-        with torch.random.fork_rng(devices=[]):
-            rows = self.probe.evaluate(step, "teacher", teacher.encoder, teacher.summariser, device)
-        for r in rows:
-            self.csv.write(r)
-        self.logger.info("online probe at step %d: %s", step, summarise_online(rows + self.references))
-
-
-def _online_probe(
-    cfg: DictConfig, out: Path, step: int, model: VolTA3D, device: torch.device, logger: Any
-) -> OnlineEvaluation | None:
-    if not cfg.eval.data:
-        return None
-    pc = cfg.probe
-    probe = OnlineProbe(
-        cfg.eval.data, list(cfg.eval.labels), out / "online_eval_splits", n_splits=cfg.eval.n_splits,
-        raw_grid=cfg.eval.raw_grid, max_volumes=cfg.eval.max_volumes, seed=cfg.seed, batch_size=pc.batch_size,
-        probe_kwargs={"logreg_c": pc.logreg_c, "knn_k": pc.knn_k, "ridge_alpha": pc.ridge_alpha},
-        features=list(pc.features),
-    )  # fmt: skip
-    evaluation = OnlineEvaluation(probe, MetricsCSV(out / ONLINE_EVAL_NAME, keep_until_step=step), logger)
-    if step == 0:
-        evaluation.start(model.teacher, device)
-    return evaluation
-
-
 def _validate(cfg: DictConfig) -> None:
     if cfg.loss.rec_weight > 0 and cfg.masking.ratio <= 0:
         raise ValueError("loss.rec_weight > 0 needs GMML masking: set masking.ratio > 0 (or loss.rec_weight=0)")
@@ -417,4 +362,4 @@ def _tensorboard(out: Path) -> Any:
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-__all__ = ["pretrain", "NonFiniteLossError", "HealthTracker"]
+__all__ = ["pretrain", "NonFiniteLossError"]
