@@ -41,6 +41,7 @@ AT_LEAST = {  # integer counts and their smallest sensible value
     "classify.epochs": 1, "classify.batch_size": 1, "classify.n_splits": 2, "segment.epochs": 1,
     "segment.batch_size": 1, "segment.samples_per_volume": 1, "segment.val_every": 1, "segment.n_splits": 2,
     "segment.sw_batch_size": 1, "segment.crop_size": 1, "probe.batch_size": 1, "probe.knn_k": 1, "probe.n_splits": 2,
+    "preprocess.max_voxels": 1,
 }  # fmt: skip
 CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"), "loss.centering": ("ema", "sinkhorn"),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import logging
 import os
 import random
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -37,13 +39,61 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _current_umask() -> int:
+    """The process umask, read from /proc where possible: ``os.umask`` can only read it by setting
+    it, which briefly exposes other threads' new files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_prefix(path: Path, pid: int) -> str:
+    return f".{path.name}.{socket.gethostname()}.{pid}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the temporary files of ``path`` left by writers on this host that were killed mid-write
+    (their process is gone), so a kill during a checkpoint write does not leave its size on disk for ever.
+    Temporaries of live writers, or written on other hosts sharing the folder, are left alone."""
+    host_prefix = f".{path.name}.{socket.gethostname()}."
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        rest = tmp.name[len(host_prefix) :] if tmp.name.startswith(host_prefix) else ""
+        pid = rest.split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     """Write through a temporary file in the same folder, fsync, then rename: readers never see half
-    a file, and a crash leaves the previous version intact. ``write`` gets a binary file handle."""
+    a file, and a crash leaves the previous version intact. ``write`` gets a binary file handle.
+
+    The file gets the mode a plain ``open`` would (0666 less the umask; ``mkstemp`` alone gives 0600),
+    and temporaries of earlier writers that were killed are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path, os.getpid()), suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -138,7 +138,8 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_rest_goes_on(tmp_path):
     assert (summary.accepted, summary.rejected) == (2, len(reasons))
     assert sorted(pd.read_csv(tmp_path / "out/manifest.csv").subject_id) == ["s0", "s1"]
     rejected = pd.read_csv(tmp_path / "out/rejected.csv")
-    assert list(rejected.columns) == ["source", "reason"]
+    assert list(rejected.columns) == ["subject_id", "source", "label_source", "reason"]
+    assert list(rejected.subject_id.astype(str)) == list(reasons)
     sources = [s.source for s in find_scans(csv) if s.subject_id in reasons]
     assert list(rejected.source) == sources  # input order, one row each
     for reason, (sid, expected) in zip(rejected.reason, reasons.items(), strict=True):

@@ -256,3 +256,33 @@ def test_corrupt_safetensors_is_rejected(tmp_path):
     weights.write_bytes(b"\xff" * 64)
     with pytest.raises(EncoderLoadError, match="cannot read encoder weights"):
         read_encoder_export(tmp_path)
+
+
+def _rewrite_meta(folder, **changes) -> None:
+    meta = json.loads((folder / "encoder.json").read_text())
+    meta.update(changes)
+    (folder / "encoder.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_layers": 100, "hidden_size": 8192, "mlp_dim": 32768}, "claims num_layers=100 but the weights hold 2"),
+        ({"hidden_size": 8192, "num_heads": 4}, "claims hidden_size=8192 but the weights have width 32"),
+        ({"mlp_dim": 4096}, r"do not fit the architecture encoder.json describes: shape mismatch: .*mlp"),
+        ({"hidden_size": "32"}, "hidden_size must be a positive integer, got '32'"),
+    ],
+)
+def test_metadata_is_checked_against_the_weights_before_allocating(tmp_path, monkeypatch, changes, message):
+    save_encoder_export(tmp_path, perturbed_encoder(**TINY), None)
+    _rewrite_meta(tmp_path, **changes)
+    real_init = VolTAEncoder.__init__
+
+    def spy(self, *args, **kwargs):  # only the shape-only meta-device build may run before the check
+        if torch.empty(0).device.type != "meta":
+            raise AssertionError("a real encoder was built (memory allocated) before the metadata check")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(VolTAEncoder, "__init__", spy)
+    with pytest.raises(EncoderLoadError, match=message):
+        build_from_export(tmp_path)

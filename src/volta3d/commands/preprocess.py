@@ -124,4 +124,10 @@ def run(args: argparse.Namespace) -> int:
         "%d accepted, %d rejected (%d computed, %d cached) in %.1f s -> %s",
         summary.accepted, summary.rejected, summary.processed, summary.skipped, summary.seconds, summary.manifest,
     )  # fmt: skip
+    if summary.errors:
+        log.error(
+            "%d scan(s) failed for a reason other than their data (see %s; a re-run retries them)",
+            summary.errors, summary.rejected_csv,
+        )  # fmt: skip
+        return 1
     return 0

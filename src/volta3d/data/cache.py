@@ -113,6 +113,32 @@ def is_current(
     if not same:
         return False
     if record.get("status") == "ok":
-        needed = [record["path"]] + ([record["label_path"]] if record.get("label_path") else [])
-        return all((out_dir / p).exists() for p in needed)
+        needed = [record.get("path")] + ([record["label_path"]] if record.get("label_path") else [])
+        sizes = record.get("sizes")
+        if not isinstance(sizes, dict):
+            return False  # a record from before sizes were kept, or edited: recompute
+        return all(volume_intact(out_dir, p, sizes.get(str(p))) for p in needed)
     return record.get("status") == "rejected"
+
+
+def inside_volumes(out_dir: Path, rel: object) -> Path | None:
+    """The cached file a record names, or None when the name leaves ``out_dir/volumes`` (a record
+    must never make the manifest point at, or a re-run trust, a file elsewhere)."""
+    if not isinstance(rel, str) or not rel.startswith(f"{VOLUMES_DIR}/") or Path(rel).is_absolute():
+        return None
+    root = (out_dir / VOLUMES_DIR).resolve()
+    path = (out_dir / rel).resolve()
+    return path if path.parent == root else None
+
+
+def volume_intact(out_dir: Path, rel: object, size: object) -> bool:
+    """A cached ``.npy`` counts only when it sits under the cache, has the size it was written with
+    and its header parses: a truncated or overwritten file is recomputed, not trusted."""
+    path = inside_volumes(out_dir, rel)
+    if path is None or not path.is_file() or path.stat().st_size != size:
+        return False
+    try:
+        np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return False
+    return True

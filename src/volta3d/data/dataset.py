@@ -46,6 +46,18 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return table
 
 
+def load_volume(path: str, subject_id: object) -> np.ndarray:
+    """``np.load`` of a cached volume; a missing, truncated or foreign file is a one-line error naming
+    it (and the subject), not a bare numpy traceback from inside a DataLoader worker."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(
+            f"cannot read cached volume {path} (subject {subject_id}): {reason}; re-run volta3d preprocess"
+        ) from None
+
+
 class VolumeDataset(Dataset):
     """Items ``{"image": (1, D, H, W) float32, "subject_id", "index", <label columns>[, "mask": (1, D, H, W) int64]}``.
 
@@ -82,7 +94,7 @@ class VolumeDataset(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         row = self.table.iloc[i]
-        image = np.load(row["path"])  # (1, D, H, W) float16/float32 on disk
+        image = load_volume(row["path"], row["subject_id"])  # (1, D, H, W) float16/float32 on disk
         item: dict[str, Any] = {
             "image": torch.from_numpy(image.astype(np.float32, copy=False)),
             "subject_id": str(row["subject_id"]),
@@ -92,5 +104,7 @@ class VolumeDataset(Dataset):
             value = row[col]
             item[col] = value.item() if isinstance(value, np.generic) else value
         if self.with_mask:
-            item["mask"] = torch.from_numpy(np.load(row["label_path"]).astype(np.int64))
+            item["mask"] = torch.from_numpy(
+                load_volume(row["label_path"], row["subject_id"]).astype(np.int64)
+            )
         return self.transform(item) if self.transform is not None else item

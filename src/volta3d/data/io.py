@@ -10,20 +10,40 @@ so the batch preprocessor can record it in ``rejected.csv`` and go on.
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pydicom
+from nibabel.openers import ImageOpener
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# 512^3: twice the edge of a 0.5 mm whole-head scan; 0.5 GB as float32. Headers declaring more are
+# refused before any voxel is read (a 4 KB file can declare terabytes).
+MAX_VOXELS = 512**3
 
 
 class ScanError(ValueError):
     """A scan that cannot be used; the message is the reason written to ``rejected.csv``."""
+
+
+class ScanTooLarge(ScanError):
+    """A scan over the configured voxel limit: rejected, but not cached, so raising the limit retries it."""
+
+
+def check_voxel_count(shape: tuple[int, ...], name: str, max_voxels: int, what: str = "declares") -> None:
+    """Refuse a grid of more than ``max_voxels`` voxels before anything of that size is allocated."""
+    count = int(np.prod([int(n) for n in shape], dtype=object))
+    if count > max_voxels:
+        raise ScanTooLarge(
+            f"{name}: {what} {' x '.join(str(int(n)) for n in shape)} = {count:,} voxels, over the limit of "
+            f"{max_voxels:,} (preprocess.max_voxels)"
+        )
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -47,32 +67,77 @@ def make_meta(affine: np.ndarray) -> dict[str, Any]:
     }
 
 
-def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+def read_volume(path: str | Path, max_voxels: int = MAX_VOXELS) -> tuple[np.ndarray, dict[str, Any]]:
     """Read a NIfTI file or a DICOM series folder.
 
     Returns ``(array, meta)`` with ``array`` of shape ``(1, D, H, W)`` float32 (file axis order;
     reorientation happens later, from ``meta['affine']``). Raises :class:`ScanError`.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ScanError(_broken_link_reason(path))
     if not path.exists():
         raise ScanError(f"file not found: {path}")
     if path.is_dir():
-        return read_dicom_series(path)
+        return read_dicom_series(path, max_voxels)
     if path.suffix.lower() == ".dcm":
         raise ScanError(f"{path.name} is a single DICOM file; give the folder that holds the whole series")
-    return read_nifti(path)
+    return read_nifti(path, max_voxels)
 
 
-def read_nifti(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _broken_link_reason(path: Path) -> str:
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return f"{path.name}: symbolic link loop"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"{path.name}: symbolic link loop"
+    return f"{path.name}: dangling symbolic link (to {os.readlink(path)}, which does not exist)"
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one line for rejected.csv (some libraries put newlines in messages)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def read_nifti(path: Path, max_voxels: int = MAX_VOXELS) -> tuple[np.ndarray, dict[str, Any]]:
     """NIfTI (or any format nibabel reads): ``(1, D, H, W)`` float32 + meta."""
     try:
         img = nib.load(str(path))
+    except Exception as err:
+        raise ScanError(f"cannot read {path.name} (truncated or corrupt?): {_one_line(err)}") from None
+    check_voxel_count(img.shape, path.name, max_voxels)
+    _check_nifti_header(img, path)
+    try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as err:  # nibabel raises many types (EOFError, zlib.error, ImageFileError, ...)
-        raise ScanError(
-            f"cannot read {path.name} (truncated or corrupt?): {type(err).__name__}: {err}"
-        ) from None
+        raise ScanError(f"cannot read {path.name} (truncated or corrupt?): {_one_line(err)}") from None
     return _as_channel_first(data, path.name), make_meta(img.affine)
+
+
+def _check_nifti_header(img: Any, path: Path) -> None:
+    """Refuse what nibabel would otherwise convert silently: complex or RGB voxels (a float32 cast
+    drops the imaginary part), and voxel sizes of 0 or < 0 that the affine depends on (nibabel
+    patches them to 1 / abs on load, so the raw header is read again, unchecked)."""
+    dtype = img.get_data_dtype()
+    if dtype.kind == "c":
+        raise ScanError(f"{path.name}: complex-valued voxels ({dtype}); give a magnitude (real) image")
+    if dtype.fields is not None:
+        raise ScanError(f"{path.name}: structured voxels ({dtype}, e.g. RGB); give a single-channel image")
+    header = img.header
+    if not isinstance(header, nib.Nifti1Header) or int(header["sform_code"]) > 0:
+        return  # an sform affine does not use pixdim
+    with ImageOpener(str(path)) as f:
+        raw = type(header).from_fileobj(f, check=False)
+    ndim = min(3, int(raw["dim"][0]))
+    pixdim = [float(v) for v in raw["pixdim"][1 : 1 + ndim]]
+    if not all(np.isfinite(v) and v > 0 for v in pixdim):
+        raise ScanError(
+            f"{path.name}: voxel size (pixdim) {pixdim} is not positive and the header has no sform "
+            "affine to take it from"
+        )
 
 
 def _as_channel_first(data: np.ndarray, name: str) -> np.ndarray:
@@ -90,7 +155,7 @@ def _as_channel_first(data: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(data)[None]
 
 
-def read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def read_dicom_series(folder: Path, max_voxels: int = MAX_VOXELS) -> tuple[np.ndarray, dict[str, Any]]:
     """One folder = one DICOM series: validate, sort slices along their normal, stack.
 
     Hand-written rather than MONAI's ``PydicomReader`` because that reader orders slices by
@@ -102,18 +167,7 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
     direction, slice normal), converted from DICOM's LPS to RAS.
     """
     headers = _read_headers(folder)
-    uids = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
-    if len(uids) > 1:
-        raise ScanError(
-            f"{folder.name}: folder mixes {len(uids)} DICOM series (SeriesInstanceUID {', '.join(uids)}); "
-            "put one series per folder"
-        )
-    if len(headers) < 2:
-        raise ScanError(f"{folder.name}: a single DICOM slice is a 2D image; a 3D series is needed")
-    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-        missing = [f.name for f, ds in headers if tag not in ds]
-        if missing:
-            raise ScanError(f"{folder.name}: DICOM tag {tag} missing in {missing[0]}")
+    _check_series_headers(folder, headers)
 
     orient = np.array([float(v) for v in headers[0][1].ImageOrientationPatient])
     for f, ds in headers:
@@ -135,6 +189,10 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
             "missing or extra slices"
         )
 
+    first = headers[0][1]
+    check_voxel_count(
+        (getattr(first, "Rows", 0), getattr(first, "Columns", 0), len(headers)), folder.name, max_voxels
+    )
     slices = []
     for f, _ in headers:
         try:
@@ -160,6 +218,43 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
     return np.ascontiguousarray(volume)[None], make_meta(affine)
 
 
+def _check_series_headers(folder: Path, headers: list[tuple[Path, pydicom.Dataset]]) -> None:
+    """One series, at least two slices, the geometry tags present. A header cut short loses its
+    last tags or has them truncated, so before blaming the series the files are checked for that."""
+    uids = sorted({str(getattr(ds, "SeriesInstanceUID", "")).strip() for _, ds in headers})
+    if len(uids) > 1 or uids == [""]:
+        _raise_if_truncated(folder, headers)
+        if "" in uids:
+            f = next(f for f, ds in headers if not str(getattr(ds, "SeriesInstanceUID", "")).strip())
+            raise ScanError(f"{folder.name}: DICOM header of {f.name} has no SeriesInstanceUID")
+        raise ScanError(
+            f"{folder.name}: folder mixes {len(uids)} DICOM series (SeriesInstanceUID {', '.join(uids)}); "
+            "put one series per folder"
+        )
+    if len(headers) < 2:
+        raise ScanError(f"{folder.name}: a single DICOM slice is a 2D image; a 3D series is needed")
+    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        missing = [f.name for f, ds in headers if tag not in ds]
+        if missing:
+            _raise_if_truncated(folder, headers)
+            raise ScanError(f"{folder.name}: DICOM tag {tag} missing in {missing[0]}")
+
+
+def _raise_if_truncated(folder: Path, headers: list[tuple[Path, pydicom.Dataset]]) -> None:
+    """Name the first file whose pixel data is missing or shorter than its header declares (a file
+    cut short). Reads whole files, so it runs only on the way to another error."""
+    for f, _ in headers:
+        try:
+            ds = pydicom.dcmread(f)
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            expected = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * int(ds.BitsAllocated) // 8
+            complete = "PixelData" in ds and len(ds.PixelData) >= expected * frames
+        except Exception:  # any failure to parse the whole file means it is not complete
+            complete = False
+        if not complete:
+            raise ScanError(f"{folder.name}: {f.name} is truncated or incomplete (no complete pixel data)")
+
+
 def _read_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
     headers = []
     for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
@@ -169,7 +264,9 @@ def _read_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
             if f.suffix.lower() == ".dcm":
                 raise ScanError(f"{folder.name}: {f.name} is not a readable DICOM file") from None
         except Exception as err:
-            raise ScanError(f"{folder.name}: cannot read DICOM header of {f.name}: {err}") from None
+            raise ScanError(
+                f"{folder.name}: cannot read DICOM header of {f.name}: {_one_line(err)}"
+            ) from None
     if not headers:
         raise ScanError(f"{folder.name}: no DICOM files in folder")
     return headers

@@ -28,8 +28,10 @@ from monai.transforms import (
     Spacingd,
 )
 
-from volta3d.data.io import ScanError
+from volta3d.data.io import MAX_VOXELS, ScanError, check_voxel_count
 
+# A stored cube with fewer voxels than this off its most common value is treated as constant.
+MIN_VARYING_FRACTION = 1e-3
 # Bump when the pipeline's output changes for the same settings, so old caches are recomputed.
 PIPELINE_VERSION = 1
 # Settings that change the output volume; the CSV column names do not.
@@ -56,12 +58,15 @@ class PreprocessSettings:
     image_column: str = "path"
     label_path_column: str = "label_path"
     subject_column: str = "subject_id"
+    max_voxels: int = MAX_VOXELS  # a scan's declared and resampled grid; not an output setting
 
     def __post_init__(self) -> None:
         size = tuple(int(s) for s in self.size)
         object.__setattr__(self, "size", size)
         if len(size) != 3 or min(size) < 1:
             raise ValueError(f"preprocess.size must be 3 positive integers, got {list(self.size)}")
+        if isinstance(self.max_voxels, bool) or not isinstance(self.max_voxels, int) or self.max_voxels < 1:
+            raise ValueError(f"preprocess.max_voxels must be a positive integer, got {self.max_voxels!r}")
         if not self.spacing > 0:
             raise ValueError(f"preprocess.spacing must be > 0 mm, got {self.spacing}")
         if len(self.orientation) != 3 or set(self.orientation.upper()) - set("RASLPI"):
@@ -153,13 +158,45 @@ def check_image_values(image: np.ndarray, name: str) -> None:
 
 
 def check_mask(mask: np.ndarray, mask_meta: dict, image_shape: tuple, image_meta: dict, name: str) -> None:
-    """The mask must be integer labels on exactly the image's voxel grid."""
+    """The mask must be integer labels on exactly the image's voxel grid, forming a small set close to
+    0..K: a binary mask saved as 0/255 would otherwise make segmentation infer 256 classes."""
     if mask.shape != image_shape:
         raise ScanError(f"{name}: label grid {mask.shape[1:]} does not match image grid {image_shape[1:]}")
     if not np.allclose(mask_meta["affine"], image_meta["affine"], atol=1e-3):
         raise ScanError(f"{name}: label affine differs from the image affine (label not on the image grid)")
     if not np.all(np.isfinite(mask)) or np.any(mask != np.round(mask)) or mask.min() < 0:
         raise ScanError(f"{name}: label map must hold non-negative integer labels")
+    labels = np.unique(mask).astype(np.int64)
+    if labels.max() > 2 * len(labels):
+        shown = ", ".join(str(v) for v in labels[:8]) + (
+            f" (+{len(labels) - 8} more)" if len(labels) > 8 else ""
+        )
+        raise ScanError(
+            f"{name}: label values {shown} are not a small contiguous set 0..K ({len(labels)} labels, the "
+            f"largest {labels.max()}); relabel them 0, 1, ..., K (a binary mask saved as 0/255 becomes 0/1)"
+        )
+
+
+def check_stored_values(image: np.ndarray, dtype: str, name: str, input_range: tuple[float, float]) -> None:
+    """After the cast to the stored dtype nearly every voxel must not hold one value: one voxel of
+    1e30 scaled to [0, 1] leaves the rest below float16's smallest number, a cube of zeros."""
+    stored = image.astype(dtype)
+    values, counts = np.unique(stored, return_counts=True)
+    varying = stored.size - int(counts.max())
+    if varying < MIN_VARYING_FRACTION * stored.size:
+        raise ScanError(
+            f"{name}: only {varying} of {stored.size} voxels differ from the rest once scaled to [0, 1] and "
+            f"stored as {dtype} (input range {input_range[0]:g} to {input_range[1]:g}: an extreme outlier?); "
+            "preprocess.intensity=percentile ignores outliers"
+        )
+
+
+def check_resampled_size(
+    shape: tuple[int, ...], spacing: tuple[float, ...], settings: PreprocessSettings, name: str
+) -> None:
+    """A 1e4 mm voxel resampled to 1 mm is a grid of terabytes: refuse it before resampling."""
+    grid = tuple(max(1, int(np.ceil(n * s / settings.spacing))) for n, s in zip(shape, spacing, strict=True))
+    check_voxel_count(grid, name, settings.max_voxels, what=f"resampled to {settings.spacing:g} mm would be")
 
 
 def preprocess_scan(
@@ -169,14 +206,18 @@ def preprocess_scan(
     mask: np.ndarray | None = None,
     mask_meta: dict[str, Any] | None = None,
     name: str = "scan",
+    mask_name: str = "mask",
 ) -> PreprocessedScan:
-    """(1, X, Y, Z) at any spacing/orientation -> (1, *settings.size) RAS at ``settings.spacing`` mm."""
+    """(1, X, Y, Z) at any spacing/orientation -> (1, *settings.size) RAS at ``settings.spacing`` mm.
+
+    ``name`` / ``mask_name`` (file names) start every rejection reason about the image / the mask."""
     check_image_values(image, name)
+    check_resampled_size(image.shape[1:], meta["spacing"], settings, name)
     if settings.crop == "foreground" and not np.any(image > settings.foreground_threshold):
         raise ScanError(f"{name}: no voxel above foreground_threshold={settings.foreground_threshold}")
     data = {"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(meta["affine"]))}
     if mask is not None:
-        check_mask(mask, mask_meta or {}, image.shape, meta, name)
+        check_mask(mask, mask_meta or {}, image.shape, meta, mask_name)
         data["mask"] = MetaTensor(
             torch.from_numpy(mask.astype(np.float32)), affine=torch.as_tensor(meta["affine"])
         )
@@ -186,6 +227,7 @@ def preprocess_scan(
         raise ScanError(
             f"{name}: volume is constant after cropping to {list(settings.size)} (nothing left in the cube)"
         )
+    check_stored_values(image_out, settings.dtype, name, (float(image.min()), float(image.max())))
     mask_out = None
     if mask is not None:
         mask_out = np.rint(out["mask"].as_tensor().numpy()).astype(np.int64)

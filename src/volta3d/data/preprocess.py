@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from volta3d.data import cache
-from volta3d.data.io import ScanError, read_volume
-from volta3d.data.pipeline import PreprocessSettings, preprocess_scan
+from volta3d.data.io import ScanError, ScanTooLarge, read_volume
+from volta3d.data.pipeline import PreprocessedScan, PreprocessSettings, preprocess_scan
 from volta3d.data.sources import ScanRecord, find_scans
 from volta3d.runtime import get_logger
 
@@ -33,6 +35,7 @@ MANIFEST = "manifest.csv"
 REJECTED = "rejected.csv"
 LOG_NAME = "preprocess.log"
 BASE_COLUMNS = ("subject_id", "path", "source", "label_path")
+REJECTED_COLUMNS = ("subject_id", "source", "label_source", "reason")
 
 
 @dataclass
@@ -42,10 +45,11 @@ class PreprocessSummary:
     processed: int  # computed in this run
     skipped: int  # already cached with the same source and settings
     accepted: int
-    rejected: int
+    rejected: int  # bad data plus errors
     seconds: float
     manifest: Path
     rejected_csv: Path
+    errors: int = 0  # scans that failed for a reason other than their data (a bug, a dead worker)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -59,6 +63,11 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def one_line(text: str) -> str:
+    """A reason for rejected.csv on one line: some libraries' messages hold newlines."""
+    return " ".join(text.split())
+
+
 def shard_of(source: str, n: int) -> int:
     """Stable shard of a scan: a hash of its source path (Python's hash() is salted per process)."""
     return int(hashlib.sha1(source.encode()).hexdigest()[:8], 16) % n
@@ -69,6 +78,18 @@ def _part_names(shard: tuple[int, int] | None) -> tuple[str, str]:
         return MANIFEST, REJECTED
     tag = f"shard-{shard[0]}-of-{shard[1]}"
     return f"manifest.{tag}.csv", f"rejected.{tag}.csv"
+
+
+def _save_volumes(
+    out_dir: Path, out: PreprocessedScan, settings: PreprocessSettings, image_rel: str, mask_rel: str
+) -> dict[str, int]:
+    """Write the cube (and mask); return each file's size, which a re-run checks before trusting it."""
+    cache.save_array(out_dir / image_rel, out.image.astype(settings.dtype))
+    written = [image_rel]
+    if out.mask is not None:
+        cache.save_array(out_dir / mask_rel, out.mask.astype(cache.mask_dtype(int(out.mask.max()))))
+        written.append(mask_rel)
+    return {rel: (out_dir / rel).stat().st_size for rel in written}
 
 
 def process_one(
@@ -92,39 +113,97 @@ def process_one(
     }
     start = time.perf_counter()
     name = Path(scan.source).name
+    cacheable = True
     try:
-        image, meta = read_volume(scan.source)
+        image, meta = read_volume(scan.source, settings.max_voxels)
         mask = mask_meta = None
         if scan.label_path is not None:
             try:
-                mask, mask_meta = read_volume(scan.label_path)
+                mask, mask_meta = read_volume(scan.label_path, settings.max_voxels)
             except ScanError as err:
-                raise ScanError(f"label file unusable: {err}") from None
-        out = preprocess_scan(image, meta, settings, mask, mask_meta, name=name)
-        cache.save_array(out_dir / image_rel, out.image.astype(settings.dtype))
-        if out.mask is not None:
-            cache.save_array(out_dir / mask_rel, out.mask.astype(cache.mask_dtype(int(out.mask.max()))))
+                raise type(err)(f"label file unusable: {err}") from None
+        mask_name = Path(scan.label_path).name if scan.label_path is not None else "mask"
+        out = preprocess_scan(image, meta, settings, mask, mask_meta, name=name, mask_name=mask_name)
         record |= {
             "status": "ok",
             "path": image_rel,
             "label_path": mask_rel if out.mask is not None else None,
+            "sizes": _save_volumes(out_dir, out, settings, image_rel, mask_rel),
             "shape": list(out.image.shape),
             "affine": out.affine.tolist(),
             "input_orientation": meta["orientation"],
             "input_spacing": list(meta["spacing"]),
         }
     except ScanError as err:
-        record |= {"status": "rejected", "reason": str(err)}
+        record |= {"status": "rejected", "reason": one_line(str(err))}
+        cacheable = not isinstance(err, ScanTooLarge)  # a raised limit must retry it
     except Exception as err:  # a bug or resource problem must not stop the batch either
-        record |= {"status": "error", "reason": f"unexpected error: {type(err).__name__}: {err}"}
+        record |= {
+            "status": "error",
+            "reason": one_line(f"unexpected error: {type(err).__name__}: {err or 'no message'}"),
+            "traceback": traceback.format_exc(),  # logged to preprocess.log: a bug keeps its traceback
+        }
     record["seconds"] = round(time.perf_counter() - start, 4)
-    if record["status"] != "error":
+    if record["status"] != "error" and cacheable:
         cache.save_record(cache.record_path(out_dir, key), record)
     return record
 
 
 def _init_worker() -> None:
     torch.set_num_threads(1)  # one scan per process; threads would oversubscribe the cores
+
+
+Note = Callable[[dict[str, Any]], None]
+
+
+def _error_record(scan: ScanRecord, reason: str) -> dict[str, Any]:
+    return {"source": scan.source, "label_source": scan.label_path, "status": "error", "reason": reason}
+
+
+def _run_pool(
+    scans: list[ScanRecord], workers: int, note: Note, args: tuple[Any, ...]
+) -> tuple[list[ScanRecord], list[ScanRecord]]:
+    """Run ``scans`` in a fresh pool, at most ``workers`` in flight, so that when a worker dies (as the
+    out-of-memory killer does) only the scans then in flight are suspects. Returns ``(suspects,
+    not started)``, both empty when the pool never broke."""
+    pending = list(scans)
+    in_flight: dict[Future, ScanRecord] = {}
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+        while pending or in_flight:
+            while pending and len(in_flight) < workers:
+                scan = pending.pop(0)
+                in_flight[pool.submit(process_one, scan, *args)] = scan
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            broken = []
+            for fut in done:
+                scan = in_flight.pop(fut)
+                err = fut.exception()
+                if isinstance(err, BrokenProcessPool):
+                    broken.append(scan)
+                elif err is not None:  # e.g. a result that cannot be sent back: this scan's fault
+                    note(_error_record(scan, f"worker failed: {type(err).__name__}: {err}"))
+                else:
+                    note(fut.result())
+            if broken:
+                return broken + list(in_flight.values()), pending
+    return [], []
+
+
+def _run_parallel(todo: list[ScanRecord], workers: int, note: Note, args: tuple[Any, ...]) -> None:
+    """A dead worker breaks the whole pool: rebuild it for the scans not started, and run each scan
+    that was in flight alone, blaming it only when it kills a worker by itself."""
+    queue = list(todo)
+    while queue:
+        suspects, queue = _run_pool(queue, workers, note, args)
+        for scan in suspects:
+            if _run_pool([scan], 1, note, args)[0]:
+                note(
+                    _error_record(
+                        scan,
+                        "worker process died while preprocessing this scan alone "
+                        "(killed, e.g. by the out-of-memory killer)",
+                    )
+                )
 
 
 def _run_all(
@@ -142,28 +221,21 @@ def _run_all(
     def note(rec: dict[str, Any]) -> None:
         results[(rec["source"], rec.get("label_source"))] = rec
         if rec["status"] != "ok":
-            log.warning("rejected %s: %s", rec["source"], rec["reason"])
+            log.warning(
+                "%s %s: %s",
+                "rejected" if rec["status"] == "rejected" else "error on",
+                rec["source"],
+                rec["reason"],
+            )
+        if rec.get("traceback"):
+            log.error("traceback for %s:\n%s", rec["source"], rec.pop("traceback").rstrip())
         bar.update(1)
 
     if workers <= 1:
         for scan in todo:
             note(process_one(scan, out_dir, settings, settings_hash))
     else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
-            futures = {pool.submit(process_one, s, out_dir, settings, settings_hash): s for s in todo}
-            for fut in as_completed(futures):
-                scan = futures[fut]
-                try:
-                    note(fut.result())
-                except Exception as err:  # the worker process itself died (e.g. out of memory)
-                    note(
-                        {
-                            "source": scan.source,
-                            "label_source": scan.label_path,
-                            "status": "error",
-                            "reason": f"worker failed: {type(err).__name__}: {err}",
-                        }
-                    )
+        _run_parallel(todo, workers, note, (out_dir, settings, settings_hash))
     bar.close()
     return results
 
@@ -255,6 +327,7 @@ def _preprocess(
         seconds=round(time.perf_counter() - start, 3),
         manifest=out_dir / manifest_name,
         rejected_csv=out_dir / rejected_name,
+        errors=sum(1 for s in selected if records[(s.source, s.label_path)]["status"] == "error"),
     )
     log.info("preprocess: %s", {k: str(v) for k, v in asdict(summary).items()})
     return summary
@@ -270,14 +343,21 @@ def _tables(
     for scan in scans:
         rec = records[(scan.source, scan.label_path)]
         if rec["status"] != "ok":
-            rejected.append({"source": scan.source, "reason": rec["reason"]})
+            rejected.append(
+                {
+                    "subject_id": scan.subject_id,
+                    "source": scan.source,
+                    "label_source": scan.label_path or "",
+                    "reason": rec["reason"],
+                }
+            )
             continue
         row = {"subject_id": scan.subject_id, "path": rec["path"], "source": scan.source}
         if with_masks:
             row["label_path"] = rec.get("label_path") or ""
         rows.append(row | {k: scan.labels.get(k) for k in label_names})
     columns = ["subject_id", "path", "source"] + (["label_path"] if with_masks else []) + label_names
-    return pd.DataFrame(rows, columns=columns), pd.DataFrame(rejected, columns=["source", "reason"])
+    return pd.DataFrame(rows, columns=columns), pd.DataFrame(rejected, columns=list(REJECTED_COLUMNS))
 
 
 def merge_shards(out_dir: str | Path) -> tuple[Path, Path]:

@@ -102,10 +102,29 @@ def _unique_ids(root: Path, items: list[Path], strip: Callable[[str], str]) -> l
     ]
 
 
+def _absolute(path: Path) -> str:
+    """The resolved path; a broken symlink (dangling or looping) keeps its own absolute path, so the
+    preprocessor rejects it by name instead of it vanishing from both manifests."""
+    try:
+        return str(path.resolve(strict=True))
+    except (OSError, RuntimeError):
+        return str(path.absolute())
+
+
 def scans_from_nifti_folder(root: Path) -> list[ScanRecord]:
-    files = sorted(f for f in root.rglob("*") if f.is_file() and is_nifti(f))
+    """NIfTI files (and symlinks to them, broken ones included), plus any DICOM series folders among
+    them: a series in a NIfTI folder is preprocessed, not ignored."""
+    files = sorted(f for f in root.rglob("*") if is_nifti(f) and (f.is_file() or f.is_symlink()))
     ids = _unique_ids(root, files, _strip_nifti)
-    return [ScanRecord(str(f.resolve()), sid) for f, sid in zip(files, ids, strict=True)]
+    scans = [ScanRecord(_absolute(f), sid) for f, sid in zip(files, ids, strict=True)]
+    folders = sorted(
+        {f.parent for f in root.rglob("*") if f.is_file() and not is_nifti(f) and is_dicom_file(f)}
+    )
+    if folders:
+        taken = set(ids)
+        series_ids = [sid if sid not in taken else f"{sid}_dicom" for sid in _unique_ids(root, folders, str)]
+        scans += [ScanRecord(str(d.resolve()), sid) for d, sid in zip(folders, series_ids, strict=True)]
+    return scans
 
 
 def scans_from_dicom_folder(root: Path) -> list[ScanRecord]:
@@ -120,7 +139,7 @@ def scans_from_bids(root: Path) -> list[ScanRecord]:
     participants: dict[str, dict[str, Any]] = {}
     tsv = root / "participants.tsv"
     if tsv.exists():
-        table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a", "N/A", ""])
+        table = read_table(tsv, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a", "N/A", ""])
         if "participant_id" not in table.columns:
             raise ValueError(f"{tsv} has no 'participant_id' column")
         table = table.astype(object).where(table.notna(), None)
@@ -153,12 +172,23 @@ def _number_or_text(value: Any) -> Any:
         return value
 
 
+def read_table(path: Path, **kwargs: Any) -> pd.DataFrame:
+    """A CSV/TSV whose index is each row's line number in the file (blank lines counted, header = 1),
+    so a message can send a person to the right line; a file pandas cannot parse is named."""
+    try:
+        table = pd.read_csv(path, skip_blank_lines=False, **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot parse {path}: {' '.join(str(err).split())}") from None
+    table.index = table.index + 2
+    return table.dropna(how="all")
+
+
 def scans_from_csv(
     path: Path, image_column: str, label_path_column: str, subject_column: str
 ) -> list[ScanRecord]:
     """Relative paths are relative to the manifest's folder; every other column is a label."""
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    table = pd.read_csv(path, sep=sep, dtype={subject_column: str})  # ids such as 001 stay text
+    table = read_table(path, sep=sep, dtype={subject_column: str})  # ids such as 001 stay text
     if image_column not in table.columns:
         raise ValueError(
             f"manifest {path} has no '{image_column}' column (columns: {', '.join(map(str, table.columns))})"
@@ -167,15 +197,15 @@ def scans_from_csv(
     label_cols = [c for c in table.columns if c not in (image_column, label_path_column, subject_column)]
     table = table.astype(object).where(table.notna(), None)
     scans = []
-    for i, row in enumerate(table.to_dict("records")):
+    for line, row in zip(table.index, table.to_dict("records"), strict=True):
         raw = row[image_column]
         source = (
-            str(base / str(raw)) if raw is not None else f"{path.name}: row {i + 2} (empty '{image_column}')"
+            str(base / str(raw)) if raw is not None else f"{path.name}: line {line} (empty '{image_column}')"
         )
         label = row.get(label_path_column)
         subject = row.get(subject_column)
         if subject is None:
-            subject = _strip_nifti(Path(str(raw)).name) if raw is not None else f"row{i + 2}"
+            subject = _strip_nifti(Path(str(raw)).name) if raw is not None else f"line{line}"
         scans.append(
             ScanRecord(
                 source=source,

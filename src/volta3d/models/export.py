@@ -34,6 +34,7 @@ DECODER_PREFIX = "conv3d_transpose"
 POS_EMBED_KEY = "patch_embedding.position_embeddings"
 # keys a MONAI ViT target may own that the export never holds (ViT(classification=True) extras)
 TARGET_ONLY_KEYS = ("cls_token", "classification_head.")
+META_DESCRIBED = f"the architecture {META_NAME} describes"
 
 
 class EncoderLoadError(ValueError):
@@ -123,6 +124,46 @@ def encoder_kwargs_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {n: meta[n] for n in names}
 
 
+def _layer_count(state: Mapping[str, torch.Tensor]) -> int:
+    indices = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    return len(indices)
+
+
+def check_meta_fits_weights(
+    state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], kwargs: Mapping[str, Any]
+) -> None:
+    """Compare ``encoder.json`` with the safetensors shapes before anything is allocated: metadata
+    claiming 100 layers of width 8192 must fail in milliseconds, not after gigabytes. The modules are
+    built on torch's ``meta`` device (shapes only, no memory)."""
+    for key in ("num_layers", "hidden_size", "mlp_dim", "img_size", "patch_size", "num_heads", "in_channels"):
+        value = kwargs[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EncoderLoadError(f"encoder metadata: {key} must be a positive integer, got {value!r}")
+    layers = _layer_count(state)
+    if kwargs["num_layers"] != layers:
+        raise EncoderLoadError(
+            f"encoder metadata claims num_layers={kwargs['num_layers']} but the weights hold {layers} blocks"
+        )
+    width = state.get("norm.weight")
+    if width is not None and tuple(width.shape) != (kwargs["hidden_size"],):
+        raise EncoderLoadError(
+            f"encoder metadata claims hidden_size={kwargs['hidden_size']} but the weights have width {width.shape[0]}"
+        )
+    try:
+        with torch.device("meta"):
+            expected = VolTAEncoder(**kwargs).state_dict()
+            summariser = CLSSummariser(**meta["summariser"]) if meta.get("summariser") is not None else None
+    except (TypeError, ValueError) as err:
+        raise EncoderLoadError(f"encoder metadata does not describe a buildable encoder: {err}") from None
+    vit_state = {k: v for k, v in state.items() if not k.startswith(SUMMARISER_PREFIX)}
+    _raise_if_unfit("encoder", vit_state, expected, target=META_DESCRIBED)
+    if summariser is not None:
+        summariser_state = {
+            k[len(SUMMARISER_PREFIX) :]: v for k, v in state.items() if k.startswith(SUMMARISER_PREFIX)
+        }
+        _raise_if_unfit("summariser", summariser_state, summariser.state_dict(), target=META_DESCRIBED)
+
+
 def build_from_export(
     path_or_dir: str | Path, img_size: int | None = None, fused_attention: bool = True
 ) -> tuple[VolTAEncoder, CLSSummariser | None]:
@@ -132,6 +173,7 @@ def build_from_export(
     """
     state, meta = read_encoder_export(path_or_dir)
     kwargs = encoder_kwargs_from_meta(meta)
+    check_meta_fits_weights(state, meta, kwargs)
     source_grid = (kwargs["img_size"] // kwargs["patch_size"],) * 3
     if img_size is not None:
         kwargs["img_size"] = int(img_size)
@@ -162,7 +204,9 @@ def _load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
     module.load_state_dict(state, strict=True)
 
 
-def _raise_if_unfit(what: str, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+def _raise_if_unfit(
+    what: str, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], target: str = "the target"
+) -> None:
     """Compare every key and shape of ``state`` (the export) with ``expected`` (the target's state
     dict) and raise one error naming what is missing, unexpected or of another shape."""
     missing = sorted(set(expected) - set(state))
@@ -180,7 +224,7 @@ def _raise_if_unfit(what: str, state: Mapping[str, torch.Tensor], expected: Mapp
     if mismatched:
         problems.append(f"shape mismatch: {_format_keys(mismatched, limit=3)}")
     if problems:
-        raise EncoderLoadError(f"{what} weights do not fit the target: " + "; ".join(problems))
+        raise EncoderLoadError(f"{what} weights do not fit {target}: " + "; ".join(problems))
 
 
 def _cube_grid(n_tokens: int, which: str) -> tuple[int, int, int]:
