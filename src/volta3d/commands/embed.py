@@ -78,6 +78,8 @@ def _encoder_embeddings(args: argparse.Namespace, cfg: Any, dataset: Any) -> tup
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from volta3d.data.dataset import VolumeDataset
     from volta3d.downstream.embeddings import extract_raw_embeddings, save_embeddings
     from volta3d.runtime import get_logger, seed_everything, setup_logging
@@ -93,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         meta = {"encoder": None, "init": "raw-volume", "grid": grid, "features": ["raw"]}
     else:
         emb, meta = _encoder_embeddings(args, cfg, dataset)
+    bad = [k for k in meta["features"] if not np.isfinite(emb[k]).all()]
+    if bad:  # a broken encoder must not leave NaN features for a probe to choke on later
+        raise ValueError(f"non-finite '{bad[0]}' embeddings from {args.encoder or 'the random-init encoder'} on {args.data}; "
+                         "the encoder weights hold NaN/Inf or the volumes do")
     meta = {**meta, "seed": cfg.seed, "data": str(args.data)}
     path = save_embeddings(args.output, emb, meta)
     get_logger().info(f"wrote {len(emb['subject_id'])} embeddings ({', '.join(meta['features'])}) to {path}")

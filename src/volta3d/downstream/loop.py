@@ -52,6 +52,11 @@ def train_model(
         total, batches = 0.0, 0
         for batch in loader:
             loss = batch_loss(model, batch)
+            if not torch.isfinite(loss):  # stop at once: epochs of NaN end in an error that names nothing
+                raise ValueError(
+                    f"{desc}: non-finite loss ({float(loss)}) at epoch {epoch}, batch {batches + 1}; check the input "
+                    f"volumes for NaN/Inf or lower the learning rate (now {lr})"
+                )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip > 0:

@@ -1,0 +1,41 @@
+"""Non-finite numbers in downstream work stop with one line naming where, not a late sklearn error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from volta3d.cli import main
+from volta3d.downstream.loop import train_model
+from volta3d.models.encoder import VolTAEncoder
+from volta3d.models.export import save_encoder_export
+
+from .synthetic import write_blob_dataset
+
+
+def test_nan_loss_stops_training_naming_the_fold_and_epoch():
+    model = torch.nn.Linear(2, 1)
+    seen: list[int] = []
+
+    def nan_on_second_batch(m, batch):
+        seen.append(1)
+        loss = m(batch["x"]).sum()
+        return loss * float("nan") if len(seen) == 2 else loss
+
+    with pytest.raises(ValueError, match=r"fold2_frac1: non-finite loss \(nan\) at epoch 1, batch 2"):
+        train_model(model, [{"x": torch.ones(1, 2)}] * 3, nan_on_second_batch, epochs=2, lr=1e-3, desc="fold2_frac1",
+                    progress=False)  # fmt: skip
+    assert len(seen) == 2  # stopped at once
+
+
+def test_embed_refuses_a_non_finite_encoder(tmp_path, capsys):
+    data = write_blob_dataset(tmp_path / "prep", n_subjects=4, size=32)
+    encoder = VolTAEncoder(img_size=32, patch_size=16, hidden_size=16, mlp_dim=32, num_layers=1, num_heads=2)
+    with torch.no_grad():
+        encoder.norm.weight.fill_(float("nan"))
+    save_encoder_export(tmp_path / "enc", encoder, None)
+    code = main(["embed", "--encoder", str(tmp_path / "enc"), "--data", str(data), "--output", str(tmp_path / "e.npz"),
+                 "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "non-finite 'mean' embeddings from" in err[-1] and str(tmp_path / "enc") in err[-1]
+    assert not (tmp_path / "e.npz").exists()
