@@ -11,7 +11,7 @@ import sys
 from volta3d import __version__
 
 # Order is the order shown by `volta3d --help`.
-COMMANDS = ["demo", "preprocess", "pretrain", "bench", "finetune", "embed", "probe", "compare", "report"]
+COMMANDS = ["demo", "preprocess", "pretrain", "bench", "finetune", "predict", "embed", "probe", "compare", "report"]
 
 
 class CommandError(RuntimeError):

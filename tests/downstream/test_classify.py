@@ -44,7 +44,7 @@ def test_blob_classifier_reaches_high_auroc_and_resumes(blob_data, tmp_path):
     assert "finished in an earlier run, skipped" in (out / "log.txt").read_text()
 
 
-def test_youden_threshold_is_fitted_on_training_rows_only(blob_data, tmp_path, monkeypatch):
+def test_youden_threshold_is_fitted_on_an_inner_validation_split(blob_data, tmp_path, monkeypatch):
     seen = []
     real = tc.binary_metrics
 
@@ -57,9 +57,14 @@ def test_youden_threshold_is_fitted_on_training_rows_only(blob_data, tmp_path, m
     splits = make_kfold_splits(labels.table["subject_id"], labels.strata, n_splits=3, seed=0)
     res = tc.run_classification(labels, tmp_path, splits, encoder_kwargs=_tiny_encoder(), pooling="mean",
                                 epochs=1, progress=False)
-    sizes = [(len(f["test"]), len(f["train"])) for f in splits["folds"]]
-    assert seen == sizes  # the threshold saw exactly the training subjects of each fold
-    assert all(f["metrics"]["youden_threshold"] is not None for f in res["folds"])
+    sizes = [(len(s["test"]), f["n_threshold"]) for s, f in zip(splits["folds"], res["folds"], strict=True)]
+    assert seen == sizes  # the threshold saw exactly the held-out validation subjects of each fold
+    assert res["youden_fit"]["source"] == "inner_validation"
+    for fold, split in zip(res["folds"], splits["folds"], strict=True):
+        held = set(fold["threshold_subjects"])
+        assert len(held) == fold["n_threshold"] > 0 and held <= set(split["train"])
+        assert fold["n_train"] + fold["n_threshold"] == len(split["train"])  # the model never saw them
+        assert fold["metrics"]["youden_threshold"] is not None
 
 
 def _tiny_encoder():
@@ -71,8 +76,8 @@ def test_reduced_data_curve_uses_nested_fractions(blob_data, tmp_path):
     assert _finetune(blob_data, out, "diagnosis", "--fractions", "0.5,1.0", epochs=1) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["fractions"]) == {"0.5", "1"}
-    n_half = [f["n_train"] for f in results["fractions"]["0.5"]["folds"]]
-    n_full = [f["n_train"] for f in results["fractions"]["1"]["folds"]]
+    n_half = [f["n_train"] + f["n_threshold"] for f in results["fractions"]["0.5"]["folds"]]
+    n_full = [f["n_train"] + f["n_threshold"] for f in results["fractions"]["1"]["folds"]]
     assert n_half == [6, 6] and n_full == [12, 12]
     assert set(pd.read_csv(out / "predictions.csv")["fraction"]) == {0.5, 1.0}
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from volta3d.cli import main
+from volta3d.downstream.embeddings import save_embeddings
 from volta3d.downstream.loop import train_model
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import save_encoder_export
@@ -39,3 +42,17 @@ def test_embed_refuses_a_non_finite_encoder(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "non-finite 'mean' embeddings from" in err[-1] and str(tmp_path / "enc") in err[-1]
     assert not (tmp_path / "e.npz").exists()
+
+
+def test_probe_refuses_non_finite_embeddings(tmp_path, capsys):
+    data = write_blob_dataset(tmp_path / "prep", n_subjects=6, size=32)
+    table = pd.read_csv(data / "manifest.csv")
+    features = np.ones((len(table), 3))
+    features[1, 2] = np.inf
+    emb = save_embeddings(tmp_path / "e.npz", {"subject_id": table["subject_id"].to_numpy(str),
+                                               "path": (data / table["path"]).astype(str).to_numpy(str),
+                                               "mean": features}, {})  # fmt: skip
+    code = main(["probe", "--embeddings", str(emb), "--data", str(data), "--label", "diagnosis", "--output",
+                 str(tmp_path / "p")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "holds non-finite 'mean' features" in err[-1]

@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     save_config(cfg, out)
     pc = to_kwargs(cfg.probe)
     emb, meta = load_embeddings(args.embeddings)
+    bad = [k for k in ("cls", "mean", "tokens", "raw") if k in emb and not np.isfinite(emb[k]).all()]
+    if bad:
+        raise ValueError(f"{args.embeddings} holds non-finite '{bad[0]}' features (NaN/Inf); re-embed with a finite encoder")
     labels = prepare_labels(read_manifest(args.data), args.label, cfg.classify.task)
     position = {p: i for i, p in enumerate(emb["path"].tolist())}
     missing = [p for p in labels.table["path"] if p not in position]

@@ -102,6 +102,9 @@ class SwinClassifier(nn.Module):
         # SwinTransformer returns the patch-embedding map and one map per stage; the last has
         # feature_size * 2^len(depths) channels.
         self.out_dim = feature_size * 2 ** len(depths)
+        self.architecture = {"in_channels": in_channels, "feature_size": feature_size, "depths": list(depths),
+                             "num_heads": list(num_heads), "window_size": window_size, "patch_size": patch_size,
+                             "dropout": dropout}
         self.head = nn.Linear(self.out_dim, num_outputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

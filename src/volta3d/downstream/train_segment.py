@@ -6,7 +6,9 @@ validation subjects carved from the TRAINING side (the test subjects never choos
 predict whole test volumes with sliding-window inference; report Dice and HD95 (mm) per structure
 and subject. The chosen checkpoint is kept as ``fold<k>_best.pt``; each test subject's predicted label
 map is kept as ``predictions/<file>.npy`` (uint8 (D, H, W) on the preprocessed grid), listed with its
-scan and ground-truth paths in ``predictions/index.csv``, so a report can draw overlays.
+scan and ground-truth paths in ``predictions/index.csv``, so a report can draw overlays; the fold's
+network is also saved as ``models/<key>/`` (safetensors + JSON) for ``volta3d predict``. A left-right
+flipped crop swaps the label values of ``flip_label_pairs`` (left / right structures).
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ import torch.nn as nn
 from monai.data import list_data_collate
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.transforms import Compose, Lambdad, RandCropByPosNegLabeld, RandFlipd, SpatialPadd
+from monai.transforms import Compose, Lambdad, RandCropByPosNegLabeld, SpatialPadd
 from torch.utils.data import DataLoader, Subset
 
 from volta3d.data.dataset import VolumeDataset
+from volta3d.downstream.external import test_record
+from volta3d.downstream.flip import RandLeftRightFlipd, check_label_pairs
 from volta3d.downstream.loop import train_model
-from volta3d.downstream.segmenter import build_segmenter
+from volta3d.downstream.saved import save_fold_model
+from volta3d.downstream.segmenter import UNETR_LAYERS, UNETR_PATCH, build_segmenter
 from volta3d.evaluation.metrics import aggregate, segmentation_metrics
 from volta3d.evaluation.results import FoldStore, save_run
 from volta3d.evaluation.splits import fold_row_indices, make_holdout_split
+from volta3d.models.export import encoder_kwargs_from_meta, read_encoder_export
 from volta3d.runtime import get_logger, seed_everything
 
 
@@ -63,6 +69,40 @@ def _infer(model: nn.Module, image: torch.Tensor, crop: int, sw_batch_size: int,
     """Whole-volume labels by sliding-window inference: (1, C, D, H, W) -> (1, 1, D, H, W)."""
     logits = sliding_window_inference(image, (crop,) * 3, sw_batch_size, model, overlap=overlap)
     return logits.argmax(1, keepdim=True)
+
+
+def effective_unetr_kwargs(encoder: str | Path | None, unetr_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``build_unetr`` keyword arguments as built: with an export, its ViT sizes replace the given ones."""
+    arch = dict(unetr_kwargs or {})
+    if encoder is not None:
+        meta = encoder_kwargs_from_meta(read_encoder_export(encoder)[1])
+        arch.update({k: meta[k] for k in ("hidden_size", "mlp_dim", "num_heads", "qkv_bias", "input_norm")})
+    return arch
+
+
+def save_segmenter(out_dir: str | Path, key: str, net: nn.Module, fold: int, num_classes: int, *, model: str,
+                   encoder: str | Path | None, unetr_kwargs: dict | None, unet_kwargs: dict | None, crop_size: int,
+                   sw_batch_size: int, sw_overlap: float, preprocessing: dict[str, Any] | None) -> None:
+    """The fold's model and what ``volta3d predict`` needs to segment new scans with it."""
+    save_fold_model(out_dir, key, net, {
+        "task": "segment", "kind": "segmentation", "classes": list(range(num_classes)), "fold": fold,
+        "fraction": 1.0, "build": {"model": model, "in_channels": 1, "out_channels": num_classes,
+                                   "img_size": crop_size, "unetr_kwargs": effective_unetr_kwargs(encoder, unetr_kwargs),
+                                   "unet_kwargs": dict(unet_kwargs or {})},
+        "inference": {"crop_size": crop_size, "sw_batch_size": sw_batch_size, "sw_overlap": sw_overlap},
+        "preprocessing": preprocessing, "encoder": str(encoder) if encoder else None,
+    })  # fmt: skip
+
+
+def segmenter_architecture(net: nn.Module, model: str, encoder: str | Path | None, num_classes: int, crop_size: int,
+                           unetr_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The sizes that must agree for two segmenters to be a fair comparison."""
+    if model == "unet":
+        return {"model": "unet", "channels": list(net.channels), "strides": list(net.strides),
+                "num_res_units": int(net.num_res_units), "out_channels": num_classes}
+    arch = effective_unetr_kwargs(encoder, unetr_kwargs)
+    return {"model": "unetr", **arch, "patch_size": UNETR_PATCH, "num_layers": UNETR_LAYERS,
+            "img_size": crop_size, "out_channels": num_classes}
 
 
 PREDICTIONS_DIR = "predictions"
@@ -119,6 +159,9 @@ def run_segmentation(
     sw_batch_size: int = 4,
     sw_overlap: float = 0.25,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    flip_label_pairs: Sequence[Sequence[int]] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    test_set: dict[str, Any] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
@@ -131,6 +174,7 @@ def run_segmentation(
     device = torch.device(device)
     table = table.reset_index(drop=True)
     num_classes = check_mask_classes(table["label_path"].tolist(), num_classes)
+    label_pairs = check_label_pairs(flip_label_pairs, num_classes)
     subjects = table["subject_id"].astype(str).to_numpy()
     store = FoldStore(out_dir)
     model_name = f"{model}-{'pretrained' if encoder else 'scratch'}"
@@ -161,7 +205,7 @@ def run_segmentation(
             SpatialPadd(keys, crop),
             RandCropByPosNegLabeld(keys, label_key="mask", spatial_size=crop, pos=pos_fraction,
                                    neg=1.0 - pos_fraction, num_samples=samples_per_volume),
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandLeftRightFlipd(keys, "mask", label_pairs, prob=0.5),
         ])  # fmt: skip
         train_tf.set_random_state(seed + k)
         train_ds = VolumeDataset(table, with_mask=True, transform=train_tf)
@@ -189,6 +233,9 @@ def run_segmentation(
         torch.save({k2: v.cpu() for k2, v in net.state_dict().items()}, Path(out_dir) / f"{key}_best.pt")
         rows = _evaluate(net, eval_ds, test_rows, num_classes, crop_size, sw_batch_size, sw_overlap, spacing, device,
                          save_as=save_as)
+        save_segmenter(out_dir, key, net, k, num_classes, model=model, encoder=encoder, unetr_kwargs=unetr_kwargs,
+                       unet_kwargs=unet_kwargs, crop_size=crop_size, sw_batch_size=sw_batch_size,
+                       sw_overlap=sw_overlap, preprocessing=preprocessing)
         for r in rows:
             r["fold"] = k
         per_metric = pd.DataFrame(rows).drop(columns=["subject_id", "fold"]).mean(skipna=True).to_dict()
@@ -201,9 +248,12 @@ def run_segmentation(
         folds.append(payload)
 
     folds.sort(key=lambda f: f["fold"])
+    arch_net = build_segmenter(model, 1, num_classes, crop_size, unetr_kwargs=unetr_kwargs, unet_kwargs=unet_kwargs)
     results = {
         "task": "segment", "kind": "segmentation", "label": "label_path",
         "classes": list(range(num_classes)), "model": model_name, "encoder": str(encoder) if encoder else None,
+        "architecture": segmenter_architecture(arch_net, model, encoder, num_classes, crop_size, unetr_kwargs),
+        "test": test_set or test_record(None), "flip_label_pairs": [list(p) for p in label_pairs],
         "seed": seed, "primary_metric": "dice", "config": config or {}, "splits": splits,
         "folds": [{k2: v for k2, v in f.items() if k2 != "predictions"} for f in folds],
         "aggregate": aggregate([f["metrics"] for f in folds]),

@@ -32,6 +32,29 @@ def _pooled_auc_diff(y: np.ndarray, sa: np.ndarray, sb: np.ndarray) -> float:
     return rank_auc(y, sa) - rank_auc(y, sb)
 
 
+def architecture_warnings(arch_a: dict[str, Any] | None, arch_b: dict[str, Any] | None) -> list[str]:
+    """One line per differing architecture entry: a pretrained-vs-scratch gap could be a size gap."""
+    if not arch_a or not arch_b or arch_a == arch_b:
+        return []
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fa, fb = flat(arch_a), flat(arch_b)
+    diffs = [f"{k} {fa.get(k)} vs {fb.get(k)}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    return [f"runs A and B have different architectures: {', '.join(diffs)}"]
+
+
+def positive_class_warnings(pos_a: object, pos_b: object) -> list[str]:
+    """Sensitivity of one run is specificity of the other when their positive classes differ."""
+    if pos_a is None or pos_b is None or str(pos_a) == str(pos_b):
+        return []
+    return [f"runs A and B name different positive classes ({pos_a} vs {pos_b}): sensitivity and specificity swap"]
+
+
 def compare_results(
     a: str | Path | dict[str, Any],
     b: str | Path | dict[str, Any],
@@ -69,6 +92,8 @@ def compare_results(
         "fold_level": {},
         "subject_level": {},
         "delong": None,
+        "warnings": architecture_warnings(ra.get("architecture"), rb.get("architecture"))
+        + positive_class_warnings(ra.get("positive_class"), rb.get("positive_class")),
     }
     for m in wanted:
         va = [f.get(m, float("nan")) for f in folds_a]
@@ -104,6 +129,7 @@ def format_comparison(cmp: dict[str, Any]) -> str:
     name_a = cmp["a"].get("model") or "A"
     name_b = cmp["b"].get("model") or "B"
     lines = [f"A = {cmp['a']['dir']} ({name_a}), B = {cmp['b']['dir']} ({name_b}); differences are A - B"]
+    lines += [f"warning: {w}" for w in cmp.get("warnings", [])]
     header = f"{'metric':<26}{'A':>9}{'B':>9}{'A-B':>9}  {'95% CI':<19}{'Wilcoxon p':>11}{'n':>5}"
 
     def rows(section: dict[str, Any], title: str) -> None:
