@@ -77,3 +77,20 @@ def test_nested_subsets_are_nested_stratified_and_seeded():
 def test_regression_strata_bins_by_quantile():
     strata = regression_strata(np.arange(100.0), n_bins=4)
     assert list(np.bincount(strata)) == [25, 25, 25, 25]
+
+
+@pytest.mark.parametrize("folds, message", [
+    ([1, 2], "fold 0 must be an object with 'train' and 'test' lists"),
+    ([{"train": ["a"], "test": []}], "fold 0 needs a non-empty 'test' list"),
+    ([{"train": ["a"], "test": ["b"]}, {"train": "a", "test": ["b"]}], "fold 1 must be an object"),
+    ([{"train": [{"id": 1}], "test": ["b"]}], "fold 0 needs a non-empty 'test' list of subject ids"),
+])  # fmt: skip
+def test_malformed_folds_are_one_line_errors(tmp_path, folds, message):
+    import json
+
+    from volta3d.evaluation.splits import load_splits
+
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"folds": folds}))
+    with pytest.raises(ValueError, match=message):
+        load_splits(path)

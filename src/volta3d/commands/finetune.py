@@ -67,10 +67,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any]:
+    from volta3d.downstream.fingerprint import check_fingerprint, run_fingerprint
     from volta3d.runtime import resolve_device, seed_everything, setup_logging
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.output)
+    check_fingerprint(out, run_fingerprint(args, cfg))  # before anything in the folder is overwritten
     setup_logging(out)
     save_config(cfg, out)
     seed_everything(cfg.seed)

@@ -119,6 +119,11 @@ def load_splits(path: str | Path) -> dict[str, Any]:
     p, splits = read_json_file(path, SPLITS_NAME, "splits")
     if not isinstance(splits, dict) or not isinstance(splits.get("folds"), list) or not splits["folds"]:
         raise ValueError(f"splits file {p} has no 'folds' list")
+    for k, fold in enumerate(splits["folds"]):
+        if not isinstance(fold, dict) or not all(isinstance(fold.get(side), list) for side in ("train", "test")):
+            raise ValueError(f"splits file {p}: fold {k} must be an object with 'train' and 'test' lists of subject ids")
+        if not fold["test"] or not all(isinstance(s, (str, int)) for s in fold["train"] + fold["test"]):
+            raise ValueError(f"splits file {p}: fold {k} needs a non-empty 'test' list of subject ids")
     return splits
 
 
