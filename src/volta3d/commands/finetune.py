@@ -4,6 +4,7 @@ scratch) on labelled, preprocessed volumes, with subject-grouped cross-validatio
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,7 @@ def run_classify(args: argparse.Namespace) -> int:
     like = _like_meta(args)
     if like is not None:
         encoder_kwargs, summariser_kwargs = _vit_from_like(like, encoder_kwargs, summariser_kwargs)
+    provenance = _encoder_provenance(args)
     results = run_classification(
         labels, args.output, splits,
         model=args.model or c["model"], encoder=args.encoder,
@@ -140,8 +142,38 @@ def run_classify(args: argparse.Namespace) -> int:
         seed=cfg.seed, device=device,
         num_workers=c["num_workers"], progress=not args.no_progress, config=to_kwargs(cfg),
     )  # fmt: skip
+    _record_provenance(args, provenance)
     _print_summary(results)
     return 0
+
+
+def _encoder_provenance(args: argparse.Namespace) -> dict[str, Any] | None:
+    """How the test subjects relate to the encoder's pretraining data (logged now, recorded after the run)."""
+    if not args.encoder:
+        return None
+    from volta3d.data.dataset import read_manifest
+    from volta3d.downstream.provenance import relate_to_pretraining
+    from volta3d.models.export import read_encoder_export
+    from volta3d.runtime import get_logger
+
+    test_dir = args.test_data or args.data
+    summary, warning = relate_to_pretraining(read_encoder_export(args.encoder)[1], test_dir, read_manifest(test_dir))
+    log = get_logger()
+    if warning:
+        log.warning("warning: %s", warning)
+    if summary.get("known"):
+        log.info("%d of %d test subjects were in the encoder's pretraining set (%s)", summary["test_subjects_in_pretraining"],
+                 summary["n_test"], "transductive" if summary["transductive"] else "external")  # fmt: skip
+    return {**summary, "preprocessing_warning": warning}
+
+
+def _record_provenance(args: argparse.Namespace, provenance: dict[str, Any] | None) -> None:
+    if provenance is None:
+        return
+    from volta3d.evaluation.results import RESULTS_NAME, write_json
+
+    path = Path(args.output) / RESULTS_NAME
+    write_json(path, {**json.loads(path.read_text()), "encoder_provenance": provenance})
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -167,6 +199,7 @@ def run_segment(args: argparse.Namespace) -> int:
     like = _like_meta(args)
     if like is not None:
         m.update(_vit_from_like(like, m, {})[0])
+    provenance = _encoder_provenance(args)
     results = run_segmentation(
         table, args.output, splits,
         model=args.model or s["model"], encoder=args.encoder, num_classes=s["num_classes"],
@@ -181,6 +214,7 @@ def run_segment(args: argparse.Namespace) -> int:
         preprocessing=read_preprocessing(args.data), test_set=test_record(args.test_data), seed=cfg.seed, device=device,
         num_workers=s["num_workers"], progress=not args.no_progress, config=to_kwargs(cfg),
     )  # fmt: skip
+    _record_provenance(args, provenance)
     _print_summary(results)
     return 0
 

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     splits = load_splits(args.splits) if args.splits else make_kfold_splits(
         labels.table["subject_id"], labels.strata, n_splits=pc["n_splits"], seed=cfg.seed)
     save_splits(splits, out)
+    provenance = _provenance(meta, args.data, labels.table)
     summary = {}
     # raw-volume embeddings hold one feature, 'raw'; probe.features names the encoder's (cls / mean)
     for feat in ["raw"] if "raw" in emb else pc["features"]:
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
                 ridge_alpha=pc["ridge_alpha"], fractions=pc["fractions"],
             )  # fmt: skip
             results["embedding_init"] = meta.get("init")
+            if provenance is not None:
+                results["encoder_provenance"] = provenance
             if meta.get("grid") is not None:
                 results["embedding_grid"] = meta["grid"]  # the report names the baseline by it
             save_run(out / f"{probe}_{feat}", results, preds)
@@ -80,3 +83,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"{probe:>6} probe on {feat:<4} ({meta.get('init')}): {primary} {agg['mean']:.3f} +- {agg['sd']:.3f}")
     write_json(out / "summary.json", summary)
     return 0
+
+
+def _provenance(meta: dict, data: str, table) -> dict | None:
+    """For embeddings of a pretrained export: how many probed subjects its pretraining saw."""
+    from volta3d.downstream.provenance import relate_to_pretraining
+    from volta3d.models.export import read_encoder_export
+    from volta3d.runtime import get_logger
+
+    if meta.get("init") != "pretrained" or not meta.get("encoder"):
+        return None
+    summary, warning = relate_to_pretraining(read_encoder_export(meta["encoder"])[1], data, table)
+    if warning:
+        get_logger().warning("warning: %s", warning)
+    return {**summary, "preprocessing_warning": warning}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from volta3d.config import save_config, to_kwargs
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.data.views import PretrainViewsDataset, build_views, collate_views
+from volta3d.downstream.provenance import pretraining_provenance
 from volta3d.engine.checkpoint import load_checkpoint, save_checkpoint
 from volta3d.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from volta3d.engine.health import HealthTracker
@@ -84,6 +85,8 @@ def pretrain(
     # Labels play no part in pretraining: keep only what every manifest has.
     manifest = pd.concat([read_manifest(d)[["subject_id", "path"]] for d in folders], ignore_index=True)
     data_record = _data_record(folders, manifest)
+    if dist_info.is_main:  # the export records what pretraining saw (downstream runs compare with it)
+        data_record["provenance"] = pretraining_provenance(folders, manifest)
     views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
     dataset = PretrainViewsDataset(VolumeDataset(manifest), views, base_seed=cfg.seed)
     sampler = ResumableSampler(
@@ -340,7 +343,7 @@ def _save(
         },
     )  # fmt: skip
     # DINO evaluates the teacher: it is the better encoder, so it is the one exported.
-    save_encoder_export(out, model.teacher.encoder, model.teacher.summariser)
+    save_encoder_export(out, model.teacher.encoder, model.teacher.summariser, data_record.get("provenance"))
 
 
 def _wrap_student(model: VolTA3D, device: torch.device, dist_info: DistInfo) -> torch.nn.Module:

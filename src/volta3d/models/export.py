@@ -46,9 +46,13 @@ def _cpu_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def save_encoder_export(
-    out_dir: str | Path, encoder: VolTAEncoder, summariser: CLSSummariser | None
+    out_dir: str | Path, encoder: VolTAEncoder, summariser: CLSSummariser | None,
+    provenance: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``encoder.safetensors`` and ``encoder.json`` into ``out_dir``; return both paths."""
+    """Write ``encoder.safetensors`` and ``encoder.json`` into ``out_dir``; return both paths.
+
+    ``provenance`` (what pretraining saw: subject ids, volume hashes, preprocessing) goes into the
+    JSON so downstream runs can say whether their test subjects were in the pretraining set."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = _cpu_state(encoder)
@@ -62,6 +66,7 @@ def save_encoder_export(
         "summariser": summariser.architecture if summariser is not None else None,
         "monai_version": monai.__version__,
         "torch_version": torch.__version__,
+        "provenance": provenance,
     }
     weights_path, meta_path = out_dir / WEIGHTS_NAME, out_dir / META_NAME
     atomic_write(weights_path, lambda f: f.write(save(state, metadata={"format": EXPORT_FORMAT})))
