@@ -121,6 +121,14 @@ def test_a_record_pointing_outside_the_cache_is_not_trusted(tmp_path, path):
     assert manifest.path[0].startswith("volumes/")
 
 
+@pytest.mark.parametrize("content", ["[]", "null", "3", '"text"'])
+def test_a_record_that_is_not_an_object_is_recomputed(tmp_path, content):
+    record_file, _ = _one_scan_cache(tmp_path)
+    record_file.write_text(content)
+    again = _run(tmp_path / "in", tmp_path / "out")
+    assert (again.processed, again.accepted) == (1, 1)
+
+
 # item 3: inputs preprocessing used to accept silently
 
 

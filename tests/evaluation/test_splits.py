@@ -94,3 +94,17 @@ def test_malformed_folds_are_one_line_errors(tmp_path, folds, message):
     path.write_text(json.dumps({"folds": folds}))
     with pytest.raises(ValueError, match=message):
         load_splits(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("null", "must hold a JSON object, not NoneType"),
+    ("[1, 2]", "must hold a JSON object, not list"),
+    ('{"folds": 3, "aggregate": {}}', "has no 'folds' list"),
+    ('{"folds": [], "aggregate": null}', "has no 'aggregate' dict"),
+])  # fmt: skip
+def test_malformed_results_files_are_one_line_errors(tmp_path, content, message):
+    from volta3d.evaluation.results import load_run
+
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_run(tmp_path)

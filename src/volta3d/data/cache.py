@@ -82,11 +82,12 @@ def _plain(value: Any) -> Any:
 
 
 def load_record(path: Path) -> dict[str, Any] | None:
-    """A record, or None when absent or unreadable (then the scan is simply recomputed)."""
+    """A record, or None when absent, unreadable or not a JSON object (then the scan is recomputed)."""
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def mask_dtype(max_label: int) -> type[np.unsignedinteger]:

@@ -65,9 +65,11 @@ def load_run(path: str | Path) -> dict[str, Any]:
     """Read ``results.json`` (a file or its run folder) and attach ``predictions`` (a DataFrame,
     or None when predictions.csv is absent) and ``dir``."""
     p, results = read_json_file(path, RESULTS_NAME, "results")
-    for key in ("folds", "aggregate"):
-        if key not in results:
-            raise ValueError(f"results file {p} has no '{key}' entry")
+    if not isinstance(results, dict):
+        raise ValueError(f"results file {p} must hold a JSON object, not {type(results).__name__}")
+    for key, kind in (("folds", list), ("aggregate", dict)):
+        if not isinstance(results.get(key), kind):
+            raise ValueError(f"results file {p} has no '{key}' {kind.__name__}")
     pred = p.parent / PREDICTIONS_NAME
     results["predictions"] = pd.read_csv(pred, dtype={"subject_id": str}) if pred.exists() else None
     results["dir"] = str(p.parent)
