@@ -137,3 +137,15 @@ def test_non_finite_loss_is_one_line_in_the_cli_and_in_the_log(tiny_overrides, v
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "non-finite loss at optimiser step 0" in err[-1] and "new --output folder" in err[-1]
     assert "non-finite loss at optimiser step 0" in (out / "log.txt").read_text()
+
+
+def test_a_checkpoint_with_other_shapes_is_a_one_line_error(tiny_overrides, volume_folder, tmp_path):
+    out = _run(tiny_overrides, volume_folder, tmp_path / "run", "train.max_steps=1")
+    path = out / "checkpoints/last.pt"
+    state = load_checkpoint(path)
+    key = next(k for k in state["model"] if k.endswith("patch_embedding.position_embeddings"))
+    state["model"][key] = torch.zeros(1, 3, 3)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="does not fit this model") as err:
+        _run(tiny_overrides, volume_folder, out, "train.max_steps=2")
+    assert len(str(err.value).splitlines()) == 1

@@ -321,8 +321,12 @@ def _maybe_resume(
             f"{path} was trained with an effective batch of {state['effective_batch']}, now {effective_batch}: "
             "keep optim.batch_size x optim.accum_steps x processes the same to resume"
         )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as err:  # a checkpoint of another model, or a damaged one
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} does not fit this model ({reason}); use a new --output folder") from None
     torch.set_rng_state(state["rng"])
     logger.info("resumed from %s at optimiser step %d", path, state["step"])
     return int(state["step"])
