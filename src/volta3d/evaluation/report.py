@@ -367,7 +367,7 @@ def _online_blocks(pretrain: Path, fig_dir: Path) -> list[Block]:
 
 
 def pretraining_section(pretrain: Path | None, fig_dir: Path) -> Section:
-    """Pretraining health (issue 13): losses against log K, entropies, spread, the online probe and the alarm."""
+    """Pretraining health: losses against log K, entropies, spread, the online probe and the alarm."""
     sec = Section("Pretraining", "pretraining")
     if pretrain is None:
         return omitted(sec, "no pretraining run folder (metrics.csv + config.yaml) among the inputs")
