@@ -125,7 +125,7 @@ def run_classify(args: argparse.Namespace) -> int:
     like = _like_meta(args)
     if like is not None:
         encoder_kwargs, summariser_kwargs = _vit_from_like(like, encoder_kwargs, summariser_kwargs)
-    provenance = _encoder_provenance(args)
+    provenance = _encoder_provenance(args, labels.table)
     results = run_classification(
         labels, args.output, splits,
         model=args.model or c["model"], encoder=args.encoder,
@@ -147,8 +147,9 @@ def run_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encoder_provenance(args: argparse.Namespace) -> dict[str, Any] | None:
-    """How the test subjects relate to the encoder's pretraining data (logged now, recorded after the run)."""
+def _encoder_provenance(args: argparse.Namespace, tested: Any) -> dict[str, Any] | None:
+    """How the test subjects (``tested``, or the external set's) relate to the encoder's pretraining data;
+    logged now, recorded in results.json after the run."""
     if not args.encoder:
         return None
     from volta3d.data.dataset import read_manifest
@@ -157,7 +158,8 @@ def _encoder_provenance(args: argparse.Namespace) -> dict[str, Any] | None:
     from volta3d.runtime import get_logger
 
     test_dir = args.test_data or args.data
-    summary, warning = relate_to_pretraining(read_encoder_export(args.encoder)[1], test_dir, read_manifest(test_dir))
+    test = read_manifest(args.test_data) if args.test_data else tested
+    summary, warning = relate_to_pretraining(read_encoder_export(args.encoder)[1], test_dir, test)
     log = get_logger()
     if warning:
         log.warning("warning: %s", warning)
@@ -199,7 +201,7 @@ def run_segment(args: argparse.Namespace) -> int:
     like = _like_meta(args)
     if like is not None:
         m.update(_vit_from_like(like, m, {})[0])
-    provenance = _encoder_provenance(args)
+    provenance = _encoder_provenance(args, table)
     results = run_segmentation(
         table, args.output, splits,
         model=args.model or s["model"], encoder=args.encoder, num_classes=s["num_classes"],
