@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,10 @@ def problems(events: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def check(report: Path, screenshot: Path | None, chromium: str, timeout: float) -> list[str]:
-    """Load ``report``; return the problems found (empty: the page is fine)."""
+@contextlib.contextmanager
+def devtools_session(chromium: str, timeout: float, height: int = 900) -> Iterator[tuple[DevTools, str]]:
+    """Start headless Chromium on a throw-away profile, attach to a blank page; yield ``(client, session)``
+    and always close the browser, its pipes and its profile afterwards."""
     to_chrome_r, to_chrome_w = os.pipe()
     from_chrome_r, from_chrome_w = os.pipe()
 
@@ -101,7 +104,7 @@ def check(report: Path, screenshot: Path | None, chromium: str, timeout: float) 
         os.dup2(from_chrome_w, 4)
 
     with tempfile.TemporaryDirectory(prefix="check-report-") as profile:
-        proc = subprocess.Popen([chromium, *FLAGS, f"--user-data-dir={profile}", f"--window-size={WIDTH},900",
+        proc = subprocess.Popen([str(chromium), *FLAGS, f"--user-data-dir={profile}", f"--window-size={WIDTH},{height}",
                                  "about:blank"], preexec_fn=wire_pipe, pass_fds=(3, 4),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         os.close(to_chrome_r)
@@ -109,25 +112,7 @@ def check(report: Path, screenshot: Path | None, chromium: str, timeout: float) 
         try:
             dt = DevTools(to_chrome_w, from_chrome_r, timeout)
             target = dt.call("Target.createTarget", url="about:blank")["targetId"]
-            s = dt.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-            for domain in ("Runtime", "Log", "Network", "Page"):
-                dt.call(f"{domain}.enable", s)
-            dt.events.clear()
-            dt.call("Emulation.setDeviceMetricsOverride", s, width=WIDTH, height=900, deviceScaleFactor=1, mobile=False)
-            dt.call("Page.navigate", s, url=report.resolve().as_uri())
-            dt.wait_for("Page.loadEventFired")
-            images = json.loads(dt.call("Runtime.evaluate", s, expression=IMAGES_JS, returnByValue=True)["result"]["value"])
-            found = problems(dt.events)
-            found += [f"image did not load: {i['alt'] or i['src']}" for i in images if not i["ok"]]
-            print(f"{report}: {sum(i['ok'] for i in images)} images loaded, {len(images)} in the page")
-            if screenshot is not None:
-                size = dt.call("Page.getLayoutMetrics", s)["cssContentSize"]
-                height = min(int(size["height"]) + 1, MAX_HEIGHT)
-                dt.call("Emulation.setDeviceMetricsOverride", s, width=WIDTH, height=height, deviceScaleFactor=1, mobile=False)
-                png = dt.call("Page.captureScreenshot", s, format="png", captureBeyondViewport=True)["data"]
-                screenshot.parent.mkdir(parents=True, exist_ok=True)
-                screenshot.write_bytes(base64.b64decode(png))
-                print(f"screenshot: {screenshot} ({WIDTH} x {height})")
+            yield dt, dt.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
             with contextlib.suppress(ConnectionError, RuntimeError):  # it may close the pipe before answering
                 dt.call("Browser.close")
         finally:
@@ -138,6 +123,29 @@ def check(report: Path, screenshot: Path | None, chromium: str, timeout: float) 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def check(report: Path, screenshot: Path | None, chromium: str, timeout: float) -> list[str]:
+    """Load ``report``; return the problems found (empty: the page is fine)."""
+    with devtools_session(chromium, timeout) as (dt, s):
+        for domain in ("Runtime", "Log", "Network", "Page"):
+            dt.call(f"{domain}.enable", s)
+        dt.events.clear()
+        dt.call("Emulation.setDeviceMetricsOverride", s, width=WIDTH, height=900, deviceScaleFactor=1, mobile=False)
+        dt.call("Page.navigate", s, url=report.resolve().as_uri())
+        dt.wait_for("Page.loadEventFired")
+        images = json.loads(dt.call("Runtime.evaluate", s, expression=IMAGES_JS, returnByValue=True)["result"]["value"])
+        found = problems(dt.events)
+        found += [f"image did not load: {i['alt'] or i['src']}" for i in images if not i["ok"]]
+        print(f"{report}: {sum(i['ok'] for i in images)} images loaded, {len(images)} in the page")
+        if screenshot is not None:
+            size = dt.call("Page.getLayoutMetrics", s)["cssContentSize"]
+            height = min(int(size["height"]) + 1, MAX_HEIGHT)
+            dt.call("Emulation.setDeviceMetricsOverride", s, width=WIDTH, height=height, deviceScaleFactor=1, mobile=False)
+            png = dt.call("Page.captureScreenshot", s, format="png", captureBeyondViewport=True)["data"]
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            screenshot.write_bytes(base64.b64decode(png))
+            print(f"screenshot: {screenshot} ({WIDTH} x {height})")
     return found
 
 

@@ -7,13 +7,9 @@ a PNG of exactly that screen. Used by test_report.py, and by hand to look at a r
 from __future__ import annotations
 
 import base64
-import contextlib
 import importlib.util
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -56,36 +52,8 @@ def _measure(dt: Any, session: str, report: Path, screenshot: Path) -> dict[str,
 def first_screen(report: Path, screenshot: Path, chromium: Path = CHROMIUM, timeout: float = 90.0) -> dict:
     """Boxes (top, bottom, left, right in CSS pixels) of the first-screen elements of ``report``,
     None for an element the page lacks; writes the first screen to ``screenshot``."""
-    check = _check_report()
-    to_r, to_w = os.pipe()
-    from_r, from_w = os.pipe()
-
-    def wire_pipe() -> None:  # Chromium reads commands on fd 3 and answers on fd 4
-        os.dup2(to_r, 3)
-        os.dup2(from_w, 4)
-
-    with tempfile.TemporaryDirectory(prefix="first-screen-") as profile:
-        proc = subprocess.Popen([str(chromium), *check.FLAGS, f"--user-data-dir={profile}",
-                                 f"--window-size={WIDTH},{HEIGHT}", "about:blank"], preexec_fn=wire_pipe,
-                                pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        os.close(to_r)
-        os.close(from_w)
-        try:
-            dt = check.DevTools(to_w, from_r, timeout)
-            target = dt.call("Target.createTarget", url="about:blank")["targetId"]
-            session = dt.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-            boxes = _measure(dt, session, report, screenshot)
-            with contextlib.suppress(ConnectionError, RuntimeError):  # it may close the pipe before answering
-                dt.call("Browser.close")
-        finally:
-            os.close(to_w)
-            os.close(from_r)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    return boxes
+    with _check_report().devtools_session(str(chromium), timeout, height=HEIGHT) as (dt, session):
+        return _measure(dt, session, report, screenshot)
 
 
 if __name__ == "__main__":
