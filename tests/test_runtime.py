@@ -38,3 +38,14 @@ def test_every_command_has_help(capsys):
             main(argv)
         assert exit_info.value.code == 0, argv
         assert "usage: volta3d" in capsys.readouterr().out
+
+
+def test_help_imports_neither_torch_nor_monai():
+    """`volta3d --help` (building every command's parser) stays light: heavy imports happen when a command runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, volta3d.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('torch', 'monai', 'sklearn') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

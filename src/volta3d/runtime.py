@@ -14,16 +14,20 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: `volta3d --help` must not pay for it
+    import torch
 
 LOGGER_NAME = "volta3d"
 
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices). Random transforms take their own seeded state."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -31,6 +35,8 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available; an explicit ``cuda`` without a GPU is an error, not a fallback."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from volta3d.config import load_config, save_config, to_kwargs
 from volta3d.data.bundled import BUNDLED, default_shared_data, write_bundled_manifests
-from volta3d.data.preprocess import merge_shards, parse_shard, preprocess_dataset
 from volta3d.data.sources import KINDS
 from volta3d.runtime import setup_logging
 
@@ -86,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
     inputs = [s for s in args.overrides if "=" not in s]
     if len(inputs) > 1:
         raise ValueError(f"give one INPUT, got {len(inputs)}: {' '.join(inputs)}")
+    from volta3d.data.preprocess import (  # MONAI and torch: only now
+        merge_shards,
+        parse_shard,
+        preprocess_dataset,
+    )
+
     log = setup_logging()
     if args.merge:
         if inputs or args.bundled or args.shard:
