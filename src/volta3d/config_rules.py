@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from volta3d.runtime import flatten_dict
 
 POSITIVE = ("optim.lr", "classify.lr", "segment.lr", "loss.student_temp", "loss.teacher_temp",
             "loss.warmup_teacher_temp", "loss.teacher_patch_temp", "loss.warmup_teacher_patch_temp",
@@ -60,14 +61,6 @@ class ConfigValueError(ValueError):
     """A config value of the wrong type or out of range (a ``ConfigError`` is raised from it)."""
 
 
-def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(node, Mapping):
-        for k, v in node.items():
-            yield from _leaves(v, f"{prefix}{k}.")
-    else:
-        yield prefix[:-1], node
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -104,9 +97,8 @@ def _range_error(key: str, value: Any) -> str | None:
 
 def validate_config(cfg: DictConfig, defaults: DictConfig) -> None:
     """Raise ``ConfigValueError`` naming the first key whose value has the wrong type or range."""
-    merged = OmegaConf.to_container(cfg, resolve=True)
-    base = dict(_leaves(OmegaConf.to_container(defaults, resolve=True)))
-    for key, value in _leaves(merged):
+    base = flatten_dict(OmegaConf.to_container(defaults, resolve=True))
+    for key, value in flatten_dict(OmegaConf.to_container(cfg, resolve=True)).items():
         problem = _type_error(key, base.get(key), value) or (_range_error(key, value) if value is not None else None)
         if problem:
             raise ConfigValueError(f"config value {key}={value!r} {problem}")

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from volta3d.data.dataset import read_manifest
-    from volta3d.downstream.embeddings import load_embeddings
+    from volta3d.downstream.embeddings import embedding_rows, load_embeddings
     from volta3d.downstream.labels import prepare_labels
     from volta3d.downstream.probes import run_probe
     from volta3d.evaluation.results import save_run, write_json
@@ -50,11 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"{args.embeddings} holds non-finite '{bad[0]}' features (NaN/Inf); re-embed with a finite encoder")
     labels = prepare_labels(read_manifest(args.data), args.label, cfg.classify.task)
-    position = {p: i for i, p in enumerate(emb["path"].tolist())}
-    missing = [p for p in labels.table["path"] if p not in position]
-    if missing:
-        raise ValueError(f"{len(missing)} scans of {args.data} have no embedding in {args.embeddings} (e.g. {missing[0]})")
-    rows = np.asarray([position[p] for p in labels.table["path"]])
+    rows = embedding_rows(emb["path"].tolist(), labels.table["path"].tolist(), f"{args.embeddings} ({args.data})")
     splits = load_splits(args.splits) if args.splits else make_kfold_splits(
         labels.table["subject_id"], labels.strata, n_splits=pc["n_splits"], seed=cfg.seed)
     save_splits(splits, out)

@@ -7,6 +7,7 @@ small grid. It is the floor a learned representation must clear to be worth its 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,16 @@ def extract_raw_embeddings(
         raw.append(raw_volume_features(batch["image"], grid))
         index.append(torch.as_tensor(batch["index"]))
     return {**_identities(dataset, index), "raw": torch.cat(raw).numpy()}
+
+
+def embedding_rows(embedded_paths: Sequence[str], wanted_paths: Sequence[str], source: str) -> np.ndarray:
+    """Index into the embeddings of each wanted scan (matched by its preprocessed path); a scan with
+    no embedding is an error naming ``source``."""
+    position = {str(p): i for i, p in enumerate(embedded_paths)}
+    missing = [p for p in map(str, wanted_paths) if p not in position]
+    if missing:
+        raise ValueError(f"{len(missing)} scans have no embedding in {source} (e.g. {missing[0]})")
+    return np.asarray([position[str(p)] for p in wanted_paths])
 
 
 def save_embeddings(path: str | Path, embeddings: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:

@@ -10,33 +10,19 @@ given splits file) is written as ``fingerprint.json`` and compared, key by key, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from volta3d.config import to_kwargs
-from volta3d.runtime import atomic_write
+from volta3d.runtime import atomic_write, file_sha256, flatten_dict
 
 FINGERPRINT_NAME = "fingerprint.json"
 FREE_KEYS = ("num_workers",)  # change speed, not results
 
 
 def _sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
+    return file_sha256(path) if path.is_file() else None
 
 
 def run_fingerprint(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
@@ -52,7 +38,7 @@ def run_fingerprint(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
                 "test_manifest_sha256": _sha256(Path(args.test_data) / "manifest.csv") if args.test_data else None,
                 "splits_sha256": _sha256(Path(args.splits)) if args.splits else None},
     }  # fmt: skip
-    return _flat(record)
+    return flatten_dict(record)
 
 
 def check_fingerprint(out: Path, now: dict[str, Any]) -> None:

@@ -10,7 +10,6 @@ data was preprocessed differently from every pretraining folder.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,11 @@ from typing import Any
 import pandas as pd
 
 from volta3d.downstream.saved import read_preprocessing
+from volta3d.runtime import file_sha256
 
 # settings that change what a network sees; column names and limits do not
 COMPARED_SETTINGS = ("size", "spacing", "orientation", "crop", "resize", "intensity", "lower_percentile",
                      "upper_percentile")  # fmt: skip
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pretraining_provenance(folders: Sequence[str | Path], manifest: pd.DataFrame) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from volta3d.data.dataset import VolumeDataset, read_manifest
-from volta3d.downstream.embeddings import extract_embeddings, extract_raw_embeddings
+from volta3d.downstream.embeddings import embedding_rows, extract_embeddings, extract_raw_embeddings
 from volta3d.downstream.labels import LabelSet, prepare_labels
 from volta3d.downstream.probes import run_probe
 from volta3d.evaluation.pretrain_health import ONLINE_EVAL_NAME
@@ -63,8 +63,7 @@ class OnlineProbe:
 
     def _task(self, label: str, splits_dir: Path, n_splits: int) -> ProbeTask:
         labels = prepare_labels(self.dataset.table, label)
-        position = {p: i for i, p in enumerate(self.dataset.table["path"].astype(str))}
-        rows = np.asarray([position[p] for p in labels.table["path"].astype(str)])
+        rows = embedding_rows(self.dataset.table["path"].tolist(), labels.table["path"].tolist(), "the online set")
         path = splits_dir / f"{label}.json"
         if path.exists():  # a resumed run keeps its folds
             splits = load_splits(path)

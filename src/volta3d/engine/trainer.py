@@ -42,7 +42,14 @@ from volta3d.engine.sampler import ResumableSampler
 from volta3d.engine.schedules import Schedules, build_schedules, scaled_lr
 from volta3d.evaluation.pretrain_health import PRETRAIN_DATA_NAME
 from volta3d.models.export import save_encoder_export
-from volta3d.runtime import MetricsCSV, atomic_write, resolve_device, seed_everything, setup_logging
+from volta3d.runtime import (
+    MetricsCSV,
+    atomic_write,
+    flatten_dict,
+    resolve_device,
+    seed_everything,
+    setup_logging,
+)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 METRIC_COLUMNS = [
@@ -277,14 +284,6 @@ def _schedules(cfg: DictConfig, steps_per_epoch: int, effective_batch: int) -> S
     )  # fmt: skip
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        flat.update(_flatten(v, key + ".") if isinstance(v, Mapping) else {key: v})
-    return flat
-
-
 def _data_record(folders: Sequence[str | Path], manifest: pd.DataFrame) -> dict[str, Any]:
     """What the run pretrains on (pretrain_data.json): the report reads it to tell whether downstream test
     subjects were in the pretraining set; the hash of ids and paths guards a resume against other data."""
@@ -307,7 +306,7 @@ def _maybe_resume(
             f"{path} was trained on other volumes than --data now gives ({data_record['n_volumes']} volumes from "
             f"{', '.join(data_record['folders'])}); use a new --output folder to pretrain on other data"
         )
-    now, then = _flatten(to_kwargs(cfg)), _flatten(state["config"])
+    now, then = flatten_dict(to_kwargs(cfg)), flatten_dict(state["config"])
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in RESUME_FREE_KEYS
                      and not k.startswith(RESUME_FREE_PREFIXES))  # fmt: skip
     if changed:

@@ -17,6 +17,7 @@ import pandas as pd
 from volta3d.evaluation.results import load_run
 from volta3d.evaluation.splits import same_folds
 from volta3d.evaluation.statistics import bootstrap_ci, delong_test, paired_difference, rank_auc
+from volta3d.runtime import flatten_dict
 
 NOT_COMPARED = {"youden_threshold", "n_train", "n_test"}
 SUBJECT_METRIC_PREFIXES = ("dice", "hd95")
@@ -37,13 +38,7 @@ def architecture_warnings(arch_a: dict[str, Any] | None, arch_b: dict[str, Any] 
     if not arch_a or not arch_b or arch_a == arch_b:
         return []
 
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    fa, fb = flat(arch_a), flat(arch_b)
+    fa, fb = flatten_dict(arch_a), flatten_dict(arch_b)
     diffs = [f"{k} {fa.get(k)} vs {fb.get(k)}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
     return [f"runs A and B have different architectures: {', '.join(diffs)}"]
 

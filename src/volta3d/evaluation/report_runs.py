@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from volta3d.evaluation.results import RESULTS_NAME, load_run
+from volta3d.runtime import flatten_dict
 
 STAGES_NAME = "stages.json"
 PRETRAIN_FILES = ("metrics.csv", "config.yaml")
@@ -236,14 +237,7 @@ def top_predictions(run: Run) -> pd.DataFrame | None:
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists joined with commas, as the settings tables show them."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{key}."))
-        else:
-            out[key] = ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
-    return out
+    return {k: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in flatten_dict(d, prefix).items()}
 
 
 def read_config(path: Path) -> dict[str, Any]:
