@@ -1,4 +1,4 @@
-"""3D multi-crop views, the pretraining dataset wrapper and the view-major collate."""
+"""The per-volume reference path of the 3D multi-crop views (MultiCropViews) and ViewSettings."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from volta3d.config import load_config, to_kwargs
 from volta3d.data.masking import GMMLMasker
-from volta3d.data.views import MultiCropViews, PretrainViewsDataset, build_views, collate_views
+from volta3d.data.views import MultiCropViews
 
 G, L, P = 16, 8, 4  # tiny global / local crop edges and patch size
 
@@ -26,16 +24,6 @@ def _masker(fill: str = "noise") -> GMMLMasker:
 
 def _volume(seed: int = 0, shape=(1, 20, 22, 18)) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
-
-
-class _TinyVolumes(Dataset):
-    """Stands in for VolumeDataset: items are {"image": (1, D, H, W)} in [0, 1]."""
-
-    def __len__(self) -> int:
-        return 4
-
-    def __getitem__(self, index: int) -> dict:
-        return {"image": _volume(index), "subject_id": f"s{index}"}
 
 
 def test_shapes_dtypes_and_range():
@@ -108,7 +96,7 @@ def test_crop_shape_keeps_volume_fraction_and_aspect_bounds():
     rng = np.random.default_rng(0)
     spatial = (90, 100, 110)
     for _ in range(50):
-        edges = views.crop_shape(spatial, rng, (0.05, 0.4))
+        edges = views.settings.crop_shape(spatial, rng, (0.05, 0.4))
         fraction = math.prod(edges) / math.prod(spatial)
         assert 0.05 * 0.9 <= fraction <= 0.4 * 1.1
         ratios = [e / s for e, s in zip(edges, spatial, strict=True)]
@@ -124,62 +112,6 @@ def test_volume_smaller_than_the_crops_and_two_channels():
 def test_no_local_crops():
     out = _views(n_local=0, masker=_masker())(_volume(), seed=0)
     assert out["local"].shape == (0, 1, L, L, L)
-    batch = collate_views([dict(out, index=torch.tensor(0)), dict(out, index=torch.tensor(1))])
-    assert batch["local"].shape == (0, 2, 1, L, L, L)
-
-
-def test_collate_is_view_major():
-    dataset = PretrainViewsDataset(_TinyVolumes(), _views(n_local=2, masker=_masker()), base_seed=0)
-    items = [dataset[i] for i in range(3)]
-    batch = collate_views(items)
-    assert batch["global"].shape == (2, 3, 1, G, G, G)
-    assert batch["local"].shape == (2, 3, 1, L, L, L)
-    assert batch["global_masked"].shape == (2, 3, 1, G, G, G)
-    assert batch["voxel_mask"].shape == (2, 3, 1, G, G, G)
-    assert batch["token_mask"].shape == (2, 3, (G // P) ** 3)
-    assert batch["index"].tolist() == [0, 1, 2]
-    for v in range(2):
-        for b in range(3):
-            assert torch.equal(batch["local"][v, b], items[b]["local"][v])
-    flat = batch["global"].reshape(2 * 3, 1, G, G, G)  # (2, B, ...) -> (2 * B, ...): one forward per crop size
-    assert torch.equal(flat[4], items[1]["global"][1])
-
-
-def test_dataset_seeds_do_not_depend_on_access_order_and_change_with_epoch():
-    views = _views(n_local=1, masker=_masker())
-    forward = PretrainViewsDataset(_TinyVolumes(), views, base_seed=3)
-    backward = PretrainViewsDataset(_TinyVolumes(), views, base_seed=3)
-    in_order = [forward[i] for i in range(4)]
-    reverse = [backward[i] for i in reversed(range(4))][::-1]
-    for a, b in zip(in_order, reverse, strict=True):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    forward.set_epoch(1)
-    assert forward.epoch == 1 and not torch.equal(forward[0]["global"], in_order[0]["global"])
-    other_seed = PretrainViewsDataset(_TinyVolumes(), views, base_seed=4)
-    assert not torch.equal(other_seed[0]["global"], in_order[0]["global"])
-
-
-def test_persistent_workers_see_set_epoch():
-    dataset = PretrainViewsDataset(_TinyVolumes(), _views(n_local=1), base_seed=0)
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, persistent_workers=True, collate_fn=collate_views)
-    expected = {}
-    for epoch in (0, 1):
-        dataset.set_epoch(epoch)
-        expected[epoch] = torch.cat([b["global"] for b in loader], dim=1)
-    reference = PretrainViewsDataset(_TinyVolumes(), _views(n_local=1), base_seed=0)
-    for epoch in (0, 1):
-        reference.set_epoch(epoch)
-        direct = torch.stack([reference[i]["global"] for i in range(4)], dim=1)
-        assert torch.equal(expected[epoch], direct)
-    assert not torch.equal(expected[0], expected[1])
-
-
-def test_build_views_from_the_default_config():
-    cfg = load_config(overrides=[f"views.global_size={G}", f"views.local_size={L}", "views.n_local=1"])
-    views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=P)
-    assert views.masker is not None and views.masker.ratio == cfg.masking.ratio
-    out = views(_volume(), seed=0)
-    assert out["token_mask"].shape == (2, (G // P) ** 3)
 
 
 @pytest.mark.parametrize(
@@ -201,8 +133,6 @@ def test_bad_arguments_raise(kwargs, message):
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="volume must be"):
         _views()(torch.rand(16, 16, 16), seed=0)
-    with pytest.raises(ValueError, match="empty list"):
-        collate_views([])
 
 
 def test_flip_axes_restricts_flips_to_left_right():

@@ -1,4 +1,5 @@
-"""``volta3d bench``: time one full pretraining step against the machine's matmul rate."""
+"""``volta3d bench``: time one full pretraining step against the machine's matmul rate, and the data
+pipeline that feeds it."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     p.add_argument("--no-baseline", action="store_true", help="skip the straightforward implementation")
     p.add_argument("--matmul-size", type=int, default=2048, help="edge of the square matmul timed as the peak")
+    p.add_argument("--data", type=Path, metavar="PREP",
+                   help="a preprocessed folder: also time reading the cache and the end-to-end step (loader, views, step)")
+    p.add_argument("--pipeline-volumes", type=int, default=8, help="volumes the views pipeline is timed on")
+    p.add_argument("--gpu-tflops", type=float, default=100.0,
+                   help="achieved TFLOP/s assumed for a GPU step when counting the CPU cores a pipeline needs")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=run)
@@ -33,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
 
     from volta3d.engine.benchmark import format_table, run_benchmark
+    from volta3d.engine.pipeline_benchmark import format_pipeline, run_pipeline_benchmark
     from volta3d.runtime import resolve_device
 
     cfg = load_config(args.config, args.overrides)
@@ -40,7 +47,13 @@ def run(args: argparse.Namespace) -> int:
     report = run_benchmark(cfg, device, steps=args.steps, warmup=args.warmup, baseline=not args.no_baseline,
                            matmul_size=args.matmul_size)
     print(format_table(report, device))
+    pipeline = run_pipeline_benchmark(cfg, device, args.data, n_volumes=args.pipeline_volumes, steps=args.steps,
+                                      warmup=args.warmup)  # fmt: skip
+    step = report["results"][0]
+    print(format_pipeline(pipeline, step.seconds_per_step, step.flops_per_step, report["batch"],
+                          args.gpu_tflops * 1e12, device))  # fmt: skip
     if args.json:
-        payload = {**report, "results": [dataclasses.asdict(r) for r in report["results"]], "device": str(device)}
+        payload = {**report, "results": [dataclasses.asdict(r) for r in report["results"]], "device": str(device),
+                   "pipeline": dataclasses.asdict(pipeline)}  # fmt: skip
         args.json.write_text(json.dumps(payload, indent=2))
     return 0

@@ -21,15 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from volta3d.config import to_kwargs
-from volta3d.data.views import build_views, collate_views
+from volta3d.data.batched_views import build_views
 from volta3d.engine.distributed import DistInfo
 from volta3d.engine.meta_arch import VolTA3D, build_volta3d
 from volta3d.engine.optim import build_optimizer
 from volta3d.engine.schedules import Schedules
-from volta3d.engine.trainer import train_step
+from volta3d.engine.trainer import StepSettings, train_step
 
 
 @dataclass(frozen=True)
@@ -67,18 +68,28 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB: the process's peak RSS
 
 
-def _synthetic_batch(cfg: DictConfig, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """Real views (crops, augmentations, GMML) of smooth random volumes: the tensors a step consumes."""
-    views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
+def synthetic_volumes(cfg: DictConfig, n: int, seed: int) -> list[torch.Tensor]:
+    """n random volumes (1, *preprocess.size) in [0, 1]: view costs do not depend on the content."""
     g = torch.Generator().manual_seed(seed)
-    size = [int(s) for s in cfg.preprocess.size]
-    items = [{**views(torch.rand(1, *size, generator=g), seed=seed + i), "index": i} for i in range(batch_size)]
-    batch = collate_views(items)
+    return [torch.rand(1, *(int(s) for s in cfg.preprocess.size), generator=g) for _ in range(n)]
+
+
+def _synthetic_batch(cfg: DictConfig, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """Real views (crops, augmentations, GMML) of random volumes: the tensors a step consumes."""
+    views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
+    volumes = synthetic_volumes(cfg, batch_size, seed)
+    items = [{"image": v, "index": torch.tensor(i), **views.draw(v.shape[1:], seed + i)} for i, v in enumerate(volumes)]
+    batch = views(default_collate(items))
     batch.pop("index")  # (B,): the only entry without a leading view axis
     return batch
 
 
-def _constant_schedules(n: int) -> Schedules:
+def _views_ready(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The in-memory step: its batches are views already."""
+    return batch
+
+
+def constant_schedules(n: int) -> Schedules:
     ones = np.ones(n)
     return Schedules(
         lr=ones * 1e-5, weight_decay=ones * 0.04, momentum=ones * 0.996, teacher_temp=ones * 0.04,
@@ -91,7 +102,8 @@ def time_step(
     name: str,
 ) -> StepFigures:  # fmt: skip
     """Seconds per optimiser step of the trainer's own step function on a fixed batch."""
-    accum = cfg.optim.accum_steps
+    settings = StepSettings.from_config(cfg, device)
+    accum = settings.accum_steps
     micro = [{k: v.chunk(accum, dim=1)[i] for k, v in batch.items()} for i in range(accum)]
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
@@ -99,12 +111,12 @@ def time_step(
             yield from micro
 
     optimizer = build_optimizer(model.student, cfg.optim.betas)
-    schedules = _constant_schedules(steps + warmup + 1)
+    schedules = constant_schedules(steps + warmup + 1)
     it = batches()
     info = DistInfo()
 
     def one(step: int) -> None:
-        train_step(model, model.student, optimizer, schedules, step, it, accum, device, cfg, info)
+        train_step(model, model.student, optimizer, schedules, step, it, device, info, _views_ready, settings)
 
     with FlopCounterMode(display=False) as counter:
         one(0)
@@ -169,4 +181,5 @@ def format_table(report: dict[str, Any], device: torch.device) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["StepFigures", "format_table", "matmul_rate", "run_benchmark", "time_step"]
+__all__ = ["StepFigures", "constant_schedules", "format_table", "matmul_rate", "run_benchmark", "synthetic_volumes",
+           "time_step"]

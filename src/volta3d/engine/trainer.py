@@ -12,7 +12,8 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from volta3d.config import save_config, to_kwargs
+from volta3d.data.batched_views import PretrainVolumesDataset, build_views
 from volta3d.data.dataset import VolumeDataset, read_manifest
-from volta3d.data.views import PretrainViewsDataset, build_views, collate_views
 from volta3d.downstream.provenance import pretraining_provenance
 from volta3d.engine.checkpoint import load_checkpoint, save_checkpoint
 from volta3d.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -94,15 +95,7 @@ def pretrain(
     data_record = _data_record(folders, manifest)
     if dist_info.is_main:  # the export records what pretraining saw (downstream runs compare with it)
         data_record["provenance"] = pretraining_provenance(folders, manifest)
-    views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
-    dataset = PretrainViewsDataset(VolumeDataset(manifest), views, base_seed=cfg.seed)
-    sampler = ResumableSampler(
-        len(dataset), cfg.optim.batch_size, seed=cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size
-    )
-    loader = DataLoader(
-        dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
-        collate_fn=collate_views, pin_memory=device.type == "cuda", drop_last=True,
-    )  # fmt: skip
+    dataset, sampler, loader = build_pretrain_loader(cfg, manifest, dist_info, device)
     accum = cfg.optim.accum_steps
     steps_per_epoch = sampler.batches_per_epoch // accum
     if steps_per_epoch == 0:
@@ -133,6 +126,7 @@ def pretrain(
                                                                           "collapse_max_cosine")})
     online = online_evaluation(cfg, out, step, model.teacher, device, logger) if dist_info.is_main else None
 
+    settings = StepSettings.from_config(cfg, device)
     bar = tqdm(total=last_step, initial=step, desc="pretrain", unit="step", disable=not (progress and dist_info.is_main))
     # without the bar, a log line with the ETA about every 5 % of the run
     log_every = max(1, (last_step - step) // 20) if (dist_info.is_main and not progress) else 0
@@ -146,8 +140,8 @@ def pretrain(
         while step < last_step and step // steps_per_epoch == epoch:
             t0 = time.perf_counter()
             try:
-                row, embeddings = train_step(model, student, optimizer, schedules, step, batches, accum, device, cfg,
-                                             dist_info)  # fmt: skip
+                row, embeddings = train_step(model, student, optimizer, schedules, step, batches, device, dist_info,
+                                             dataset.views, settings)  # fmt: skip
             except NonFiniteLossError as err:
                 logger.error("%s", err)  # into log.txt too, beside the run's other records
                 raise
@@ -184,6 +178,21 @@ def pretrain(
     return out
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """What one optimiser step reads from the config: micro-batches, precision, gradient clipping."""
+
+    accum_steps: int
+    use_bf16: bool
+    clip_grad: float
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, device: torch.device) -> StepSettings:
+        precision = cfg.train.precision
+        bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        return cls(int(cfg.optim.accum_steps), bf16, float(cfg.optim.clip_grad))
+
+
 def train_step(
     model: VolTA3D,
     student: torch.nn.Module,
@@ -191,28 +200,29 @@ def train_step(
     schedules: Schedules,
     step: int,
     batches: Iterator[Mapping[str, torch.Tensor]],
-    accum: int,
     device: torch.device,
-    cfg: DictConfig,
     dist_info: DistInfo,
+    make_views: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
+    settings: StepSettings,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """One optimiser step over ``accum`` micro-batches.
+    """One optimiser step over ``settings.accum_steps`` micro-batches; ``make_views`` turns each
+    micro-batch, once on ``device``, into the views the model consumes (``BatchedMultiCrop``).
 
     Returns the step's logged values and the teacher embeddings of its last micro-batch (for the
     rolling effective rank)."""
     # 1. schedule values for this optimiser step
     apply_schedule_values(optimizer, float(schedules.lr[step]), float(schedules.weight_decay[step]))
     teacher_temp, patch_temp = float(schedules.teacher_temp[step]), float(schedules.teacher_patch_temp[step])
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    accum = settings.accum_steps
 
     # 2. forward / backward; the loss is scaled by 1/accum and DDP syncs only on the last micro-batch
     logged: dict[str, float] = {}
     centre_stats: dict[str, list[torch.Tensor]] = {}
     for micro in range(accum):
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items() if torch.is_tensor(v)}
+        batch = make_views({k: v.to(device, non_blocking=True) for k, v in next(batches).items() if torch.is_tensor(v)})
         sync = micro == accum - 1 or not isinstance(student, DistributedDataParallel)
         with (contextlib.nullcontext() if sync else student.no_sync()):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.use_bf16):
                 out = model.compute_losses(batch, teacher_temp, patch_temp, student=student)
             if not torch.isfinite(out["loss"]):
                 parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items() if k.startswith("loss_"))
@@ -238,7 +248,7 @@ def train_step(
     # 3. DINO's last-layer freeze, per-tensor clipping, optimiser step
     if schedules.freeze_last_layer[step]:
         cancel_gradients(model.student.last_layer_parameters())
-    grad_norm = clip_gradients_per_tensor(model.student.parameters(), cfg.optim.clip_grad)
+    grad_norm = clip_gradients_per_tensor(model.student.parameters(), settings.clip_grad)
     if not torch.isfinite(grad_norm):
         raise NonFiniteLossError(f"non-finite gradient norm at optimiser step {step}; the last good checkpoint is kept")
     optimizer.step()
@@ -253,6 +263,23 @@ def train_step(
         grad_norm=float(grad_norm), log_k=model.log_k,
     )  # fmt: skip
     return logged, out["embeddings"]
+
+
+def build_pretrain_loader(
+    cfg: DictConfig, manifest: pd.DataFrame, dist_info: DistInfo, device: torch.device
+) -> tuple[PretrainVolumesDataset, ResumableSampler, DataLoader]:
+    """The DataLoader of pretraining: it reads cached volumes and draws each crop's parameters; the views
+    themselves are built on ``device`` by ``dataset.views`` inside the step (``volta3d.data.batched_views``)."""
+    views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
+    dataset = PretrainVolumesDataset(VolumeDataset(manifest), views, base_seed=cfg.seed)
+    sampler = ResumableSampler(
+        len(dataset), cfg.optim.batch_size, seed=cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size
+    )
+    loader = DataLoader(
+        dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
+        pin_memory=device.type == "cuda", drop_last=True,
+    )  # fmt: skip
+    return dataset, sampler, loader
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -368,4 +395,4 @@ def _tensorboard(out: Path) -> Any:
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-__all__ = ["pretrain", "NonFiniteLossError"]
+__all__ = ["NonFiniteLossError", "StepSettings", "build_pretrain_loader", "pretrain", "train_step"]
