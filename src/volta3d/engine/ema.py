@@ -1,5 +1,5 @@
 """EMA teacher update (DINO): teacher <- m * teacher + (1 - m) * student, parameters and buffers alike
-except the loss centres, which have their own update rule."""
+except the loss centers, which have their own update rule."""
 
 from __future__ import annotations
 

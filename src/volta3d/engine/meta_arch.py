@@ -1,5 +1,5 @@
 """The VolTA-3D meta-architecture (paper II-B): a student and an EMA teacher of the same shape, the
-two loss centres, and ``compute_losses`` which turns one collated batch of views into the losses
+two loss centers, and ``compute_losses`` which turns one collated batch of views into the losses
 of eq. 1-6. The train loop owns optimisation; this module owns the method.
 """
 
@@ -146,7 +146,7 @@ class VolTA3D(nn.Module):
         optionally "global_masked" (2, B, C, G, G, G), "voxel_mask" (2, B, 1, G, G, G) and
         "token_mask" (2, B, N) from GMML. ``student`` is the DDP wrapper when distributed.
         Returns "loss" (weighted total), one entry per active branch, detached statistics, and
-        "center_stats": {name: (sum (K,), count)} to feed ``update_centres`` after the step.
+        "center_stats": {name: (sum (K,), count)} to feed ``update_centers`` after the step.
         """
         student = student if student is not None else self.student
         use_g, use_l, use_r = (self.weights[k] > 0 for k in ("global", "local", "rec"))
@@ -196,30 +196,30 @@ class VolTA3D(nn.Module):
         return out
 
     def _teacher_probs(self, branch: str, logits: torch.Tensor, temp: float, center_stats: dict[str, Any]) -> torch.Tensor:
-        """Centred and sharpened (eq. 2, 4) or Sinkhorn-Knopp targets; records the EMA centre's statistics."""
+        """Centered and sharpened (eq. 2, 4) or Sinkhorn-Knopp targets; records the EMA center's statistics."""
         if self.centering == "sinkhorn":
             return sinkhorn_knopp_probs(logits, temp, self.sinkhorn_iterations, reduce_sum=all_reduce_sum)
-        centre = self.global_center if branch == "global" else self.patch_center
+        center = self.global_center if branch == "global" else self.patch_center
         center_stats[branch] = Center.batch_stats(logits)
-        return centre.teacher_probs(logits, temp)
+        return center.teacher_probs(logits, temp)
 
     # ------------------------------------------------------------------ updates after an optimiser step
     @torch.no_grad()
-    def update_centres(self, stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def update_centers(self, stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Once per optimiser step, from the statistics of the whole effective batch: the micro-batch
-        sums are added up by the caller and across ranks here, so the centre matches one big batch."""
-        centres = {"global": self.global_center, "patch": self.patch_center}
+        sums are added up by the caller and across ranks here, so the center matches one big batch."""
+        centers = {"global": self.global_center, "patch": self.patch_center}
         for name, (sum_, count) in stats.items():
             count = torch.as_tensor(count, dtype=sum_.dtype, device=sum_.device).clone()
             sum_ = sum_.clone()
             all_reduce_sum(sum_, count)
-            centres[name].update(sum_, count)
+            centers[name].update(sum_, count)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         ema_update(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
 
-    def centre_norms(self) -> dict[str, float]:
+    def center_norms(self) -> dict[str, float]:
         return {
             "center_norm": float(self.global_center.center.norm()),
             "patch_center_norm": float(self.patch_center.center.norm()),

@@ -38,8 +38,8 @@ def interpolate_pos_embed(
 
     ``(1, d0*h0*w0, E) -> (1, d*h*w, E)``. Tokens are ordered as MONAI's patch embedding flattens
     its conv output (depth-major: index = (i*h + j)*w + k). Trilinear with ``align_corners=False``
-    keeps token centres at the same normalised position (i + 0.5) / d, as DINO does in 2D with
-    bicubic; centres outside the old outermost centres take the edge value.
+    keeps token centers at the same normalised position (i + 0.5) / d, as DINO does in 2D with
+    bicubic; centers outside the old outermost centers take the edge value.
     Returns the input unchanged when the grids are equal.
     """
     old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
