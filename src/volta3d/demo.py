@@ -1,4 +1,4 @@
-"""``volta3d demo``: the whole path of DESIGN.md on the bundled real scans, as one resumable run.
+"""``volta3d demo``: the README's path of a scan, on the bundled real scans, as one resumable run.
 
 The demo is a plan of stages, each an ordinary ``volta3d`` command line (so it exercises exactly
 what a user runs), plus the one step that has no command: writing the bundled CSV manifests. Each

@@ -42,7 +42,7 @@ def test_two_micro_batches_then_one_update_equal_one_big_batch():
     one_batch = Center(out_dim=8, momentum=0.8)
     one_batch.update(*Center.batch_stats(torch.cat([first, second])))
     torch.testing.assert_close(accumulated.center, one_batch.center)
-    # two updates (one per micro-batch) is NOT the same: the EMA would decay twice (pitfall 1)
+    # two updates (one per micro-batch) is NOT the same: the EMA would decay twice per optimiser step
     twice = Center(out_dim=8, momentum=0.8)
     twice.update(s1, n1)
     twice.update(s2, n2)

@@ -1,5 +1,6 @@
 """Process-group helpers. Every collective is guarded, so one CPU process runs the same code
-without ``torch.distributed`` being initialised (METHOD-NOTES pitfall 11)."""
+without ``torch.distributed`` being initialised (DINO's ``main_dino.py`` and iBOT's
+``main_ibot.py`` call ``dist.all_reduce`` unconditionally, so they need a process group even on one CPU)."""
 
 from __future__ import annotations
 

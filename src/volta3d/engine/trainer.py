@@ -1,4 +1,4 @@
-"""The VolTA-3D pretraining run: data, model, schedules, and one readable train loop (STYLE 7).
+"""The VolTA-3D pretraining run: data, model, schedules, and one readable train loop with commented phases.
 
 Exact resume: the data order of epoch ``e`` depends only on ``(seed, e)``, every view's
 randomness only on ``(seed, epoch, index)``, and schedules only on the optimiser step, so a

@@ -3,7 +3,8 @@
 The center is subtracted from the teacher's logits before sharpening (paper eq. 2 and 4). It is an
 exponential moving average of the batch mean of teacher logits. Under gradient accumulation and
 data parallelism the engine sums ``batch_stats`` over micro-batches and ranks and calls ``update``
-once per optimiser step, so the center is what one big batch would give (METHOD-NOTES pitfall 1).
+once per optimiser step, so the center is what one big batch would give;
+an update per micro-batch would make the EMA decay K times per optimiser step.
 """
 
 from __future__ import annotations
