@@ -37,6 +37,9 @@ QUICK_OVERRIDES = {
 
 @dataclass
 class Stage:
+    """One named step of the demo: the callable that runs it (a ``volta3d`` command line), the stages
+    it needs to have finished first, and its expected time, which the demo's ETA is planned from."""
+
     name: str
     run: Callable[[], int]
     needs: list[str] = field(default_factory=list)

@@ -98,6 +98,9 @@ class PreprocessSettings:
 
 @dataclass
 class PreprocessedScan:
+    """One scan after ``preprocess_scan``: the network-ready image, its labels (if any) on the same
+    grid, and that grid's affine (kept in the scan's cache record, so positions stay in world mm)."""
+
     image: np.ndarray  # (1, D, H, W) float32 in [0, 1]
     mask: np.ndarray | None  # (1, D, H, W) integer labels, same grid
     affine: np.ndarray  # (4, 4) voxel -> RAS world of the output grid

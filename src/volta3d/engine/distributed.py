@@ -13,6 +13,9 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the process group; the defaults (rank 0 of 1) describe a single process,
+    so code can use it without checking whether ``torch.distributed`` is initialised."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0

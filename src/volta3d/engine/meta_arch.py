@@ -89,6 +89,16 @@ PATCH_TOKENS_FOR_RANK = 8  # patch tokens per view fed to the rolling effective-
 
 
 class VolTA3D(nn.Module):
+    """The VolTA-3D method (paper II-B): the student, its EMA teacher and the two EMA centers, with
+    ``compute_losses`` for eq. 1-6 (global CLS-style and local patch-token distillation as in DINO and
+    iBOT, plus masked reconstruction) and the updates that follow an optimiser step.
+
+    Only ``student`` is trained (and wrapped in DDP); the teacher and the centers change only through
+    ``update_teacher`` and ``update_centers``, once per optimiser step, so gradient accumulation and data
+    parallelism give the same result as one large batch. ``centering="sinkhorn"`` replaces the EMA
+    centers by Sinkhorn-Knopp targets (DINOv2 ``sinkhorn_knopp_teacher``).
+    """
+
     def __init__(
         self,
         student: Student,
