@@ -25,7 +25,7 @@ from volta3d.losses import (
     sinkhorn_knopp_probs,
 )
 from volta3d.models.encoder import VolTAEncoder, build_encoder
-from volta3d.models.heads import build_heads
+from volta3d.models.heads import ProjectionHead, build_heads
 from volta3d.models.summariser import CLSSummariser
 
 
@@ -40,7 +40,9 @@ class Student(nn.Module):
     This is the unit DDP wraps, so everything that needs gradients runs inside ``forward``.
     """
 
-    def __init__(self, encoder: VolTAEncoder, summariser: CLSSummariser, global_head: nn.Module, patch_head: nn.Module):
+    def __init__(
+        self, encoder: VolTAEncoder, summariser: CLSSummariser, global_head: ProjectionHead, patch_head: ProjectionHead
+    ):
         super().__init__()
         self.encoder = encoder
         self.summariser = summariser
@@ -165,6 +167,7 @@ class VolTA3D(nn.Module):
         masked = batch.get("global_masked")
         student_in = _views_first(masked if masked is not None else clean)
         local = batch.get("local")
+        n_local = local.shape[0] if local is not None else 0
         local_in = _views_first(local) if (use_g and local is not None and local.shape[0] > 0) else None
 
         with torch.no_grad():
@@ -178,7 +181,7 @@ class VolTA3D(nn.Module):
             t_probs = self._teacher_probs("global", t_logits, teacher_temp, out["center_stats"])  # (2B, K)
             s_views = list(s_out["cls_logits"].chunk(n_global))
             if "local_cls_logits" in s_out:
-                s_views += list(s_out["local_cls_logits"].chunk(local.shape[0]))
+                s_views += list(s_out["local_cls_logits"].chunk(n_local))
             out["loss_global"] = self.global_loss(s_views, list(t_probs.chunk(n_global)), self.student_temp)
             total = total + self.weights["global"] * out["loss_global"]
             out.update(entropy_stats(t_probs, "teacher_"), **_cosines(s_out, t_out, n_global))

@@ -261,7 +261,7 @@ def online_probe_figure(panels: Mapping[str, pd.DataFrame], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _slices(vol: np.ndarray, center: Sequence[int]) -> list[np.ndarray]:
+def _slices(vol: np.ndarray, center: Sequence[int] | np.ndarray) -> list[np.ndarray]:
     """Sagittal, coronal and axial slices of a RAS (D, H, W) = (x, y, z) volume, transposed so that
     superior (or anterior, for axial) is up with ``origin='lower'``."""
     x, y, z = center
