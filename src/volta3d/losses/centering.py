@@ -71,7 +71,7 @@ def sinkhorn_knopp_probs(
     ``(..., K) -> (..., K)`` float32 rows that sum to 1, from ``exp(logits / temp)`` alternately
     normalised so that every prototype receives the same total mass over the rows of the batch and
     every row the same mass. This equal-partition constraint forbids the output from being the same
-    for every volume, which EMA centring only discourages slowly. Across data-parallel ranks the
+    for every volume, which EMA centering only discourages slowly. Across data-parallel ranks the
     column sums are summed by ``reduce_sum`` (in place, e.g. an all-reduce), so the partition is over
     the whole batch. With far fewer rows than prototypes the constraint forces near-uniform rows: use
     a moderate K.
