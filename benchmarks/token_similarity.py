@@ -3,7 +3,7 @@
 Prints, for a freshly initialised tiny-cpu VolTA-3D model on real preprocessed volumes:
 - the mean cosine similarity of patch tokens across positions, with [0, 1] input vs z-scored input;
 - the spread of the global head's logits across volumes vs across prototypes, and the entropy of
-  the centred teacher distribution at several teacher temperatures (log K is the uniform value).
+  the centered teacher distribution at several teacher temperatures (log K is the uniform value).
 
     python benchmarks/token_similarity.py runs/demo/prep/ixi [--n 16]
 """
@@ -46,12 +46,12 @@ def main() -> None:
         print(f"input_norm={norm}: patch-token cosine across positions "
               f"{sum(mean_offdiag_cosine(t) for t in tokens) / len(tokens):.2f}")  # fmt: skip
         if norm == "zscore":
-            centred = logits - logits.mean(0, keepdim=True)
-            print(f"  logit spread across volumes {centred.std(0).mean():.3f}, across prototypes {logits.std(1).mean():.3f}")
+            centered = logits - logits.mean(0, keepdim=True)
+            print(f"  logit spread across volumes {centered.std(0).mean():.3f}, across prototypes {logits.std(1).mean():.3f}")
             for temp in (0.04, 0.02, 0.01):
-                p = torch.softmax(centred / temp, dim=-1)
+                p = torch.softmax(centered / temp, dim=-1)
                 entropy = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
-                print(f"  centred teacher entropy at temperature {temp}: {entropy:.2f} (log K = {math.log(logits.shape[1]):.2f})")
+                print(f"  centered teacher entropy at temperature {temp}: {entropy:.2f} (log K = {math.log(logits.shape[1]):.2f})")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -42,7 +42,8 @@ def bundled_configs() -> list[str]:
 
 def _merge_strict(base: DictConfig, other: DictConfig | dict, source: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, other)  # base is struct: unknown keys raise
+        # base is struct: unknown keys raise; merging onto a DictConfig gives a DictConfig
+        return cast(DictConfig, OmegaConf.merge(base, other))
     except (ConfigKeyError, ConfigAttributeError) as err:
         key = getattr(err, "full_key", None) or str(err).splitlines()[0]
         raise ConfigError(f"unknown config key '{key}' in {source}") from None
@@ -54,7 +55,7 @@ def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ())
     A file may name a base with a top-level ``defaults: [other]`` list (bundled names or paths),
     merged before it, so ``paper.yaml`` and ``tiny-cpu.yaml`` only list what they change.
     """
-    defaults = OmegaConf.load(DEFAULT_CONFIG)
+    defaults = cast(DictConfig, OmegaConf.load(DEFAULT_CONFIG))  # default.yaml is a mapping
     cfg = defaults.copy()
     OmegaConf.set_struct(cfg, True)
     for f in files:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -97,8 +97,9 @@ def _range_error(key: str, value: Any) -> str | None:
 
 def validate_config(cfg: DictConfig, defaults: DictConfig) -> None:
     """Raise ``ConfigValueError`` naming the first key whose value has the wrong type or range."""
-    base = flatten_dict(OmegaConf.to_container(defaults, resolve=True))
-    for key, value in flatten_dict(OmegaConf.to_container(cfg, resolve=True)).items():
+    # a DictConfig converts to a dict (to_container is annotated for any config node)
+    base = flatten_dict(cast(dict[str, Any], OmegaConf.to_container(defaults, resolve=True)))
+    for key, value in flatten_dict(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))).items():
         problem = _type_error(key, base.get(key), value) or (_range_error(key, value) if value is not None else None)
         if problem:
             raise ConfigValueError(f"config value {key}={value!r} {problem}")

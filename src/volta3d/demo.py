@@ -1,4 +1,4 @@
-"""``volta3d demo``: the whole path of DESIGN.md on the bundled real scans, as one resumable run.
+"""``volta3d demo``: the README's path of a scan, on the bundled real scans, as one resumable run.
 
 The demo is a plan of stages, each an ordinary ``volta3d`` command line (so it exercises exactly
 what a user runs), plus the one step that has no command: writing the bundled CSV manifests. Each
@@ -37,6 +37,9 @@ QUICK_OVERRIDES = {
 
 @dataclass
 class Stage:
+    """One named step of the demo: the callable that runs it (a ``volta3d`` command line), the stages
+    it needs to have finished first, and its expected time, which the demo's ETA is planned from."""
+
     name: str
     run: Callable[[], int]
     needs: list[str] = field(default_factory=list)

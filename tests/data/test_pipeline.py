@@ -43,11 +43,11 @@ def test_mask_follows_image_with_nearest_labels():
     out = preprocess_scan(image, meta, PreprocessSettings(size=(32, 32, 32)), mask, meta)
     assert out.mask.shape == out.image.shape and out.mask.dtype == np.int64
     assert set(np.unique(out.mask)) == {0, 1, 2}  # nearest neighbour: no blended labels
-    # each label's centre lands at the same world position as in the input (mm)
+    # each label's center lands at the same world position as in the input (mm)
     for label in (1, 2):
-        centre_in = AFFINE @ np.array([*np.argwhere(mask[0] == label).mean(0), 1.0])
-        centre_out = out.affine @ np.array([*np.argwhere(out.mask[0] == label).mean(0), 1.0])
-        assert np.linalg.norm(centre_out - centre_in) < 1.0
+        center_in = AFFINE @ np.array([*np.argwhere(mask[0] == label).mean(0), 1.0])
+        center_out = out.affine @ np.array([*np.argwhere(out.mask[0] == label).mean(0), 1.0])
+        assert np.linalg.norm(center_out - center_in) < 1.0
     # and the image intensities stayed with them: label 2 voxels are the bright ones
     assert out.image[0][out.mask[0] == 2].mean() > 0.85 > 0.6 > out.image[0][out.mask[0] == 1].mean()
     # label volumes scale with the voxel volume (2 * 1.5 * 3 = 9 mm^3 per input voxel)

@@ -12,9 +12,9 @@ TINY_VIT = {"img_size": 32, "patch_size": 16, "hidden_size": 48, "mlp_dim": 96, 
             "in_channels": 1, "dropout": 0.0, "qkv_bias": False, "deconv_chns": 8, "fused_attention": True}
 
 
-def _ball(size: int, centre: np.ndarray, radius: float) -> np.ndarray:
+def _ball(size: int, center: np.ndarray, radius: float) -> np.ndarray:
     grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), axis=0)
-    return ((grid - centre[:, None, None, None]) ** 2).sum(0) <= radius**2
+    return ((grid - center[:, None, None, None]) ** 2).sum(0) <= radius**2
 
 
 def write_blob_dataset(root: Path, n_subjects: int = 20, scans_per_subject: int = 1, size: int = 32,

@@ -18,15 +18,15 @@ from volta3d.evaluation.splits import make_holdout_split
 from ..data.scan_factory import write_nifti
 
 
-def _world_ball(shape, affine, centre_mm, radius_mm) -> np.ndarray:
+def _world_ball(shape, affine, center_mm, radius_mm) -> np.ndarray:
     """Voxels of a grid (shape, affine) whose world position lies within the ball."""
     ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
     xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
-    return (np.linalg.norm(xyz - np.asarray(centre_mm), axis=1) <= radius_mm).reshape(shape)
+    return (np.linalg.norm(xyz - np.asarray(center_mm), axis=1) <= radius_mm).reshape(shape)
 
 
-def _sphere_scan(rng, shape, affine, centre, radius) -> tuple[np.ndarray, np.ndarray]:
-    ball = _world_ball(shape, affine, centre, radius)
+def _sphere_scan(rng, shape, affine, center, radius) -> tuple[np.ndarray, np.ndarray]:
+    ball = _world_ball(shape, affine, center, radius)
     vol = rng.uniform(0.0, 0.4, shape).astype(np.float32)
     vol[ball] += 0.6
     return vol, ball
@@ -68,8 +68,8 @@ def test_fold_model_records_how_to_rebuild_it(sphere_model):
 def test_predict_writes_the_mask_on_the_input_grid(sphere_model, tmp_path):
     # stored L-P-I-ish with anisotropic voxels: axes flipped and 1.5 / 0.8 / 1.2 mm
     affine = np.array([[-1.5, 0, 0, 20.0], [0, -0.8, 0, 12.0], [0, 0, 1.2, -15.0], [0, 0, 0, 1]])
-    shape, centre, radius = (24, 36, 26), (3.0, -2.0, 0.0), 6.5
-    vol, ball = _sphere_scan(np.random.default_rng(5), shape, affine, centre, radius)
+    shape, center, radius = (24, 36, 26), (3.0, -2.0, 0.0), 6.5
+    vol, ball = _sphere_scan(np.random.default_rng(5), shape, affine, center, radius)
     scan = write_nifti(tmp_path / "in" / "odd.nii.gz", vol, affine)
     write_nifti(tmp_path / "in" / "flat.nii.gz", np.ones((10, 10, 10), np.float32))
     out = tmp_path / "out"

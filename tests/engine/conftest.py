@@ -26,8 +26,8 @@ def write_volume_folder(folder: Path, n: int = 4, size: int = 32, seed: int = 0)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"))
     rows = []
     for i in range(n):
-        centre = rng.uniform(-0.4, 0.4, size=(3, 1, 1, 1))
-        vol = np.exp(-((grid - centre) ** 2).sum(0) / rng.uniform(0.1, 0.4))[None].astype(np.float16)
+        center = rng.uniform(-0.4, 0.4, size=(3, 1, 1, 1))
+        vol = np.exp(-((grid - center) ** 2).sum(0) / rng.uniform(0.1, 0.4))[None].astype(np.float16)
         np.save(folder / f"s{i}.npy", vol)
         rows.append({"subject_id": f"s{i}", "path": f"s{i}.npy", "source": f"synthetic-{i}"})
     pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)

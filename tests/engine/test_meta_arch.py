@@ -66,9 +66,9 @@ def test_all_zero_weights_rejected(tiny_overrides):
 
 
 def test_accumulation_matches_one_big_batch(tiny_overrides):
-    """k micro-batches of b (loss / k, centres and teacher updated once) == one batch of k * b."""
+    """k micro-batches of b (loss / k, centers and teacher updated once) == one batch of k * b."""
     base = _model(tiny_overrides)
-    base.global_center.center.normal_()  # non-trivial centres so their use is tested too
+    base.global_center.center.normal_()  # non-trivial centers so their use is tested too
     base.patch_center.center.normal_()
     batch = _batch(b=4)
     runs = {}
@@ -88,7 +88,7 @@ def test_accumulation_matches_one_big_batch(tiny_overrides):
         grads = {n: p.grad.clone() for n, p in model.student.named_parameters() if p.grad is not None}
         opt.step()
         model.update_teacher(0.99)
-        model.update_centres({n: tuple(v) for n, v in stats.items()})
+        model.update_centers({n: tuple(v) for n, v in stats.items()})
         runs[k] = (grads, model)
     ref_grads, ref_model = runs[1]
     for k in (2, 4):

@@ -116,7 +116,7 @@ def test_koleo_and_sinkhorn_options_train(tiny_overrides, volume_folder, tmp_pat
     out = _run(tiny_overrides, volume_folder, tmp_path / "run", "train.max_steps=2", "loss.koleo_weight=0.1",
                "loss.centering=sinkhorn")  # fmt: skip
     rows = MetricsCSV(out / "metrics.csv").read()
-    assert float(rows[-1]["koleo"]) > 0 and float(rows[-1]["center_norm"]) == 0.0  # Sinkhorn leaves the centre unused
+    assert float(rows[-1]["koleo"]) > 0 and float(rows[-1]["center_norm"]) == 0.0  # Sinkhorn leaves the center unused
     with pytest.raises(ValueError, match="koleo_weight > 0 needs optim.batch_size >= 2"):
         _run(tiny_overrides, volume_folder, tmp_path / "b1", "train.max_steps=1", "loss.koleo_weight=0.1",
              "optim.batch_size=1")  # fmt: skip

@@ -75,9 +75,9 @@ def write_classifier(run: Path, *, pretrained: bool, noise: float, seed: int, fr
     return run
 
 
-def _ball(size: int, centre, radius: float) -> np.ndarray:
+def _ball(size: int, center, radius: float) -> np.ndarray:
     grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1)
-    return np.linalg.norm(grid - np.asarray(centre), axis=-1) <= radius
+    return np.linalg.norm(grid - np.asarray(center), axis=-1) <= radius
 
 
 def write_segmenter(run: Path, data: Path, *, pretrained: bool, dice: list[float], save_predictions: bool) -> Path:

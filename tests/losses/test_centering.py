@@ -1,4 +1,4 @@
-"""Centre EMA (DINO) against the formula center <- m * center + (1 - m) * mean(teacher logits)."""
+"""Center EMA (DINO) against the formula center <- m * center + (1 - m) * mean(teacher logits)."""
 
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ def test_two_micro_batches_then_one_update_equal_one_big_batch():
     one_batch = Center(out_dim=8, momentum=0.8)
     one_batch.update(*Center.batch_stats(torch.cat([first, second])))
     torch.testing.assert_close(accumulated.center, one_batch.center)
-    # two updates (one per micro-batch) is NOT the same: the EMA would decay twice (pitfall 1)
+    # two updates (one per micro-batch) is NOT the same: the EMA would decay twice per optimiser step
     twice = Center(out_dim=8, momentum=0.8)
     twice.update(s1, n1)
     twice.update(s2, n2)
     assert not torch.allclose(twice.center, one_batch.center)
 
 
-def test_teacher_probs_centre_and_sharpen_without_grad():
+def test_teacher_probs_center_and_sharpen_without_grad():
     torch.manual_seed(2)
     center = Center(out_dim=6, momentum=0.5)
     center.update(*Center.batch_stats(torch.randn(3, 6)))

@@ -1,4 +1,4 @@
-"""3D position-embedding resampling, checked against a field linear in the token-centre coordinates."""
+"""3D position-embedding resampling, checked against a field linear in the token-center coordinates."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ OFFSET = torch.tensor([0.1, -0.4, 0.9])
 
 
 def linear_field(grid: tuple[int, int, int], clamp_to: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """(1, N, 3) field f(u) = COEFFS @ u + OFFSET at token centres u_a = (i_a + 0.5) / n_a.
+    """(1, N, 3) field f(u) = COEFFS @ u + OFFSET at token centers u_a = (i_a + 0.5) / n_a.
 
-    With ``clamp_to`` the centres are clamped into the span of that grid's outermost centres: the
+    With ``clamp_to`` the centers are clamped into the span of that grid's outermost centers: the
     value a linear resampler gives where it cannot interpolate (edge replication).
     """
     rows = []
@@ -37,7 +37,7 @@ def test_identity_when_grid_is_unchanged():
 @pytest.mark.parametrize(
     ("old", "new"),
     [
-        ((6, 4, 8), (3, 2, 4)),  # downsampling: every new centre lies inside the old hull
+        ((6, 4, 8), (3, 2, 4)),  # downsampling: every new center lies inside the old hull
         ((6, 6, 6), (3, 3, 3)),
         ((4, 6, 2), (2, 3, 1)),
     ],
@@ -59,7 +59,7 @@ def test_interior_tokens_are_exact_when_upsampling():
     old, new = (4, 4, 4), (8, 8, 8)
     out = interpolate_pos_embed(linear_field(old), old, new).reshape(*new, 3)
     exact = linear_field(new).reshape(*new, 3)
-    # new centres 1..6 lie inside the old centres' span [1/8, 7/8]
+    # new centers 1..6 lie inside the old centers' span [1/8, 7/8]
     torch.testing.assert_close(out[1:-1, 1:-1, 1:-1], exact[1:-1, 1:-1, 1:-1], rtol=0, atol=1e-5)
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
 import pydicom
 from nibabel.openers import ImageOpener
+from nibabel.spatialimages import SpatialImage
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale
 
@@ -105,7 +106,8 @@ def _one_line(err: BaseException) -> str:
 def read_nifti(path: Path, max_voxels: int = MAX_VOXELS) -> tuple[np.ndarray, dict[str, Any]]:
     """NIfTI (or any format nibabel reads): ``(1, D, H, W)`` float32 + meta."""
     try:
-        img = nib.load(str(path))
+        # nib.load is annotated as returning any file-based image; NIfTI / MGH / Analyze are spatial
+        img = cast(SpatialImage, nib.load(str(path)))
     except Exception as err:
         raise ScanError(f"cannot read {path.name} (truncated or corrupt?): {_one_line(err)}") from None
     check_voxel_count(img.shape, path.name, max_voxels)
@@ -256,7 +258,7 @@ def _raise_if_truncated(folder: Path, headers: list[tuple[Path, pydicom.Dataset]
 
 
 def _read_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
-    headers = []
+    headers: list[tuple[Path, pydicom.Dataset]] = []
     for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
             headers.append((f, pydicom.dcmread(f, stop_before_pixels=True)))
@@ -276,7 +278,7 @@ def _check_instance_numbers(folder: Path, headers: list[tuple[Path, pydicom.Data
     numbers = [getattr(ds, "InstanceNumber", None) for _, ds in headers]
     if any(n is None for n in numbers):
         return  # optional tag: the position check alone decides
-    ordered = sorted(int(n) for n in numbers)
+    ordered = sorted(int(n) for n in numbers if n is not None)
     for a, b in zip(ordered, ordered[1:], strict=False):
         if b - a != 1:
             what = "repeats" if a == b else "jumps"

@@ -98,6 +98,9 @@ class PreprocessSettings:
 
 @dataclass
 class PreprocessedScan:
+    """One scan after ``preprocess_scan``: the network-ready image, its labels (if any) on the same
+    grid, and that grid's affine (kept in the scan's cache record, so positions stay in world mm)."""
+
     image: np.ndarray  # (1, D, H, W) float32 in [0, 1]
     mask: np.ndarray | None  # (1, D, H, W) integer labels, same grid
     affine: np.ndarray  # (4, 4) voxel -> RAS world of the output grid
@@ -114,7 +117,8 @@ def build_transform(settings: PreprocessSettings, with_mask: bool) -> Compose:
     steps: list[Any] = [
         Orientationd(keys=keys, axcodes=settings.orientation.upper(), labels=None),
         Spacingd(
-            keys=keys, pixdim=(settings.spacing,) * 3, mode=interp, padding_mode="zeros", dtype=torch.float32
+            keys=keys, pixdim=(settings.spacing,) * 3, mode=interp, padding_mode="zeros",
+            dtype=torch.float32,  # type: ignore[arg-type]  # MONAI takes torch dtypes; its hint lists numpy ones
         ),
     ]
     if settings.crop == "foreground":

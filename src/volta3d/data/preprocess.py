@@ -40,6 +40,9 @@ REJECTED_COLUMNS = ("subject_id", "source", "label_source", "reason")
 
 @dataclass
 class PreprocessSummary:
+    """What one ``volta3d preprocess`` run did (counts, time, the manifest and rejected.csv it wrote),
+    returned to the command for its final log line and to tests."""
+
     found: int  # scans in the input (all shards)
     selected: int  # scans in this shard (= found without sharding)
     processed: int  # computed in this run

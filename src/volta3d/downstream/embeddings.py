@@ -112,7 +112,8 @@ def save_embeddings(path: str | Path, embeddings: dict[str, np.ndarray], meta: d
     if p.suffix != ".npz":
         p = p.with_suffix(".npz")
     p.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(p, **embeddings, meta=np.asarray(json.dumps(meta)))
+    # mypy also matches **embeddings against savez's allow_pickle: bool
+    np.savez(p, **embeddings, meta=np.asarray(json.dumps(meta)))  # type: ignore[arg-type]
     return p
 
 

@@ -20,7 +20,7 @@ from volta3d.models.export import (
 from volta3d.models.input_norm import StandardisedInput
 
 
-class ZScoreUNETR(StandardisedInput, UNETR):
+class ZScoreUNETR(StandardisedInput, UNETR):  # type: ignore[misc]  # UNETR names its input x_in
     """MONAI UNETR behind the project's input standardisation (same state-dict keys as UNETR)."""
 
 

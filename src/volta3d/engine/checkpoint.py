@@ -1,6 +1,6 @@
 """Self-describing, atomically written training checkpoints that load without executing code.
 
-A checkpoint holds everything exact resume needs (student, teacher, centres, optimiser, step,
+A checkpoint holds everything exact resume needs (student, teacher, centers, optimiser, step,
 position in the epoch, torch RNG state) plus the resolved config; it is read back with
 ``torch.load(weights_only=True)``, which refuses pickled code.
 """

@@ -1,5 +1,6 @@
 """Process-group helpers. Every collective is guarded, so one CPU process runs the same code
-without ``torch.distributed`` being initialised (METHOD-NOTES pitfall 11)."""
+without ``torch.distributed`` being initialised (DINO's ``main_dino.py`` and iBOT's
+``main_ibot.py`` call ``dist.all_reduce`` unconditionally, so they need a process group even on one CPU)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the process group; the defaults (rank 0 of 1) describe a single process,
+    so code can use it without checking whether ``torch.distributed`` is initialised."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0

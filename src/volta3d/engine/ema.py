@@ -1,5 +1,5 @@
 """EMA teacher update (DINO): teacher <- m * teacher + (1 - m) * student, parameters and buffers alike
-except the loss centres, which have their own update rule."""
+except the loss centers, which have their own update rule."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 @torch.no_grad()
 def ema_update(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], momentum: float) -> None:
-    """In-place, fused over all tensors. Call only after a real optimiser step (STYLE 8)."""
+    """In-place, fused over all tensors. Call only after a real optimiser step: under gradient
+    accumulation one call per micro-batch would move the teacher K times per step."""
     if len(teacher) != len(student):
         raise ValueError(f"teacher has {len(teacher)} tensors but student has {len(student)}")
     torch._foreach_mul_(list(teacher), momentum)

@@ -57,7 +57,7 @@ def cross_volume_cosine(embeddings: Tensor) -> Tensor:
 def effective_rank(embeddings: Tensor, eps: float = 1e-7) -> float:
     """RankMe: exp of the entropy of the normalised singular values of (n, E) embeddings.
 
-    Between 1 (all embeddings on one line) and min(n, E); computed on the raw (uncentred) embeddings
+    Between 1 (all embeddings on one line) and min(n, E); computed on the raw (uncentered) embeddings
     as in the RankMe paper.
     """
     if embeddings.dim() != 2 or embeddings.shape[0] < 1:

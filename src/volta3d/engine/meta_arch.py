@@ -1,5 +1,5 @@
 """The VolTA-3D meta-architecture (paper II-B): a student and an EMA teacher of the same shape, the
-two loss centres, and ``compute_losses`` which turns one collated batch of views into the losses
+two loss centers, and ``compute_losses`` which turns one collated batch of views into the losses
 of eq. 1-6. The train loop owns optimisation; this module owns the method.
 """
 
@@ -25,7 +25,7 @@ from volta3d.losses import (
     sinkhorn_knopp_probs,
 )
 from volta3d.models.encoder import VolTAEncoder, build_encoder
-from volta3d.models.heads import build_heads
+from volta3d.models.heads import ProjectionHead, build_heads
 from volta3d.models.summariser import CLSSummariser
 
 
@@ -40,7 +40,9 @@ class Student(nn.Module):
     This is the unit DDP wraps, so everything that needs gradients runs inside ``forward``.
     """
 
-    def __init__(self, encoder: VolTAEncoder, summariser: CLSSummariser, global_head: nn.Module, patch_head: nn.Module):
+    def __init__(
+        self, encoder: VolTAEncoder, summariser: CLSSummariser, global_head: ProjectionHead, patch_head: ProjectionHead
+    ):
         super().__init__()
         self.encoder = encoder
         self.summariser = summariser
@@ -89,6 +91,16 @@ PATCH_TOKENS_FOR_RANK = 8  # patch tokens per view fed to the rolling effective-
 
 
 class VolTA3D(nn.Module):
+    """The VolTA-3D method (paper II-B): the student, its EMA teacher and the two EMA centers, with
+    ``compute_losses`` for eq. 1-6 (global CLS-style and local patch-token distillation as in DINO and
+    iBOT, plus masked reconstruction) and the updates that follow an optimiser step.
+
+    Only ``student`` is trained (and wrapped in DDP); the teacher and the centers change only through
+    ``update_teacher`` and ``update_centers``, once per optimiser step, so gradient accumulation and data
+    parallelism give the same result as one large batch. ``centering="sinkhorn"`` replaces the EMA
+    centers by Sinkhorn-Knopp targets (DINOv2 ``sinkhorn_knopp_teacher``).
+    """
+
     def __init__(
         self,
         student: Student,
@@ -146,7 +158,7 @@ class VolTA3D(nn.Module):
         optionally "global_masked" (2, B, C, G, G, G), "voxel_mask" (2, B, 1, G, G, G) and
         "token_mask" (2, B, N) from GMML. ``student`` is the DDP wrapper when distributed.
         Returns "loss" (weighted total), one entry per active branch, detached statistics, and
-        "center_stats": {name: (sum (K,), count)} to feed ``update_centres`` after the step.
+        "center_stats": {name: (sum (K,), count)} to feed ``update_centers`` after the step.
         """
         student = student if student is not None else self.student
         use_g, use_l, use_r = (self.weights[k] > 0 for k in ("global", "local", "rec"))
@@ -155,6 +167,7 @@ class VolTA3D(nn.Module):
         masked = batch.get("global_masked")
         student_in = _views_first(masked if masked is not None else clean)
         local = batch.get("local")
+        n_local = local.shape[0] if local is not None else 0
         local_in = _views_first(local) if (use_g and local is not None and local.shape[0] > 0) else None
 
         with torch.no_grad():
@@ -168,7 +181,7 @@ class VolTA3D(nn.Module):
             t_probs = self._teacher_probs("global", t_logits, teacher_temp, out["center_stats"])  # (2B, K)
             s_views = list(s_out["cls_logits"].chunk(n_global))
             if "local_cls_logits" in s_out:
-                s_views += list(s_out["local_cls_logits"].chunk(local.shape[0]))
+                s_views += list(s_out["local_cls_logits"].chunk(n_local))
             out["loss_global"] = self.global_loss(s_views, list(t_probs.chunk(n_global)), self.student_temp)
             total = total + self.weights["global"] * out["loss_global"]
             out.update(entropy_stats(t_probs, "teacher_"), **_cosines(s_out, t_out, n_global))
@@ -196,30 +209,30 @@ class VolTA3D(nn.Module):
         return out
 
     def _teacher_probs(self, branch: str, logits: torch.Tensor, temp: float, center_stats: dict[str, Any]) -> torch.Tensor:
-        """Centred and sharpened (eq. 2, 4) or Sinkhorn-Knopp targets; records the EMA centre's statistics."""
+        """Centered and sharpened (eq. 2, 4) or Sinkhorn-Knopp targets; records the EMA center's statistics."""
         if self.centering == "sinkhorn":
             return sinkhorn_knopp_probs(logits, temp, self.sinkhorn_iterations, reduce_sum=all_reduce_sum)
-        centre = self.global_center if branch == "global" else self.patch_center
+        center = self.global_center if branch == "global" else self.patch_center
         center_stats[branch] = Center.batch_stats(logits)
-        return centre.teacher_probs(logits, temp)
+        return center.teacher_probs(logits, temp)
 
     # ------------------------------------------------------------------ updates after an optimiser step
     @torch.no_grad()
-    def update_centres(self, stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def update_centers(self, stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Once per optimiser step, from the statistics of the whole effective batch: the micro-batch
-        sums are added up by the caller and across ranks here, so the centre matches one big batch."""
-        centres = {"global": self.global_center, "patch": self.patch_center}
+        sums are added up by the caller and across ranks here, so the center matches one big batch."""
+        centers = {"global": self.global_center, "patch": self.patch_center}
         for name, (sum_, count) in stats.items():
             count = torch.as_tensor(count, dtype=sum_.dtype, device=sum_.device).clone()
             sum_ = sum_.clone()
             all_reduce_sum(sum_, count)
-            centres[name].update(sum_, count)
+            centers[name].update(sum_, count)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         ema_update(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
 
-    def centre_norms(self) -> dict[str, float]:
+    def center_norms(self) -> dict[str, float]:
         return {
             "center_norm": float(self.global_center.center.norm()),
             "patch_center_norm": float(self.patch_center.center.norm()),

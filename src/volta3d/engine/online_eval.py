@@ -24,6 +24,7 @@ from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.downstream.embeddings import embedding_rows, extract_embeddings, extract_raw_embeddings
 from volta3d.downstream.labels import LabelSet, prepare_labels
 from volta3d.downstream.probes import run_probe
+from volta3d.engine.meta_arch import Student
 from volta3d.evaluation.pretrain_health import ONLINE_EVAL_NAME
 from volta3d.evaluation.splits import load_splits, make_kfold_splits, save_splits
 from volta3d.models.encoder import VolTAEncoder
@@ -119,7 +120,7 @@ class OnlineEvaluation:
         self.probe, self.csv, self.logger = probe, csv, logger
         self.references = [{**r, "value": float(r["value"])} for r in csv.read() if r["source"] != "teacher"]
 
-    def start(self, teacher: torch.nn.Module, device: torch.device) -> None:
+    def start(self, teacher: Student, device: torch.device) -> None:
         """Step 0 of a fresh run: the initial weights and the raw volume, the two references."""
         with torch.random.fork_rng(devices=[]):  # evaluating must not change the training's random stream
             rows = self.probe.evaluate(0, "init", teacher.encoder, teacher.summariser, device)
@@ -129,7 +130,7 @@ class OnlineEvaluation:
         self.references = rows
         self.logger.info("online probe at step 0: %s", summarise_online(rows))
 
-    def run(self, step: int, teacher: torch.nn.Module, device: torch.device) -> None:
+    def run(self, step: int, teacher: Student, device: torch.device) -> None:
         with torch.random.fork_rng(devices=[]):
             rows = self.probe.evaluate(step, "teacher", teacher.encoder, teacher.summariser, device)
         for r in rows:
@@ -138,7 +139,7 @@ class OnlineEvaluation:
 
 
 def online_evaluation(
-    cfg: DictConfig, out: Path, step: int, teacher: torch.nn.Module, device: torch.device, logger: Any
+    cfg: DictConfig, out: Path, step: int, teacher: Student, device: torch.device, logger: Any
 ) -> OnlineEvaluation | None:
     """The run's online evaluation from the ``eval:`` and ``probe:`` sections (None without ``eval.data``);
     a fresh run (step 0) logs the two references first, a resumed one reads them back."""

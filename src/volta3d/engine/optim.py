@@ -11,7 +11,8 @@ from torch import nn
 def param_groups(module: nn.Module) -> list[dict]:
     """Two AdamW groups: weight decay for weight matrices/kernels, none for biases and 1-D
     parameters (norms, learned tokens' scales), as DINO does. Frozen parameters are left out."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
@@ -24,7 +25,8 @@ def param_groups(module: nn.Module) -> list[dict]:
 
 def build_optimizer(module: nn.Module, betas: Sequence[float] = (0.9, 0.999)) -> torch.optim.AdamW:
     # lr and weight decay are set from the schedules at the top of every step.
-    return torch.optim.AdamW(param_groups(module), lr=0.0, weight_decay=0.0, betas=tuple(betas))
+    beta1, beta2 = betas
+    return torch.optim.AdamW(param_groups(module), lr=0.0, weight_decay=0.0, betas=(beta1, beta2))
 
 
 def apply_schedule_values(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

@@ -15,6 +15,14 @@ from torch.utils.data import Sampler
 
 
 class ResumableSampler(Sampler[int]):
+    """Index sampler for pretraining that yields this rank's share of each whole global batch, in an
+    order fixed by ``(seed, epoch)``.
+
+    Unlike torch's ``DistributedSampler`` it can start mid-epoch (``set_epoch(epoch, start_batch)``), so
+    a resumed run continues with exactly the batches it had not seen. ``len`` counts this rank's
+    indices from ``start_batch`` on.
+    """
+
     def __init__(
         self,
         dataset_size: int,

@@ -1,9 +1,11 @@
-"""Per-optimiser-step schedules, built once as arrays and indexed by step (STYLE 6).
+"""Per-optimiser-step schedules, built once as arrays and indexed by step (as DINOv2's
+``CosineScheduler``).
 
 Indexing by optimiser step, never by loader iteration, keeps every schedule correct under
-gradient accumulation (METHOD-NOTES pitfall 1). Every builder clamps to the run length, so a
-warm-up longer than the run (30 teacher-temperature epochs in a 10-epoch run) is truncated instead
-of overflowing (pitfall 6).
+gradient accumulation (with K micro-batches per step, a schedule indexed by loader iteration would
+run K times too fast). Every builder clamps to the run length, so a warm-up longer than the run
+(30 teacher-temperature epochs in a 10-epoch run) is truncated instead of indexing past the end
+of the array.
 """
 
 from __future__ import annotations

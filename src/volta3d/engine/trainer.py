@@ -1,4 +1,4 @@
-"""The VolTA-3D pretraining run: data, model, schedules, and one readable train loop (STYLE 7).
+"""The VolTA-3D pretraining run: data, model, schedules, and one readable train loop with commented phases.
 
 Exact resume: the data order of epoch ``e`` depends only on ``(seed, e)``, every view's
 randomness only on ``(seed, epoch, index)``, and schedules only on the optimiser step, so a
@@ -146,7 +146,7 @@ def pretrain(
                 logger.error("%s", err)  # into log.txt too, beside the run's other records
                 raise
             step += 1
-            row.update(step=step, epoch=epoch, seconds_per_step=time.perf_counter() - t0, **model.centre_norms())
+            row.update(step=step, epoch=epoch, seconds_per_step=time.perf_counter() - t0, **model.center_norms())
             health.observe(step, row, embeddings)
             if online is not None and (step % cfg.eval.every == 0 or step == last_step):
                 online.run(step, model.teacher, device)
@@ -256,7 +256,7 @@ def train_step(
 
     # 4. teacher EMA and both centres: once per optimiser step, from the whole effective batch
     model.update_teacher(float(schedules.momentum[step]))
-    model.update_centres({k: (s, c) for k, (s, c) in centre_stats.items()})
+    model.update_centers({k: (s, c) for k, (s, c) in centre_stats.items()})
     logged.update(
         lr=float(schedules.lr[step]), weight_decay=float(schedules.weight_decay[step]),
         momentum=float(schedules.momentum[step]), teacher_temp=teacher_temp, teacher_patch_temp=patch_temp,

@@ -5,6 +5,7 @@ applied, unchanged, to the test fold: choosing it on the test fold would flatter
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -34,7 +35,9 @@ def youden_threshold(y_true: Sequence[int], scores: Sequence[float]) -> float:
     return float(thr[best])
 
 
-def sensitivity_specificity(y_true: Sequence[int], y_pred: Sequence[int]) -> tuple[float, float]:
+def sensitivity_specificity(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray
+) -> tuple[float, float]:
     tn, fp, fn, tp = confusion_matrix(np.asarray(y_true), np.asarray(y_pred), labels=[0, 1]).ravel()
     sens = tp / (tp + fn) if tp + fn else float("nan")
     spec = tn / (tn + fp) if tn + fp else float("nan")
@@ -87,9 +90,10 @@ def segmentation_metrics(
     """
     p = one_hot(pred.long(), num_classes, dim=1)  # (B, 1, D, H, W) -> (B, K, D, H, W)
     t = one_hot(target.long(), num_classes, dim=1)
-    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, t)
+    # MONAI's metric __call__ is annotated for lists of batches too; one tensor batch gives one tensor
+    dice = cast(torch.Tensor, DiceMetric(include_background=False, reduction="none", ignore_empty=True)(p, t))
     hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
-    hd95 = hd(p, t, spacing=list(spacing))
+    hd95 = cast(torch.Tensor, hd(p, t, spacing=list(spacing)))
     # MONAI returns inf when one side is empty; NaN means "undefined", which aggregation skips.
     hd95 = torch.where(torch.isfinite(hd95), hd95, torch.full_like(hd95, float("nan")))
     return {"dice": dice.cpu().numpy(), "hd95": hd95.cpu().numpy()}

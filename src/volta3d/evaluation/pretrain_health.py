@@ -39,6 +39,9 @@ HEALTH_READINGS = {
 
 @dataclass
 class HealthRow:
+    """One row of the report's pretraining-health table: a logged quantity averaged over the first and
+    the last logged steps, and, for the alignment losses, log K to read the final value against."""
+
     quantity: str
     first: float
     last: float

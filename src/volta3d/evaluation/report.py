@@ -1,4 +1,4 @@
-"""One self-contained HTML report of a volta3d run (issues 7 and 14), plus the same tables in Markdown.
+"""One self-contained HTML report of a volta3d run, plus the same tables in Markdown.
 
 Inputs: any number of downstream ``results.json`` files (fine-tuning, probes, segmentation), an
 optional pretraining run folder (``metrics.csv`` + ``config.yaml``; read with its optional

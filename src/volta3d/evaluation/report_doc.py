@@ -28,6 +28,8 @@ FOLD_ROWS = 12  # a table longer than this is folded in a <details> block: the p
 
 @dataclass
 class Table:
+    """A table of already formatted cells; rendered as HTML (folded when long) and as Markdown."""
+
     columns: list[str]
     rows: list[list[str]]
     caption: str = ""
@@ -40,6 +42,8 @@ class Table:
 
 @dataclass
 class Figure:
+    """A PNG with its caption; embedded as base64 in the HTML, a relative image link in the Markdown."""
+
     path: Path
     caption: str
     anchor: str = ""
@@ -81,6 +85,9 @@ Block = Table | Figure | Note | Alert | Heading | Line | str
 
 @dataclass
 class Section:
+    """One titled part of the report (the headline, one task, pretraining, run settings) and its
+    blocks, in order; ``anchor`` is its element id, which the navigation bar at the top links to."""
+
     title: str
     anchor: str
     blocks: list[Block] = field(default_factory=list)

@@ -166,7 +166,7 @@ def headline_rows(tasks: Mapping[tuple, list[Run]], comparisons: Mapping[tuple, 
     for key in sorted(tasks, key=lambda k: (k[0] == "probe", k)):
         compared = [r for r in tasks[key] if any(r is p[0] for p in comparisons.get(key, []))]
         ref = headline_reference(compared, reference) or headline_reference(tasks[key], reference)
-        pairs = [(r, o, c) for r, o, c in comparisons.get(key, []) if r is ref]
+        pairs = [(r, o, c) for r, o, c in comparisons.get(key, []) if ref is not None and r is ref]
         if ref is None or not pairs:
             metric = (ref or tasks[key][0]).primary
             rows.append(HeadlineRow(key, metric, ref, None, reason="no VolTA-3D-initialised model to compare"

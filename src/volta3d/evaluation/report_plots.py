@@ -261,25 +261,25 @@ def online_probe_figure(panels: Mapping[str, pd.DataFrame], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _slices(vol: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
+def _slices(vol: np.ndarray, center: Sequence[int] | np.ndarray) -> list[np.ndarray]:
     """Sagittal, coronal and axial slices of a RAS (D, H, W) = (x, y, z) volume, transposed so that
     superior (or anterior, for axial) is up with ``origin='lower'``."""
-    x, y, z = centre
+    x, y, z = center
     return [vol[x, :, :].T, vol[:, y, :].T, vol[:, :, z].T]
 
 
 def overlay_figure(cases: Sequence[dict], title: str, path: Path) -> Path:
     """One row per case (``image``, ``truth``, ``prediction``: (D, H, W) arrays, ``label``: text):
-    three orthogonal slices through the centre of the true structure, the scan in grey, the ground
+    three orthogonal slices through the center of the true structure, the scan in grey, the ground
     truth and the prediction outlined in two colours (each structure label outlined separately)."""
     fig, axes = plt.subplots(len(cases), 3, figsize=(7.5, 2.6 * len(cases)), squeeze=False)
     for row, case in zip(axes, cases, strict=True):
         truth, pred = case["truth"], case["prediction"]
         fg = np.argwhere(truth > 0)
-        centre = np.round(fg.mean(0)).astype(int) if len(fg) else np.array(truth.shape) // 2
+        center = np.round(fg.mean(0)).astype(int) if len(fg) else np.array(truth.shape) // 2
         labels = sorted((set(np.unique(truth).tolist()) | set(np.unique(pred).tolist())) - {0})
-        for ax, img, t, p, view in zip(row, _slices(case["image"], centre), _slices(truth, centre),
-                                       _slices(pred, centre), ("sagittal", "coronal", "axial"), strict=True):
+        for ax, img, t, p, view in zip(row, _slices(case["image"], center), _slices(truth, center),
+                                       _slices(pred, center), ("sagittal", "coronal", "axial"), strict=True):
             ax.imshow(img, cmap="gray", origin="lower", vmin=0.0, vmax=1.0, interpolation="nearest")
             for v in labels:
                 for mask, colour in ((t == v, TRUTH_COLOUR), (p == v, PREDICTION_COLOUR)):

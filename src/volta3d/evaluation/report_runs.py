@@ -62,6 +62,9 @@ class Run:
 
 @dataclass
 class ReportInputs:
+    """Everything one report is built from: the downstream runs, and the pretraining run folder and
+    demo ``stages.json`` when there are any."""
+
     runs: list[Run]
     pretrain: Path | None = None
     stages: Path | None = None

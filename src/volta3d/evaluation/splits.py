@@ -18,7 +18,7 @@ from volta3d.runtime import atomic_write, read_json_file
 SPLITS_NAME = "splits.json"
 
 
-def regression_strata(values: Sequence[float], n_bins: int = 5) -> np.ndarray:
+def regression_strata(values: Sequence[float] | np.ndarray, n_bins: int = 5) -> np.ndarray:
     """Quantile bins of a numeric label, so regression folds are balanced in range (e.g. age)."""
     v = pd.Series(np.asarray(values, dtype=float))
     bins = min(n_bins, max(1, v.nunique()))
@@ -32,7 +32,7 @@ def _subject_strata(subject_ids: Sequence[str], strata: Sequence | None) -> pd.S
 
 
 def make_kfold_splits(
-    subject_ids: Sequence[str], strata: Sequence | None = None, n_splits: int = 5, seed: int = 0
+    subject_ids: Sequence[str], strata: Sequence | np.ndarray | None = None, n_splits: int = 5, seed: int = 0
 ) -> dict[str, Any]:
     """Stratified, subject-grouped k-fold: a subject's scans all fall in one test fold.
 

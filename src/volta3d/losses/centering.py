@@ -1,9 +1,10 @@
-"""EMA centre of the teacher's logits (DINO), the guard against collapse to one prototype.
+"""EMA center of the teacher's logits (DINO), the guard against collapse to one prototype.
 
-The centre is subtracted from the teacher's logits before sharpening (paper eq. 2 and 4). It is an
+The center is subtracted from the teacher's logits before sharpening (paper eq. 2 and 4). It is an
 exponential moving average of the batch mean of teacher logits. Under gradient accumulation and
 data parallelism the engine sums ``batch_stats`` over micro-batches and ranks and calls ``update``
-once per optimiser step, so the centre is what one big batch would give (METHOD-NOTES pitfall 1).
+once per optimiser step, so the center is what one big batch would give;
+an update per micro-batch would make the EMA decay K times per optimiser step.
 """
 
 from __future__ import annotations
@@ -54,23 +55,23 @@ class Center(nn.Module):
 
     @torch.no_grad()
     def teacher_probs(self, teacher_logits: Tensor, temp: float) -> Tensor:
-        """Centred, sharpened teacher distribution, float32: (..., K) -> (..., K)."""
+        """Centered, sharpened teacher distribution, float32: (..., K) -> (..., K)."""
         if temp <= 0:
             raise ValueError(f"teacher temperature must be > 0, got {temp}")
-        centred = teacher_logits.detach().float() - self.center.float()
-        return F.softmax(centred / temp, dim=-1)
+        centered = teacher_logits.detach().float() - self.center.float()
+        return F.softmax(centered / temp, dim=-1)
 
 
 @torch.no_grad()
 def sinkhorn_knopp_probs(
     teacher_logits: Tensor, temp: float, n_iterations: int = 3, reduce_sum: Callable[..., None] | None = None
 ) -> Tensor:
-    """Teacher targets by Sinkhorn-Knopp instead of an EMA centre (SwAV; DINOv2 ``sinkhorn_knopp_teacher``).
+    """Teacher targets by Sinkhorn-Knopp instead of an EMA center (SwAV; DINOv2 ``sinkhorn_knopp_teacher``).
 
     ``(..., K) -> (..., K)`` float32 rows that sum to 1, from ``exp(logits / temp)`` alternately
     normalised so that every prototype receives the same total mass over the rows of the batch and
     every row the same mass. This equal-partition constraint forbids the output from being the same
-    for every volume, which EMA centring only discourages slowly. Across data-parallel ranks the
+    for every volume, which EMA centering only discourages slowly. Across data-parallel ranks the
     column sums are summed by ``reduce_sum`` (in place, e.g. an all-reduce), so the partition is over
     the whole batch. With far fewer rows than prototypes the constraint forces near-uniform rows: use
     a moderate K.

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.blocks import SABlock, TransformerBlock
 from monai.networks.nets import ViTAutoEnc
 from torch.utils.checkpoint import checkpoint
 
@@ -38,8 +38,8 @@ def interpolate_pos_embed(
 
     ``(1, d0*h0*w0, E) -> (1, d*h*w, E)``. Tokens are ordered as MONAI's patch embedding flattens
     its conv output (depth-major: index = (i*h + j)*w + k). Trilinear with ``align_corners=False``
-    keeps token centres at the same normalised position (i + 0.5) / d, as DINO does in 2D with
-    bicubic; centres outside the old outermost centres take the edge value.
+    keeps token centers at the same normalised position (i + 0.5) / d, as DINO does in 2D with
+    bicubic; centers outside the old outermost centers take the edge value.
     Returns the input unchanged when the grids are equal.
     """
     old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
@@ -60,10 +60,16 @@ def interpolate_pos_embed(
     return field.flatten(2).transpose(1, 2).to(pos_embed.dtype)
 
 
-def _sync_fused_attention_dropout(attn: nn.Module, _args: Any) -> None:
+def _sync_fused_attention_dropout(attn: SABlock, _args: Any) -> None:
     """MONAI's fused SABlock path passes ``dropout_p=self.dropout_rate`` even in eval mode;
     tie it to the module's training flag so evaluation (and the teacher) is deterministic."""
     attn.dropout_rate = attn.drop_weights.p if attn.training else 0.0
+
+
+def _transformer_blocks(encoder: ViTAutoEnc) -> list[TransformerBlock]:
+    """``encoder.blocks`` with their type: ViTAutoEnc builds TransformerBlocks, but a ModuleList's items
+    are plain ``nn.Module`` s to a type checker."""
+    return cast("list[TransformerBlock]", list(encoder.blocks))
 
 
 class VolTAEncoder(ViTAutoEnc):
@@ -129,7 +135,7 @@ class VolTAEncoder(ViTAutoEnc):
         # is off; it never sees a gradient. Freezing it keeps the keys and lets DDP / optimisers skip it.
         for name in self.unused_parameter_names():
             self.get_parameter(name).requires_grad_(False)
-        for blk in self.blocks:
+        for blk in _transformer_blocks(self):
             blk.attn.register_forward_pre_hook(_sync_fused_attention_dropout)
         self.set_fused_attention(fused_attention)
         # Recompute each block's activations in the backward pass: ~1/3 more compute for a much
@@ -140,7 +146,7 @@ class VolTAEncoder(ViTAutoEnc):
         """Parameters MONAI builds but never uses (``blocks.{i}.norm_cross_attn.{weight,bias}``)."""
         return [
             f"blocks.{i}.norm_cross_attn.{name}"
-            for i, blk in enumerate(self.blocks)
+            for i, blk in enumerate(_transformer_blocks(self))
             if not blk.with_cross_attention
             for name, _ in blk.norm_cross_attn.named_parameters()
         ]
@@ -148,7 +154,7 @@ class VolTAEncoder(ViTAutoEnc):
     def set_fused_attention(self, enabled: bool) -> None:
         """Switch every SABlock between torch SDPA (flash / memory-efficient kernels) and MONAI's einsum."""
         self.fused_attention = bool(enabled)
-        for blk in self.blocks:
+        for blk in _transformer_blocks(self):
             attn = blk.attn
             if enabled and attn.save_attn:
                 raise ValueError("fused attention cannot save attention maps (save_attn=True)")

@@ -4,7 +4,7 @@ Volumes are cached on the paper's [0, 1] scale (GMML fill values and intensity a
 are defined there), but a ViT fed all-positive [0, 1] voxels starts with patch tokens that share
 one dominant direction (the patch embedding of the mean intensity): measured on the bundled IXI
 scans at initialisation, tokens at different positions had cosine similarity 0.98, so the teacher's
-outputs were the same for every volume and centring flattened them to a uniform distribution
+outputs were the same for every volume and centering flattened them to a uniform distribution
 (collapse within one epoch). Z-scoring each input volume (MONAI ``NormalizeIntensity`` semantics,
 the usual MRI normalisation in nnU-Net and 3DINO) brings that similarity to 0.57 (benchmarks/token_similarity.py). Every network in
 volta3d (the VolTA-3D encoder, UNETR, the U-Net and Swin baselines) applies the same step, so the
