@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from volta3d.cli import main
-from volta3d.config import ConfigError, bundled_configs, load_config
+from volta3d.config import ConfigError, bundled_configs, load_config, to_kwargs
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -46,3 +46,9 @@ def test_cli_reports_a_bad_value_in_one_line(tmp_path, capsys):
     code = main(["pretrain", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "optim.lr=-1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "optim.lr=-1 must be > 0" in err[0]
+
+
+def test_global_crop_size_follows_the_model_img_size():
+    cfg = load_config(overrides=["model.img_size=32"])
+    assert cfg.views.global_size == 32 and to_kwargs(cfg.views)["global_size"] == 32
+    assert load_config(["tiny-cpu"]).views.global_size == 64

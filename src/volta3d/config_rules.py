@@ -20,7 +20,7 @@ from volta3d.runtime import flatten_dict
 
 POSITIVE = ("optim.lr", "classify.lr", "segment.lr", "loss.student_temp", "loss.teacher_temp",
             "loss.warmup_teacher_temp", "loss.teacher_patch_temp", "loss.warmup_teacher_patch_temp",
-            "preprocess.spacing", "probe.logreg_c")  # fmt: skip
+            "preprocess.spacing", "probe.logreg_c", "model.summariser.mlp_ratio")  # fmt: skip
 NON_NEGATIVE = ("optim.min_lr", "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad",
                 "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "loss.global_weight", "loss.local_weight",
                 "loss.rec_weight", "loss.koleo_weight", "loss.warmup_teacher_temp_epochs", "classify.weight_decay",
@@ -36,12 +36,13 @@ AT_LEAST = {  # integer counts and their smallest sensible value
     "seed": 0, "optim.epochs": 1, "optim.batch_size": 1, "optim.accum_steps": 1, "head.out_dim": 1,
     "head.hidden_dim": 1, "head.bottleneck_dim": 1, "head.nlayers": 1, "model.img_size": 1, "model.patch_size": 1,
     "model.hidden_size": 1, "model.mlp_dim": 1, "model.num_layers": 1, "model.num_heads": 1, "model.in_channels": 1,
-    "model.summariser_heads": 1, "views.global_size": 1, "views.local_size": 1, "views.n_local": 0,
+    "model.summariser.heads": 1, "views.global_size": 1, "views.local_size": 1, "views.n_local": 0,
     "masking.block_size": 1, "loss.sinkhorn_iterations": 1, "train.log_every": 1, "train.checkpoint_every": 1,
     "train.collapse_patience": 1, "train.rank_buffer": 2, "eval.every": 1, "eval.n_splits": 2, "eval.raw_grid": 1,
     "classify.epochs": 1, "classify.batch_size": 1, "classify.n_splits": 2, "segment.epochs": 1,
     "segment.batch_size": 1, "segment.samples_per_volume": 1, "segment.val_every": 1, "segment.n_splits": 2,
-    "segment.sw_batch_size": 1, "segment.crop_size": 1, "probe.batch_size": 1, "probe.knn_k": 1, "probe.n_splits": 2,
+    "segment.sw_batch_size": 1, "segment.crop_size": 1, "classify.swin.feature_size": 1, "classify.swin.window": 1,
+    "classify.swin.patch_size": 1, "probe.batch_size": 1, "probe.knn_k": 1, "probe.n_splits": 2,
     "preprocess.max_voxels": 1,
 }  # fmt: skip
 CHOICES = {

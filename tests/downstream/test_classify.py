@@ -6,13 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import volta3d.downstream.scoring as scoring
 import volta3d.downstream.train_classify as tc
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
 from volta3d.downstream.labels import prepare_labels
 from volta3d.evaluation.splits import make_kfold_splits
 
-from .conftest import TINY_OVERRIDES
+from .conftest import TINY_OVERRIDES, config_section
 from .synthetic import write_blob_dataset
 
 FAST = [*TINY_OVERRIDES, "classify.pooling=mean", "classify.n_splits=2", "classify.batch_size=2", "classify.lr=1e-3"]
@@ -46,17 +47,17 @@ def test_blob_classifier_reaches_high_auroc_and_resumes(blob_data, tmp_path):
 
 def test_youden_threshold_is_fitted_on_an_inner_validation_split(blob_data, tmp_path, monkeypatch):
     seen = []
-    real = tc.binary_metrics
+    real = scoring.binary_metrics
 
     def spy(y_true, scores, train_true, train_scores):
         seen.append((len(y_true), len(train_true)))
         return real(y_true, scores, train_true, train_scores)
 
-    monkeypatch.setattr(tc, "binary_metrics", spy)
+    monkeypatch.setattr(scoring, "binary_metrics", spy)
     labels = prepare_labels(read_manifest(blob_data), "diagnosis")
     splits = make_kfold_splits(labels.table["subject_id"], labels.strata, n_splits=3, seed=0)
-    res = tc.run_classification(labels, tmp_path, splits, encoder_kwargs=_tiny_encoder(), pooling="mean",
-                                epochs=1, progress=False)
+    res = tc.run_classification(labels, tmp_path, splits, config_section("classify", pooling="mean", epochs=1),
+                                encoder_kwargs=_tiny_encoder(), seed=0, device="cpu", progress=False)
     sizes = [(len(s["test"]), f["n_threshold"]) for s, f in zip(splits["folds"], res["folds"], strict=True)]
     assert seen == sizes  # the threshold saw exactly the held-out validation subjects of each fold
     assert res["youden_fit"]["source"] == "inner_validation"

@@ -28,6 +28,7 @@ from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import save_encoder_export
 from volta3d.models.summariser import CLSSummariser
 
+from .conftest import config_section
 from .test_classify import FAST
 
 TINY = {"img_size": 32, "patch_size": 16, "hidden_size": 48, "mlp_dim": 96, "num_layers": 2, "num_heads": 4}
@@ -98,12 +99,13 @@ def test_frozen_mode_freezes_pretrained_encoders_only(blob_data, tmp_path, monke
     labels = prepare_labels(read_manifest(blob_data), "diagnosis")
     splits = make_kfold_splits(labels.table["subject_id"], labels.strata, n_splits=2, seed=0)
     seen = _trainable_encoder_share(monkeypatch)
-    scratch = tc.run_classification(labels, tmp_path / "s", splits, encoder_kwargs=TINY, pooling="mean",
-                                    mode="frozen", epochs=1, progress=False)
+    section = config_section("classify", pooling="mean", mode="frozen", epochs=1)
+    scratch = tc.run_classification(labels, tmp_path / "s", splits, section, encoder_kwargs=TINY, seed=0,
+                                    device="cpu", progress=False)
     assert scratch["mode"] == "full" and seen == [1.0, 1.0]  # the baseline trained fully
     seen.clear()
-    pre = tc.run_classification(labels, tmp_path / "p", splits, encoder=_export(tmp_path / "enc"), pooling="mean",
-                                mode="frozen", epochs=1, progress=False)
+    pre = tc.run_classification(labels, tmp_path / "p", splits, section, encoder=_export(tmp_path / "enc"), seed=0,
+                                device="cpu", progress=False)
     assert pre["mode"] == "frozen" and seen == [0.0, 0.0]
     (net, meta), *_ = load_fold_models(tmp_path / "p")  # rebuilt from model.json alone, weights strict
     assert meta["encoder"] == str(tmp_path / "enc") and meta["build"]["encoder_kwargs"]["hidden_size"] == 48

@@ -7,7 +7,7 @@ import torch
 from volta3d.cli import main
 from volta3d.downstream.flip import RandLeftRightFlipd, check_label_pairs
 
-from .conftest import TINY_OVERRIDES
+from .conftest import TINY_OVERRIDES, config_section
 from .synthetic import write_sphere_segmentation
 
 
@@ -78,8 +78,9 @@ def test_segmentation_training_flips_with_the_configured_pairs(tmp_path, monkeyp
 
     monkeypatch.setattr(ts, "RandLeftRightFlipd", spy)
     table = read_manifest(data)
-    res = ts.run_segmentation(table, tmp_path / "run", make_holdout_split(table["subject_id"], None, 0.25),
-                              model="unet", unet_kwargs={"channels": (4, 8), "strides": (2,), "num_res_units": 0},
-                              crop_size=16, samples_per_volume=1, epochs=1, val_fraction=0, flip_label_pairs=[[1, 2]],
-                              progress=False)
+    section = config_section("segment", model="unet", crop_size=16, samples_per_volume=1, epochs=1, val_fraction=0,
+                             flip_label_pairs=[[1, 2]])
+    res = ts.run_segmentation(table, tmp_path / "run", make_holdout_split(table["subject_id"], None, 0.25), section,
+                              unet_kwargs={"channels": (4, 8), "strides": (2,), "num_res_units": 0}, seed=0,
+                              device="cpu", progress=False)
     assert used == [("mask", [(1, 2)], 0.5)] and res["flip_label_pairs"] == [[1, 2]]

@@ -16,6 +16,7 @@ from volta3d.downstream.train_segment import run_segmentation
 from volta3d.evaluation.splits import make_holdout_split
 
 from ..data.scan_factory import write_nifti
+from .conftest import config_section
 
 
 def _world_ball(shape, affine, center_mm, radius_mm) -> np.ndarray:
@@ -48,11 +49,12 @@ def sphere_model(tmp_path_factory):
                  "preprocess.size=[32,32,32]"]) == 0
     table = read_manifest(prep)
     splits = make_holdout_split(table["subject_id"], None, fraction=0.2, seed=0)
+    section = config_section("segment", model="unet", crop_size=16, samples_per_volume=2, epochs=20, batch_size=4,
+                             lr=1e-2, val_every=5, val_fraction=0.25)
     run_segmentation(
-        table, root / "run", splits, model="unet",
+        table, root / "run", splits, section,
         unet_kwargs={"channels": (8, 16, 32, 64), "strides": (2, 2, 2), "num_res_units": 1},
-        crop_size=16, samples_per_volume=2, epochs=20, batch_size=4, lr=1e-2, val_every=5, val_fraction=0.25,
-        preprocessing=read_preprocessing(prep), progress=False,
+        preprocessing=read_preprocessing(prep), seed=0, device="cpu", progress=False,
     )  # fmt: skip
     return root / "run"
 

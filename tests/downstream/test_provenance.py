@@ -15,7 +15,7 @@ from volta3d.downstream.provenance import pretraining_provenance, relate_to_pret
 from .synthetic import write_blob_dataset
 
 PRETRAIN = ["model.img_size=32", "model.patch_size=16", "model.hidden_size=32", "model.mlp_dim=64",
-            "model.num_layers=2", "model.num_heads=2", "model.summariser_heads=2", "model.deconv_chns=4",
+            "model.num_layers=2", "model.num_heads=2", "model.summariser.heads=2", "model.deconv_chns=4",
             "head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16", "views.global_size=32",
             "views.local_size=16", "views.n_local=2", "masking.block_size=4", "optim.batch_size=2", "optim.epochs=1",
             "optim.lr_scaling=none", "train.num_workers=0", "train.tensorboard=false", "train.max_steps=1"]  # fmt: skip

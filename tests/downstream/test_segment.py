@@ -4,13 +4,14 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
-from volta3d.downstream.train_segment import run_segmentation
+from volta3d.downstream.train_segment import run_segmentation, scan_spacings
 from volta3d.evaluation.splits import make_holdout_split
 
-from .conftest import TINY_OVERRIDES
+from .conftest import TINY_OVERRIDES, config_section
 from .synthetic import write_sphere_segmentation
 
 
@@ -18,11 +19,12 @@ def test_tiny_unet_finds_the_sphere(tmp_path):
     data = write_sphere_segmentation(tmp_path / "sph", n_subjects=10)
     table = read_manifest(data)
     splits = make_holdout_split(table["subject_id"], None, fraction=0.2, seed=0)
+    section = config_section("segment", model="unet", crop_size=16, samples_per_volume=2, epochs=20, batch_size=4,
+                             lr=1e-2, val_every=5, val_fraction=0.25)
     res = run_segmentation(
-        table, tmp_path / "run", splits, model="unet",
+        table, tmp_path / "run", splits, section,
         unet_kwargs={"channels": (8, 16, 32, 64), "strides": (2, 2, 2), "num_res_units": 1},
-        crop_size=16, samples_per_volume=2, epochs=20, batch_size=4, lr=1e-2, val_every=5, val_fraction=0.25,
-        progress=False,
+        seed=0, device="cpu", progress=False,
     )  # fmt: skip
     assert res["aggregate"]["dice"]["mean"] > 0.8
     fold = res["folds"][0]
@@ -64,3 +66,15 @@ def test_segment_cli_unetr_writes_results(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == "unetr-scratch" and results["classes"] == [0, 1]
     assert results["splits"]["method"] == "holdout" and len(results["splits"]["folds"][0]["test"]) == 1
+
+
+def test_hd95_spacing_comes_from_the_preprocessing_records(tmp_path):
+    (tmp_path / "volumes").mkdir()
+    (tmp_path / "records").mkdir()
+    affine = [[-2.0, 0, 0, 0], [0, 1.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]]
+    (tmp_path / "records" / "a.json").write_text(json.dumps({"affine": affine}))
+    table = pd.DataFrame({"path": [str(tmp_path / "volumes" / "a.npy"), str(tmp_path / "elsewhere" / "b.npy")]})
+    assert scan_spacings(table, None).tolist() == [[2.0, 1.5, 1.0], [1.0, 1.0, 1.0]]
+    assert scan_spacings(table, [2.0, 1.5, 1.0]).tolist() == [[2.0, 1.5, 1.0], [2.0, 1.5, 1.0]]
+    with pytest.raises(ValueError, match=r"segment.spacing=\[1.0, 1.0, 1.0\] disagrees with the preprocessed spacing"):
+        scan_spacings(table, [1.0, 1.0, 1.0])

@@ -8,7 +8,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from volta3d.config import bundled_configs, load_config
+from volta3d.commands.common import add_config_arguments
+from volta3d.config import load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,8 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "a large matmul's rate measured in the same run. Also times the straightforward step (batch-1 "
         "micro-batches with accumulation, fp32, unfused attention) and prints the speed-up.",
     )
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help=f"config file(s) (bundled: {', '.join(bundled_configs())})")  # fmt: skip
+    add_config_arguments(p, "optim.batch_size=2")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     p.add_argument("--no-baseline", action="store_true", help="skip the straightforward implementation")
@@ -32,7 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-tflops", type=float, default=100.0,
                    help="achieved TFLOP/s assumed for a GPU step when counting the CPU cores a pipeline needs")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=run)
 
 

@@ -4,9 +4,8 @@ or, with ``--raw-volume``, the z-scored volume average-pooled to a small grid (t
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from volta3d.config import bundled_configs, load_config, to_kwargs
+from volta3d.commands.common import add_config_arguments
 
 RAW_GRID = 16  # 16^3 = 4096 features: as many as a few ViT embeddings, coarse enough for a linear probe
 
@@ -21,8 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--raw-volume gives the floor: no network, each volume z-scored and average-pooled to a "
         "--raw-grid^3 grid.",
     )
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help=f"override file(s); bundled: {', '.join(bundled_configs())}")
+    add_config_arguments(p, "probe.batch_size=4")
     p.add_argument("--encoder", default=None,
                    help="encoder export folder; omit to embed with a random-init encoder built from `model:`")
     p.add_argument("--random-init", action="store_true",
@@ -34,7 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="folder written by `volta3d preprocess` (holds manifest.csv)")
     p.add_argument("--output", required=True, help="output .npz file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. probe.batch_size=4")
     p.set_defaults(func=run)
 
 
@@ -47,59 +44,12 @@ def _check_source(args: argparse.Namespace) -> None:
         raise ValueError("--raw-grid applies only with --raw-volume")
 
 
-def _encoder_embeddings(args: argparse.Namespace, cfg: Any, dataset: Any) -> tuple[dict, dict]:
-    from volta3d.downstream.embeddings import extract_embeddings
-    from volta3d.models.encoder import VolTAEncoder, split_model_section
-    from volta3d.models.export import build_from_export, encoder_kwargs_from_meta, read_encoder_export
-    from volta3d.models.summariser import CLSSummariser
-    from volta3d.runtime import resolve_device
-
-    if args.encoder and not args.random_init:
-        encoder, summariser = build_from_export(args.encoder)
-        source = "pretrained"
-    else:
-        if args.encoder:
-            _, meta = read_encoder_export(args.encoder)
-            kwargs = encoder_kwargs_from_meta(meta)
-            summ_kwargs = meta.get("summariser")
-        else:
-            kwargs, s = split_model_section(**to_kwargs(cfg.model))
-            summ_kwargs = {"dim": kwargs["hidden_size"], "num_heads": s["summariser_heads"],
-                           "mlp_ratio": s["summariser_mlp_ratio"]}
-        encoder = VolTAEncoder(**kwargs)
-        summariser = CLSSummariser(**summ_kwargs) if summ_kwargs else None
-        source = "random-init"
-    emb = extract_embeddings(encoder, summariser, dataset, batch_size=cfg.probe.batch_size,
-                             device=resolve_device(cfg.device), progress=not args.no_progress,
-                             tokens="tokens" in cfg.probe.features)  # fmt: skip
-    meta = {"encoder": args.encoder, "init": source, "architecture": encoder.architecture,
-            "features": [k for k in ("cls", "mean", "tokens") if k in emb]}
-    return emb, meta
-
-
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from volta3d.data.dataset import VolumeDataset
-    from volta3d.downstream.embeddings import extract_raw_embeddings, save_embeddings
-    from volta3d.runtime import get_logger, seed_everything, setup_logging
+    from volta3d.config import load_config
+    from volta3d.downstream.embeddings import embed_folder
 
     _check_source(args)
-    cfg = load_config(args.config, args.overrides)
-    setup_logging(None)
-    seed_everything(cfg.seed)
-    dataset = VolumeDataset(args.data)
-    if args.raw_volume:
-        grid = args.raw_grid if args.raw_grid is not None else RAW_GRID
-        emb = extract_raw_embeddings(dataset, grid, batch_size=cfg.probe.batch_size, progress=not args.no_progress)
-        meta = {"encoder": None, "init": "raw-volume", "grid": grid, "features": ["raw"]}
-    else:
-        emb, meta = _encoder_embeddings(args, cfg, dataset)
-    bad = [k for k in meta["features"] if not np.isfinite(emb[k]).all()]
-    if bad:  # a broken encoder must not leave NaN features for a probe to choke on later
-        raise ValueError(f"non-finite '{bad[0]}' embeddings from {args.encoder or 'the random-init encoder'} on {args.data}; "
-                         "the encoder weights hold NaN/Inf or the volumes do")
-    meta = {**meta, "seed": cfg.seed, "data": str(args.data)}
-    path = save_embeddings(args.output, emb, meta)
-    get_logger().info(f"wrote {len(emb['subject_id'])} embeddings ({', '.join(meta['features'])}) to {path}")
+    raw_grid = (args.raw_grid if args.raw_grid is not None else RAW_GRID) if args.raw_volume else None
+    embed_folder(load_config(args.config, args.overrides), args.data, args.output, encoder=args.encoder,
+                 random_init=args.random_init, raw_grid=raw_grid, progress=not args.no_progress)
     return 0

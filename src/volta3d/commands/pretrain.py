@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from volta3d.config import bundled_configs, load_config
+from volta3d.commands.common import add_config_arguments
+from volta3d.config import load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,10 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "encoder.safetensors + encoder.json, pretrain_data.json; with --eval-data also online_eval.csv (linear "
         "and kNN probes of the teacher, of the initial weights and of the raw volume on fixed folds).",
     )
-    p.add_argument(
-        "--config", action="append", default=[], metavar="FILE",
-        help=f"override file(s) merged onto configs/default.yaml in order; bundled: {', '.join(bundled_configs())}",
-    )  # fmt: skip
+    add_config_arguments(p, "optim.epochs=5 loss.rec_weight=0")
     p.add_argument("--data", required=True, action="append",
                    help="folder written by `volta3d preprocess` (holds manifest.csv); repeat to pretrain on "
                    "several (e.g. --data prep/ixi --data prep/msd); labels are never used")  # fmt: skip
@@ -30,10 +28,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-label", action="append", default=[], metavar="COLUMN",
                    help="manifest column to probe every eval.every steps, e.g. sex; repeat for several (eval.labels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value",
-        help="config overrides, e.g. optim.epochs=5 loss.rec_weight=0 (the key must exist in default.yaml)",
-    )  # fmt: skip
     p.set_defaults(func=run)
 
 

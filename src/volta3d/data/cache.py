@@ -90,6 +90,17 @@ def load_record(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def volume_spacing(volume_path: str | Path) -> tuple[float, float, float] | None:
+    """Voxel size (mm per axis) of a cached volume, from the output-grid affine its record holds
+    (``records/<key>.json`` beside ``volumes/<key>.npy``); None when there is no such record."""
+    path = Path(volume_path)
+    record = load_record(path.parent.parent / RECORDS_DIR / f"{path.stem}.json")
+    if record is None or record.get("affine") is None:
+        return None
+    columns = np.linalg.norm(np.asarray(record["affine"], dtype=float)[:3, :3], axis=0)
+    return tuple(float(c) for c in columns)  # type: ignore[return-value]
+
+
 def mask_dtype(max_label: int) -> type[np.unsignedinteger]:
     return np.uint8 if max_label <= np.iinfo(np.uint8).max else np.uint16 if max_label <= 65535 else np.uint32
 

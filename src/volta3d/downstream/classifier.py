@@ -120,6 +120,13 @@ class SwinClassifier(nn.Module):
             raise ValueError("the Swin baseline is trained from scratch: only mode 'full' applies")
 
 
+def swin_kwargs(*, feature_size: int, depths: Sequence[int], heads: Sequence[int], window: int,
+                patch_size: int) -> dict[str, Any]:
+    """The ``classify.swin:`` config section as ``SwinClassifier`` keyword arguments (MONAI SwinUNETR names)."""
+    return {"feature_size": feature_size, "depths": list(depths), "num_heads": list(heads), "window_size": window,
+            "patch_size": patch_size}
+
+
 def build_classifier(
     model: str,
     num_outputs: int,

@@ -128,3 +128,60 @@ def load_embeddings(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
                          f"{', '.join(FEATURES)} arrays)")
     meta = json.loads(str(data.pop("meta"))) if "meta" in data else {}
     return data, meta
+
+
+def random_init_encoder(model: dict[str, Any], export: str | Path | None) -> tuple[VolTAEncoder, CLSSummariser | None]:
+    """The honest baseline: an untrained encoder (and summariser) with the architecture of ``export``,
+    or, without one, of the ``model:`` config section (and its ``summariser:``)."""
+    from volta3d.models.encoder import build_encoder
+    from volta3d.models.export import encoder_kwargs_from_meta, read_encoder_export
+    from volta3d.models.summariser import build_summariser
+
+    if export is None:
+        return build_encoder(**model), build_summariser(**model)
+    _, meta = read_encoder_export(export)
+    encoder = VolTAEncoder(**encoder_kwargs_from_meta(meta))
+    return encoder, CLSSummariser(**meta["summariser"]) if meta.get("summariser") else None
+
+
+def _encoder_embeddings(cfg: Any, dataset: VolumeDataset, export: str | Path | None, random_init: bool,
+                        progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Embeddings from the export's weights, or from a random-init encoder of its (or ``model:``'s) sizes."""
+    from volta3d.config import to_kwargs
+    from volta3d.models.export import build_from_export
+    from volta3d.runtime import resolve_device
+
+    if export and not random_init:
+        (encoder, summariser), source = build_from_export(export), "pretrained"
+    else:
+        (encoder, summariser), source = random_init_encoder(to_kwargs(cfg.model), export), "random-init"
+    emb = extract_embeddings(encoder, summariser, dataset, batch_size=cfg.probe.batch_size,
+                             device=resolve_device(cfg.device), progress=progress,
+                             tokens="tokens" in cfg.probe.features)  # fmt: skip
+    meta = {"encoder": str(export) if export else export, "init": source, "architecture": encoder.architecture,
+            "features": [k for k in ("cls", "mean", "tokens") if k in emb]}
+    return emb, meta
+
+
+def embed_folder(cfg: Any, data: str | Path, output: str | Path, *, encoder: str | Path | None, random_init: bool,
+                 raw_grid: int | None, progress: bool) -> Path:
+    """``volta3d embed``: one embedding per scan of the preprocessed folder ``data``, saved to ``output``
+    (.npz). ``raw_grid``: the raw-volume floor on that grid instead of an encoder."""
+    from volta3d.runtime import get_logger, seed_everything, setup_logging
+
+    setup_logging(None)
+    seed_everything(cfg.seed)
+    dataset = VolumeDataset(data)
+    if raw_grid is not None:
+        emb = extract_raw_embeddings(dataset, raw_grid, batch_size=cfg.probe.batch_size, progress=progress)
+        meta: dict[str, Any] = {"encoder": None, "init": "raw-volume", "grid": raw_grid, "features": ["raw"]}
+    else:
+        emb, meta = _encoder_embeddings(cfg, dataset, encoder, random_init, progress)
+    bad = [k for k in meta["features"] if not np.isfinite(emb[k]).all()]
+    if bad:  # a broken encoder must not leave NaN features for a probe to choke on later
+        raise ValueError(f"non-finite '{bad[0]}' embeddings from {encoder or 'the random-init encoder'} on {data}; "
+                         "the encoder weights hold NaN/Inf or the volumes do")
+    meta = {**meta, "seed": cfg.seed, "data": str(data)}
+    path = save_embeddings(output, emb, meta)
+    get_logger().info(f"wrote {len(emb['subject_id'])} embeddings ({', '.join(meta['features'])}) to {path}")
+    return path

@@ -47,25 +47,10 @@ def train_model(
     start = time.time()
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
-        # -- one pass over the training data
         model.train()
-        total, batches = 0.0, 0
-        for batch in loader:
-            loss = batch_loss(model, batch)
-            if not torch.isfinite(loss):  # stop at once: epochs of NaN end in an error that names nothing
-                raise ValueError(
-                    f"{desc}: non-finite loss ({float(loss)}) at epoch {epoch}, batch {batches + 1}; check the input "
-                    f"volumes for NaN/Inf or lower the learning rate (now {lr})"
-                )
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimiser.step()
-            total += float(loss.detach())
-            batches += 1
+        row: dict[str, Any] = {"epoch": epoch, "loss": _train_epoch(model, loader, batch_loss, optimiser, params,
+                                                                    grad_clip, f"{desc}: ", epoch, lr), "val": None}
         scheduler.step()
-        row: dict[str, Any] = {"epoch": epoch, "loss": total / max(1, batches), "val": None}
         # -- validation and best-epoch bookkeeping
         if validate is not None and (epoch % val_every == 0 or epoch == epochs):
             model.eval()
@@ -89,3 +74,26 @@ def train_model(
         "best_score": best_score if best_state is not None else None,
         "history": history,
     }
+
+
+def _train_epoch(model: nn.Module, loader: Iterable[dict[str, Any]],
+                 batch_loss: Callable[[nn.Module, dict[str, Any]], torch.Tensor], optimiser: torch.optim.Optimizer,
+                 params: list[nn.Parameter], grad_clip: float, prefix: str, epoch: int, lr: float) -> float:
+    """One pass over the training data; returns the mean batch loss. A non-finite loss stops at once:
+    epochs of NaN end in an error that names nothing."""
+    total, batches = 0.0, 0
+    for batch in loader:
+        loss = batch_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise ValueError(
+                f"{prefix}non-finite loss ({float(loss)}) at epoch {epoch}, batch {batches + 1}; check the input "
+                f"volumes for NaN/Inf or lower the learning rate (now {lr})"
+            )
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimiser.step()
+        total += float(loss.detach())
+        batches += 1
+    return total / max(1, batches)

@@ -5,6 +5,7 @@ fine-tuning runs, same metrics, same results files, so ``compare`` pairs them wi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,9 +15,9 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from volta3d.downstream.cv import Fold, label_results, plan_folds, run_folds
 from volta3d.downstream.labels import LabelSet
-from volta3d.downstream.train_classify import assemble_results, fold_metrics, prediction_rows
-from volta3d.evaluation.splits import fold_row_indices, nested_subsets
+from volta3d.downstream.scoring import fold_metrics, prediction_rows
 
 
 def make_probe(name: str, kind: str, *, logreg_c: float = 1.0, knn_k: int = 20, ridge_alpha: float = 1.0,
@@ -47,22 +48,104 @@ def run_probe(features: np.ndarray, labels: LabelSet, splits: dict[str, Any], pr
     """Fit ``probe`` on each fold's training rows of ``features`` (N, E), aligned to ``labels.table``,
     or on the same nested, stratified fractions of them that fine-tuning uses (reduced-data curve);
     return the results dictionary and predictions."""
-    subjects = np.asarray(labels.table["subject_id"].astype(str).tolist())
-    per_fraction: dict[float, list[dict[str, Any]]] = {}
-    for k, (train_all, test) in enumerate(fold_row_indices(splits, subjects.tolist())):
-        subsets = nested_subsets(subjects[train_all], labels.strata[train_all], fractions, seed=seed + k)
-        for frac, chosen in subsets.items():
-            train = train_all[np.isin(subjects[train_all], chosen)]
-            est = make_probe(probe, labels.kind, n_train=len(train), seed=seed, **probe_kwargs)
-            est.fit(features[train], labels.targets[train])
-            s_test = _outputs(est, labels.kind, features[test], labels.num_outputs)
-            s_train = _outputs(est, labels.kind, features[train], labels.num_outputs)
-            per_fraction.setdefault(frac, []).append({
-                "fold": k, "fraction": frac, "n_train": int(len(train)), "n_test": int(len(test)),
-                "metrics": fold_metrics(labels.kind, labels.targets[test], s_test, labels.targets[train], s_train),
-                "predictions": prediction_rows(labels, test, s_test, k, frac),
-            })  # fmt: skip
-    results = assemble_results(labels, per_fraction, splits, f"probe-{probe}-{feature_name}", encoder, seed,
-                               config, task="probe")
-    preds = pd.DataFrame([r for folds in per_fraction.values() for f in folds for r in f["predictions"]])
-    return results, preds
+
+    def fit_fold(fold: Fold) -> dict[str, Any]:
+        train, test = fold.train, fold.test
+        est = make_probe(probe, labels.kind, n_train=len(train), seed=seed, **probe_kwargs)
+        est.fit(features[train], labels.targets[train])
+        s_test = _outputs(est, labels.kind, features[test], labels.num_outputs)
+        s_train = _outputs(est, labels.kind, features[train], labels.num_outputs)
+        return {
+            "fold": fold.index, "fraction": fold.fraction, "n_train": int(len(train)), "n_test": int(len(test)),
+            "metrics": fold_metrics(labels.kind, labels.targets[test], s_test, labels.targets[train], s_train),
+            "predictions": prediction_rows(labels, test, s_test, fold.index, fold.fraction),
+        }  # fmt: skip
+
+    plan = plan_folds(splits, labels.table["subject_id"].astype(str).tolist(), seed=seed, fractions=fractions,
+                      strata=labels.strata)
+    # no resume and no reseeding: a probe is cheap, and runs inside pretraining's online evaluation
+    per_fraction = run_folds(plan, fit_fold, reseed=False)
+    results = label_results(labels, per_fraction, task="probe", model=f"probe-{probe}-{feature_name}",
+                            encoder=encoder, seed=seed, config=config, splits=splits)
+    return results.to_dict(), results.predictions()
+
+
+def _probe_inputs(cfg: Any, embeddings: str | Path, data: str | Path, label: str,
+                  splits_file: str | Path | None) -> tuple[dict, dict, LabelSet, np.ndarray, dict]:
+    """The embeddings (refused when non-finite), the labels, the manifest row of each embedding and the folds."""
+    from volta3d.data.dataset import read_manifest
+    from volta3d.downstream.embeddings import embedding_rows, load_embeddings
+    from volta3d.downstream.labels import prepare_labels
+    from volta3d.evaluation.splits import load_splits, make_kfold_splits
+
+    emb, meta = load_embeddings(embeddings)
+    bad = [k for k in ("cls", "mean", "tokens", "raw") if k in emb and not np.isfinite(emb[k]).all()]
+    if bad:
+        raise ValueError(f"{embeddings} holds non-finite '{bad[0]}' features (NaN/Inf); re-embed with a finite encoder")
+    labels = prepare_labels(read_manifest(data), label, cfg.classify.task)
+    rows = embedding_rows(emb["path"].tolist(), labels.table["path"].tolist(), f"{embeddings} ({data})")
+    splits = load_splits(splits_file) if splits_file else make_kfold_splits(
+        labels.table["subject_id"], labels.strata, n_splits=cfg.probe.n_splits, seed=cfg.seed)
+    return emb, meta, labels, rows, splits
+
+
+def probe_folder(cfg: Any, embeddings: str | Path, data: str | Path, label: str, output: str | Path,
+                 splits_file: str | Path | None) -> dict[str, Any]:
+    """``volta3d probe``: linear and kNN probes of each feature of ``embeddings`` for ``label`` of the
+    preprocessed folder ``data``; one run folder per probe and feature, and ``summary.json``, in ``output``."""
+    from volta3d.config import save_config, to_kwargs
+    from volta3d.evaluation.results import save_run, write_json
+    from volta3d.evaluation.splits import save_splits
+    from volta3d.runtime import get_logger, setup_logging
+
+    out = Path(output)
+    setup_logging(out)
+    save_config(cfg, out)
+    pc = to_kwargs(cfg.probe)
+    emb, meta, labels, rows, splits = _probe_inputs(cfg, embeddings, data, label, splits_file)
+    save_splits(splits, out)
+    provenance = _provenance(meta, data, labels.table)
+    summary = {}
+    # raw-volume embeddings hold one feature, 'raw'; probe.features names the encoder's (cls / mean)
+    for feat in ["raw"] if "raw" in emb else pc["features"]:
+        if feat not in emb:
+            get_logger().warning(f"embeddings have no '{feat}' feature (encoder without a summariser?); skipped")
+            continue
+        for probe in ("linear", "knn"):
+            results, preds = run_probe(
+                emb[feat][rows], labels, splits, probe, feature_name=feat, encoder=meta.get("encoder"),
+                seed=cfg.seed, config=to_kwargs(cfg), logreg_c=pc["logreg_c"], knn_k=pc["knn_k"],
+                ridge_alpha=pc["ridge_alpha"], fractions=pc["fractions"],
+            )  # fmt: skip
+            results = {**results, **_embedding_record(meta, provenance)}
+            save_run(out / f"{probe}_{feat}", results, preds)
+            primary = results["primary_metric"]
+            agg = results["aggregate"][primary]
+            summary[f"{probe}_{feat}"] = {primary: agg}
+            print(f"{probe:>6} probe on {feat:<4} ({meta.get('init')}): {primary} {agg['mean']:.3f} +- {agg['sd']:.3f}")
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _embedding_record(meta: dict[str, Any], provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """The results.json keys that say where the probed embeddings came from."""
+    record: dict[str, Any] = {"embedding_init": meta.get("init")}
+    if provenance is not None:
+        record["encoder_provenance"] = provenance
+    if meta.get("grid") is not None:
+        record["embedding_grid"] = meta["grid"]  # the report names the baseline by it
+    return record
+
+
+def _provenance(meta: dict, data: str | Path, table: pd.DataFrame) -> dict | None:
+    """For embeddings of a pretrained export: how many probed subjects its pretraining saw."""
+    from volta3d.downstream.provenance import relate_to_pretraining
+    from volta3d.models.export import read_encoder_export
+    from volta3d.runtime import get_logger
+
+    if meta.get("init") != "pretrained" or not meta.get("encoder"):
+        return None
+    summary, warning = relate_to_pretraining(read_encoder_export(meta["encoder"])[1], data, table)
+    if warning:
+        get_logger().warning("warning: %s", warning)
+    return {**summary, "preprocessing_warning": warning}

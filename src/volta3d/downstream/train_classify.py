@@ -12,7 +12,7 @@ sorted class), so sensitivity means sensitivity to that class.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,17 @@ from monai.transforms import Compose, RandFlipd, Resized
 from torch.utils.data import DataLoader, Subset
 
 from volta3d.data.dataset import VolumeDataset
-from volta3d.downstream.classifier import MODES, ViTClassifier, build_classifier
+from volta3d.downstream.classifier import MODES, ViTClassifier, build_classifier, swin_kwargs
+from volta3d.downstream.cv import Fold, label_results, plan_folds, run_folds
 from volta3d.downstream.external import test_record
 from volta3d.downstream.labels import LabelSet
 from volta3d.downstream.loop import train_model
 from volta3d.downstream.saved import save_fold_model
-from volta3d.evaluation.metrics import aggregate, binary_metrics, multiclass_metrics, regression_metrics
-from volta3d.evaluation.results import FoldStore, save_run
-from volta3d.evaluation.splits import fold_row_indices, make_holdout_split, nested_subsets
-from volta3d.runtime import get_logger, seed_everything
+from volta3d.downstream.scoring import fold_metrics, positive_index, prediction_rows
+from volta3d.evaluation.splits import make_holdout_split
+from volta3d.runtime import get_logger
+
+__all__ = ["fold_metrics", "positive_index", "prediction_rows", "run_classification"]  # scoring's, re-exported
 
 REGRESSION_LOSSES = {"mse": nn.MSELoss, "l1": nn.L1Loss}
 
@@ -63,34 +65,10 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
 
 
 def output_scores(kind: str, outputs: np.ndarray, mu: float, sd: float) -> np.ndarray:
+    """Model outputs as scores: regression un-standardised to the label's units, classes as probabilities."""
     if kind == "regression":
         return outputs[:, 0] * sd + mu
     return torch.softmax(torch.from_numpy(outputs), dim=1).numpy()
-
-
-def fold_metrics(kind: str, y_test, s_test, y_thr, s_thr, positive: int = 1) -> dict[str, float]:
-    """Metrics of the test fold; binary: class ``positive`` is the positive one, and the Youden
-    threshold is fitted on ``(y_thr, s_thr)`` (the inner validation predictions)."""
-    if kind == "binary":
-        return binary_metrics((np.asarray(y_test) == positive).astype(int), s_test[:, positive],
-                              (np.asarray(y_thr) == positive).astype(int), s_thr[:, positive])
-    if kind == "multiclass":
-        return multiclass_metrics(y_test, s_test)
-    return regression_metrics(y_test, s_test)
-
-
-def positive_index(labels: LabelSet, positive_class: Any | None) -> int:
-    """Index of the positive class: ``positive_class`` (compared as text, so 1 and "1" agree) or,
-    when None, the second sorted class."""
-    if positive_class is None:
-        return 1
-    if labels.kind != "binary":
-        raise ValueError(f"classify.positive_class applies to binary labels; '{labels.column}' is {labels.kind}")
-    names = [str(c) for c in labels.classes]
-    if str(positive_class) not in names:
-        raise ValueError(f"classify.positive_class '{positive_class}' is not a class of '{labels.column}' "
-                         f"(classes: {', '.join(names)})")
-    return names.index(str(positive_class))
 
 
 def threshold_split(labels: LabelSet, rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,25 +89,6 @@ def threshold_split(labels: LabelSet, rows: np.ndarray, fraction: float, seed: i
     held = np.isin(subjects[rows], inner["test"])
     fit, thr = rows[~held], rows[held]
     return fit, thr
-
-
-def prediction_rows(labels: LabelSet, rows: np.ndarray, scores: np.ndarray, fold: int, fraction: float,
-                    positive: int = 1) -> list[dict]:
-    table = labels.table
-    out = []
-    for r, s in zip(rows, scores, strict=True):
-        row: dict[str, Any] = {"subject_id": str(table.at[r, "subject_id"]), "fold": fold, "fraction": fraction}
-        if labels.kind == "regression":
-            row.update(y_true=float(labels.targets[r]), prediction=float(s))
-        else:
-            row.update(y_true=int(labels.targets[r]), label=labels.classes[labels.targets[r]])
-            if labels.kind == "binary":
-                row.update(score=float(s[positive]), positive_class=labels.classes[positive])
-            else:
-                row.update({f"score_{c}": float(p) for c, p in zip(labels.classes, s, strict=True)})
-            row["prediction"] = labels.classes[int(np.argmax(s))]
-        out.append(row)
-    return out
 
 
 def model_architecture(net: nn.Module, model: str, pooling: str) -> dict[str, Any]:
@@ -174,92 +133,77 @@ def effective_mode(mode: str, encoder: str | Path | None) -> str:
     return mode if encoder is not None else "full"
 
 
-def run_classification(
-    labels: LabelSet,
-    out_dir: str | Path,
-    splits: dict[str, Any],
-    *,
-    model: str = "vit",
-    encoder: str | Path | None = None,
-    encoder_kwargs: dict[str, Any] | None = None,
-    summariser_kwargs: dict[str, Any] | None = None,
-    swin_kwargs: dict[str, Any] | None = None,
-    pooling: str = "cls",
-    mode: str = "full",
-    unfreeze_last: int = 0,
-    img_size: int | None = None,
-    augment: bool = True,
-    epochs: int = 50,
-    batch_size: int = 2,
-    lr: float = 1e-4,
-    weight_decay: float = 1e-5,
-    class_weighting: bool = False,
-    regression_loss: str = "mse",
-    fractions: Sequence[float] = (1.0,),
-    positive_class: Any | None = None,
-    youden_val_fraction: float = 0.2,
-    preprocessing: dict[str, Any] | None = None,
-    test_set: dict[str, Any] | None = None,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    num_workers: int = 0,
-    progress: bool = True,
-    config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Run every (fraction, fold), write ``results.json`` / ``predictions.csv`` into ``out_dir`` and
-    return the results dictionary (format in ``volta3d.evaluation.results``)."""
-    log = get_logger()
-    if regression_loss not in REGRESSION_LOSSES:
-        raise ValueError(f"classify.regression_loss must be one of {sorted(REGRESSION_LOSSES)} (got '{regression_loss}')")
-    positive = positive_index(labels, positive_class)
-    train_mode = effective_mode(mode, encoder)
-    if train_mode != mode:
-        log.info(f"classify.mode={mode} applies to pretrained encoders; the scratch baseline trains fully")
-    table = labels.table
-    fold_rows = fold_row_indices(splits, table["subject_id"].astype(str).tolist())
-    fractions = sorted({float(f) for f in fractions})
-    store = FoldStore(out_dir)
-    setup = dict(
-        model=model, encoder=encoder, encoder_kwargs=encoder_kwargs, summariser_kwargs=summariser_kwargs,
-        swin_kwargs=swin_kwargs, pooling=pooling, mode=train_mode, unfreeze_last=unfreeze_last, img_size=img_size,
-        augment=augment, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        class_weighting=class_weighting, regression_loss=regression_loss, positive=positive,
-        device=torch.device(device), num_workers=num_workers, progress=progress,
-    )  # fmt: skip
-    model_name = f"{model}-{'pretrained' if encoder else 'scratch'}"
-    per_fraction: dict[float, list[dict[str, Any]]] = {}
-    architecture = None
-    for k, (train_all, test_rows) in enumerate(fold_rows):
-        subjects = table["subject_id"].astype(str).to_numpy()
-        subsets = nested_subsets(subjects[train_all], labels.strata[train_all], fractions, seed=seed + k)
-        for frac in fractions:
-            key = f"fraction{frac:.2f}_fold{k}"
-            if store.has(key):
-                log.info(f"{key}: finished in an earlier run, skipped")
-                per_fraction.setdefault(frac, []).append(store.load(key))
-                continue
-            train_rows = train_all[np.isin(subjects[train_all], subsets[frac])]
-            if labels.kind != "regression" and len(np.unique(labels.targets[train_rows])) < 2:
-                raise ValueError(f"fold {k} at fraction {frac} has one class in training; use more data or fewer folds")
-            fit_rows, thr_rows = threshold_split(labels, train_rows, youden_val_fraction, seed + k)
-            payload, net = train_fold(labels, key, k, frac, fit_rows, thr_rows, test_rows, seed=seed + k, **setup)
-            architecture = model_architecture(net, model, pooling)
-            save_classifier(out_dir, key, net, payload, labels, setup, preprocessing)
-            store.save(key, payload)
-            per_fraction.setdefault(frac, []).append(payload)
+def run_classification(labels: LabelSet, out_dir: str | Path, splits: dict[str, Any], section: Mapping[str, Any], *,
+                       seed: int, device: str | torch.device, progress: bool, encoder: str | Path | None = None,
+                       encoder_kwargs: dict[str, Any] | None = None, summariser_kwargs: dict[str, Any] | None = None,
+                       preprocessing: dict[str, Any] | None = None, test_set: dict[str, Any] | None = None,
+                       config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every (fraction, fold) of ``splits`` with the ``classify:`` config ``section`` (keys as in
+    default.yaml), write ``results.json`` / ``predictions.csv`` into ``out_dir`` and return the results
+    dictionary (layout in ``volta3d.downstream.cv``). Without ``encoder`` (an export to fine-tune) the
+    model is built from scratch: a ViT from ``encoder_kwargs`` / ``summariser_kwargs`` or a Swin from
+    ``section["swin"]``."""
+    setup = _setup(labels, section, encoder=encoder, encoder_kwargs=encoder_kwargs,
+                   summariser_kwargs=summariser_kwargs, device=device, progress=progress)
+    built: dict[str, Any] = {}
 
-    results = assemble_results(labels, per_fraction, splits, model_name, encoder, seed, config)
-    results["test"] = test_set or test_record(None)
-    results.update(positive_class=labels.classes[positive] if labels.kind == "binary" else None, mode=train_mode)
-    if labels.kind == "binary":
-        results["youden_fit"] = {"source": "inner_validation", "fraction": youden_val_fraction,
-                                 "note": "stratified subject-grouped hold-out of each fold's training side"}
-    if architecture is None:  # every fold resumed: rebuild once to record the sizes
-        architecture = model_architecture(_build(labels, **setup), model, pooling)
-    results["architecture"] = architecture
-    preds = pd.DataFrame([r for folds in per_fraction.values() for f in folds for r in f["predictions"]])
-    save_run(out_dir, results, preds)
-    return results
+    def fit_fold(fold: Fold) -> dict[str, Any]:
+        fit_rows, thr_rows = _fold_rows(labels, fold, section["youden_val_fraction"])
+        payload, net = train_fold(labels, fold, fit_rows, thr_rows, setup)
+        built["architecture"] = model_architecture(net, setup["model"], setup["pooling"])
+        save_classifier(out_dir, fold.key, net, payload, labels, setup, preprocessing)
+        return payload
+
+    plan = plan_folds(splits, labels.table["subject_id"].astype(str).tolist(), seed=seed,
+                      fractions=section["fractions"], strata=labels.strata)
+    per_fraction = run_folds(plan, fit_fold, out_dir=out_dir)
+    if "architecture" not in built:  # every fold resumed: rebuild once to record the sizes
+        built["architecture"] = model_architecture(_build(labels, **setup), setup["model"], setup["pooling"])
+    extra = _results_extra(labels, setup, section["youden_val_fraction"], test_set, built["architecture"])
+    model_name = f"{setup['model']}-{'pretrained' if encoder else 'scratch'}"
+    return label_results(labels, per_fraction, task="classify", model=model_name, encoder=encoder, seed=seed,
+                         config=config, splits=splits, **extra).save(out_dir)
+
+
+def _setup(labels: LabelSet, section: Mapping[str, Any], *, encoder: str | Path | None,
+           encoder_kwargs: dict[str, Any] | None, summariser_kwargs: dict[str, Any] | None,
+           device: str | torch.device, progress: bool) -> dict[str, Any]:
+    """What every fold needs, checked before any fold runs (a bad loss or class name fails at once)."""
+    if section["regression_loss"] not in REGRESSION_LOSSES:
+        raise ValueError(f"classify.regression_loss must be one of {sorted(REGRESSION_LOSSES)} "
+                         f"(got '{section['regression_loss']}')")
+    positive = positive_index(labels, section["positive_class"])
+    train_mode = effective_mode(section["mode"], encoder)
+    if train_mode != section["mode"]:
+        get_logger().info(f"classify.mode={section['mode']} applies to pretrained encoders; "
+                          "the scratch baseline trains fully")
+    keys = ("model", "pooling", "unfreeze_last", "img_size", "augment", "epochs", "batch_size", "lr", "weight_decay",
+            "class_weighting", "regression_loss", "num_workers")
+    return {**{k: section[k] for k in keys}, "mode": train_mode, "positive": positive, "encoder": encoder,
+            "encoder_kwargs": encoder_kwargs, "summariser_kwargs": summariser_kwargs,
+            "swin_kwargs": swin_kwargs(**section["swin"]), "device": torch.device(device), "progress": progress}
+
+
+def _fold_rows(labels: LabelSet, fold: Fold, youden_val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit_rows, threshold_rows)`` of the fold's training side; a one-class training side is an error."""
+    if labels.kind != "regression" and len(np.unique(labels.targets[fold.train])) < 2:
+        raise ValueError(f"fold {fold.index} at fraction {fold.fraction} has one class in training; "
+                         "use more data or fewer folds")
+    return threshold_split(labels, fold.train, youden_val_fraction, fold.seed)
+
+
+def _results_extra(labels: LabelSet, setup: dict[str, Any], youden_val_fraction: float,
+                   test_set: dict[str, Any] | None, architecture: dict[str, Any]) -> dict[str, Any]:
+    """The classification-only keys of results.json (see ``volta3d.downstream.cv``)."""
+    binary = labels.kind == "binary"
+    extra: dict[str, Any] = {"test": test_set or test_record(None),
+                             "positive_class": labels.classes[setup["positive"]] if binary else None,
+                             "mode": setup["mode"]}
+    if binary:
+        extra["youden_fit"] = {"source": "inner_validation", "fraction": youden_val_fraction,
+                               "note": "stratified subject-grouped hold-out of each fold's training side"}
+    extra["architecture"] = architecture
+    return extra
 
 
 def _build(labels: LabelSet, *, model: str, encoder: str | Path | None, encoder_kwargs: dict[str, Any] | None,
@@ -271,30 +215,26 @@ def _build(labels: LabelSet, *, model: str, encoder: str | Path | None, encoder_
                             swin_kwargs=swin_kwargs)
 
 
-def train_fold(labels: LabelSet, key: str, k: int, frac: float, fit_rows: np.ndarray, thr_rows: np.ndarray,
-               test_rows: np.ndarray, *, seed: int, **setup: Any) -> tuple[dict[str, Any], nn.Module]:
-    """Train one fold's model on ``fit_rows``, fit the threshold on ``thr_rows``, score ``test_rows``;
-    return the fold payload and the trained network."""
-    log, kind, device = get_logger(), labels.kind, setup["device"]
-    bs, workers = setup["batch_size"], setup["num_workers"]
-    seed_everything(seed)
-    train_tf, eval_tf = _transforms(setup["img_size"], setup["augment"], seed)
-    train_ds, eval_ds = VolumeDataset(labels.table, transform=train_tf), VolumeDataset(labels.table, transform=eval_tf)
-    train_loader = DataLoader(Subset(train_ds, fit_rows.tolist()), batch_size=bs, shuffle=True,
-                              generator=torch.Generator().manual_seed(seed), num_workers=workers,
-                              drop_last=len(fit_rows) > bs)
-    net = _build(labels, **setup)
-    net.set_trainable(setup["mode"], setup["unfreeze_last"])
-    net.to(device)
-    targets = torch.from_numpy(np.array(labels.targets))  # a writable copy
-    mu, sd = 0.0, 1.0
-    if kind == "regression":
-        # standardised targets: one learning rate suits ages and volumes alike
+def _criterion(labels: LabelSet, fit_rows: np.ndarray, setup: dict[str, Any]) -> tuple[nn.Module, float, float]:
+    """The loss and the target standardisation ``(mean, sd)``: standardised regression targets let
+    one learning rate suit ages and volumes alike; classes may be balanced (scikit-learn's weights)."""
+    if labels.kind == "regression":
         mu, sd = float(labels.targets[fit_rows].mean()), float(labels.targets[fit_rows].std() or 1.0)
-        criterion: nn.Module = REGRESSION_LOSSES[setup["regression_loss"]]()
-    else:
-        w = balanced_class_weights(labels.targets[fit_rows], labels.num_outputs) if setup["class_weighting"] else None
-        criterion = nn.CrossEntropyLoss(weight=None if w is None else torch.tensor(w, dtype=torch.float32))
+        return REGRESSION_LOSSES[setup["regression_loss"]](), mu, sd
+    w = balanced_class_weights(labels.targets[fit_rows], labels.num_outputs) if setup["class_weighting"] else None
+    return nn.CrossEntropyLoss(weight=None if w is None else torch.tensor(w, dtype=torch.float32)), 0.0, 1.0
+
+
+def _fit(net: nn.Module, labels: LabelSet, key: str, fit_rows: np.ndarray, train_tf: Compose, seed: int,
+         setup: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
+    """Train ``net`` on ``fit_rows``; return ``train_model``'s record and the target standardisation."""
+    device, bs, kind = setup["device"], setup["batch_size"], labels.kind
+    train_ds = VolumeDataset(labels.table, transform=train_tf)
+    loader = DataLoader(Subset(train_ds, fit_rows.tolist()), batch_size=bs, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed), num_workers=setup["num_workers"],
+                        drop_last=len(fit_rows) > bs)
+    targets = torch.from_numpy(np.array(labels.targets))  # a writable copy
+    criterion, mu, sd = _criterion(labels, fit_rows, setup)
     criterion.to(device)
 
     def batch_loss(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -302,54 +242,42 @@ def train_fold(labels: LabelSet, key: str, k: int, frac: float, fit_rows: np.nda
         y = targets[torch.as_tensor(batch["index"])].to(device)
         return criterion(out[:, 0], (y.float() - mu) / sd) if kind == "regression" else criterion(out, y)
 
-    log.info(f"{key}: training on {len(fit_rows)} scans (threshold {len(thr_rows)}), testing on {len(test_rows)}")
-    fit = train_model(net, train_loader, batch_loss, epochs=setup["epochs"], lr=setup["lr"],
+    fit = train_model(net, loader, batch_loss, epochs=setup["epochs"], lr=setup["lr"],
                       weight_decay=setup["weight_decay"], desc=key, progress=setup["progress"])
+    return fit, mu, sd
+
+
+def train_fold(labels: LabelSet, fold: Fold, fit_rows: np.ndarray, thr_rows: np.ndarray,
+               setup: dict[str, Any]) -> tuple[dict[str, Any], nn.Module]:
+    """Train one fold's model on ``fit_rows``, fit the threshold on ``thr_rows``, score the fold's test
+    rows; return the fold payload and the trained network."""
+    log, kind, k, frac = get_logger(), labels.kind, fold.index, fold.fraction
+    train_tf, eval_tf = _transforms(setup["img_size"], setup["augment"], fold.seed)
+    net = _build(labels, **setup)
+    net.set_trainable(setup["mode"], setup["unfreeze_last"])
+    net.to(setup["device"])
+    log.info(f"{fold.key}: training on {len(fit_rows)} scans (threshold {len(thr_rows)}), "
+             f"testing on {len(fold.test)}")
+    fit, mu, sd = _fit(net, labels, fold.key, fit_rows, train_tf, fold.seed, setup)
+    eval_ds = VolumeDataset(labels.table, transform=eval_tf)
 
     def scores(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        loader = DataLoader(Subset(eval_ds, rows.tolist()), batch_size=bs, num_workers=workers)
-        idx, out = predict(net, loader, device)
+        loader = DataLoader(Subset(eval_ds, rows.tolist()), batch_size=setup["batch_size"],
+                            num_workers=setup["num_workers"])
+        idx, out = predict(net, loader, setup["device"])
         return idx, output_scores(kind, out, mu, sd)
 
-    test_idx, s_test = scores(test_rows)
+    test_idx, s_test = scores(fold.test)
     thr_idx, s_thr = scores(thr_rows) if len(thr_rows) else (thr_rows, None)
     metrics = fold_metrics(kind, labels.targets[test_idx], s_test, labels.targets[thr_idx], s_thr, setup["positive"])
-    log.info(f"{key}: " + ", ".join(f"{m} {v:.3f}" for m, v in metrics.items() if v is not None))
+    log.info(f"{fold.key}: " + ", ".join(f"{m} {v:.3f}" for m, v in metrics.items() if v is not None))
     subjects = labels.table["subject_id"].astype(str)
     payload = {
         "fold": k, "fraction": frac, "n_train": int(len(fit_rows)), "n_threshold": int(len(thr_rows)),
-        "threshold_subjects": sorted(set(subjects.iloc[thr_rows])), "n_test": int(len(test_rows)),
+        "threshold_subjects": sorted(set(subjects.iloc[thr_rows])), "n_test": int(len(fold.test)),
         "metrics": metrics, "final_loss": fit["history"][-1]["loss"] if fit["history"] else None,
         "predictions": prediction_rows(labels, test_idx, s_test, k, frac, setup["positive"]),
     }  # fmt: skip
     if kind == "regression":
         payload["standardisation"] = {"mean": mu, "sd": sd}
     return payload, net
-
-
-def assemble_results(labels: LabelSet, per_fraction: dict[float, list[dict]], splits: dict, model_name: str,
-                     encoder: str | Path | None, seed: int, config: dict | None, task: str = "classify") -> dict[str, Any]:
-    """The results dictionary from per-fold payloads (``{fraction: [payload, ...]}``)."""
-    def summary(folds: list[dict]) -> dict[str, Any]:
-        folds = sorted(folds, key=lambda f: f["fold"])
-        slim = [{k: v for k, v in f.items() if k != "predictions"} for f in folds]
-        return {"folds": slim, "aggregate": aggregate([f["metrics"] for f in folds])}
-
-    top = max(per_fraction)
-    results: dict[str, Any] = {
-        "task": task,
-        "kind": labels.kind,
-        "label": labels.column,
-        "classes": labels.classes,
-        "dropped_rows": labels.dropped,
-        "model": model_name,
-        "encoder": str(encoder) if encoder else None,
-        "seed": seed,
-        "primary_metric": "mae" if labels.kind == "regression" else "auroc",
-        "config": config or {},
-        "splits": splits,
-        **summary(per_fraction[top]),
-    }
-    if len(per_fraction) > 1:
-        results["fractions"] = {f"{f:g}": summary(v) for f, v in sorted(per_fraction.items())}
-    return results

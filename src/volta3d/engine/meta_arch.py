@@ -26,7 +26,7 @@ from volta3d.losses import (
 )
 from volta3d.models.encoder import VolTAEncoder, build_encoder
 from volta3d.models.heads import ProjectionHead, build_heads
-from volta3d.models.summariser import CLSSummariser
+from volta3d.models.summariser import CLSSummariser, build_summariser
 
 
 def _views_first(x: torch.Tensor) -> torch.Tensor:
@@ -177,18 +177,7 @@ class VolTA3D(nn.Module):
         out: dict[str, Any] = {"center_stats": {}, "embeddings": _rank_rows(t_out, n_global)}
         total = clean.new_zeros(())
         if use_g:
-            t_logits = t_out["cls_logits"].float()
-            t_probs = self._teacher_probs("global", t_logits, teacher_temp, out["center_stats"])  # (2B, K)
-            s_views = list(s_out["cls_logits"].chunk(n_global))
-            if "local_cls_logits" in s_out:
-                s_views += list(s_out["local_cls_logits"].chunk(n_local))
-            out["loss_global"] = self.global_loss(s_views, list(t_probs.chunk(n_global)), self.student_temp)
-            total = total + self.weights["global"] * out["loss_global"]
-            out.update(entropy_stats(t_probs, "teacher_"), **_cosines(s_out, t_out, n_global))
-            if self.koleo_weight > 0:
-                # DINOv2: KoLeo on the student's summary of each global view separately
-                out["koleo"] = torch.stack([koleo_loss(v) for v in s_out["cls_embed"].chunk(n_global)]).mean()
-                total = total + self.koleo_weight * out["koleo"]
+            total = total + self._global_branch(s_out, t_out, n_global, n_local, teacher_temp, out)
         if use_l:
             t_logits = t_out["patch_logits"].float()  # (2B, N, K)
             t_probs = self._teacher_probs("patch", t_logits, teacher_patch_temp, out["center_stats"])
@@ -207,6 +196,24 @@ class VolTA3D(nn.Module):
             total = total + self.weights["rec"] * out["loss_rec"]
         out["loss"] = total
         return out
+
+    def _global_branch(self, s_out: Mapping[str, torch.Tensor], t_out: Mapping[str, torch.Tensor], n_global: int,
+                       n_local: int, teacher_temp: float, out: dict[str, Any]) -> torch.Tensor:
+        """L_global (eq. 3, DINO: every student view against each other teacher view) and the KoLeo
+        term; records them and their statistics in ``out``; returns their weighted sum."""
+        t_logits = t_out["cls_logits"].float()
+        t_probs = self._teacher_probs("global", t_logits, teacher_temp, out["center_stats"])  # (2B, K)
+        s_views = list(s_out["cls_logits"].chunk(n_global))
+        if "local_cls_logits" in s_out:
+            s_views += list(s_out["local_cls_logits"].chunk(n_local))
+        out["loss_global"] = self.global_loss(s_views, list(t_probs.chunk(n_global)), self.student_temp)
+        total = self.weights["global"] * out["loss_global"]
+        out.update(entropy_stats(t_probs, "teacher_"), **_cosines(s_out, t_out, n_global))
+        if self.koleo_weight > 0:
+            # DINOv2: KoLeo on the student's summary of each global view separately
+            out["koleo"] = torch.stack([koleo_loss(v) for v in s_out["cls_embed"].chunk(n_global)]).mean()
+            total = total + self.koleo_weight * out["koleo"]
+        return total
 
     def _teacher_probs(self, branch: str, logits: torch.Tensor, temp: float, center_stats: dict[str, Any]) -> torch.Tensor:
         """Centered and sharpened (eq. 2, 4) or Sinkhorn-Knopp targets; records the EMA center's statistics."""
@@ -260,10 +267,7 @@ def _rank_rows(t_out: Mapping[str, torch.Tensor], n_global: int) -> dict[str, to
 
 def build_volta3d(model: Mapping[str, Any], head: Mapping[str, Any], loss: Mapping[str, Any]) -> VolTA3D:
     """Config sections (plain dicts) -> the meta-architecture."""
-    model = dict(model)
-    summariser = CLSSummariser(
-        model["hidden_size"], num_heads=model.pop("summariser_heads"), mlp_ratio=model.pop("summariser_mlp_ratio")
-    )
+    summariser = build_summariser(**model)
     encoder = build_encoder(**model)
     global_head, patch_head = build_heads(embed_dim=model["hidden_size"], **head)
     return VolTA3D(

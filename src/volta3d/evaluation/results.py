@@ -1,17 +1,7 @@
 """The files every downstream run writes, and reads back on resume or for comparison.
 
-``results.json``: task, kind (binary | multiclass | regression | segmentation), model, encoder,
-label, classes, seed, config, splits, primary_metric, ``folds`` (per-fold ``metrics``),
-``aggregate`` (mean / SD / n per metric) and, for a reduced-data curve, ``fractions``
-({"0.2": {"folds", "aggregate"}, ...}; the top level is then the largest fraction).
-Also ``architecture`` (the sizes that must match for a fair comparison; ``compare`` warns when
-they differ), ``test`` ({"external": bool, "data": the --test-data folder or null}) and, for
-classification, ``mode`` (the training mode applied; scratch baselines always train fully),
-``positive_class`` and ``youden_fit`` (binary: where the Youden threshold was fitted); for
-segmentation ``flip_label_pairs``.
-``predictions.csv``: one row per test subject and fold (classification: y_true, score(s),
-prediction; binary: ``score`` is the probability of ``positive_class``; segmentation:
-per-structure Dice / HD95).
+``results.json`` and ``predictions.csv``: the layout is documented once, in ``volta3d.downstream.cv``
+(``RunResults``), which writes them.
 ``models/<key>/model.safetensors`` + ``model.json``: each fold's network, for ``volta3d predict``.
 ``folds/<key>.json``: one finished fold each, so an interrupted run resumes without redoing it.
 """

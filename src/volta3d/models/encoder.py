@@ -28,7 +28,6 @@ from volta3d.models.input_norm import apply_input_norm
 
 Grid = tuple[int, int, int]
 
-SUMMARISER_KEY_PREFIX = "summariser_"
 
 
 def interpolate_pos_embed(
@@ -214,13 +213,12 @@ class VolTAEncoder(ViTAutoEnc):
 
 
 def split_model_section(**model_section: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split the ``model:`` config section into encoder kwargs and ``summariser_*`` kwargs."""
-    encoder_kwargs = {k: v for k, v in model_section.items() if not k.startswith(SUMMARISER_KEY_PREFIX)}
-    summariser_kwargs = {k: v for k, v in model_section.items() if k.startswith(SUMMARISER_KEY_PREFIX)}
-    return encoder_kwargs, summariser_kwargs
+    """The ``model:`` config section as ``(VolTAEncoder keyword arguments, its summariser: subsection)``."""
+    encoder_kwargs = dict(model_section)
+    return encoder_kwargs, dict(encoder_kwargs.pop("summariser", None) or {})
 
 
 def build_encoder(**model_section: Any) -> VolTAEncoder:
-    """Build the encoder from the ``model:`` config keys (the ``summariser_*`` keys are not its own)."""
+    """Build the encoder from the ``model:`` config keys (the ``summariser:`` subsection is not its own)."""
     encoder_kwargs, _ = split_model_section(**model_section)
     return VolTAEncoder(**encoder_kwargs)

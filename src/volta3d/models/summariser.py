@@ -12,12 +12,13 @@ values: the same result as the full block at 1/(N+1) of the attention cost.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from volta3d.models.encoder import split_model_section
+from volta3d.models.encoder import VolTAEncoder, split_model_section
 
 
 class CLSSummariser(nn.Module):
@@ -67,14 +68,17 @@ class CLSSummariser(nn.Module):
         return self.norm(token[:, 0])  # (B, 1, E) -> (B, E)
 
 
+def summariser_kwargs(*, heads: int, mlp_ratio: float) -> dict[str, Any]:
+    """The ``model.summariser:`` config section as ``CLSSummariser`` keyword arguments (the names an
+    encoder export's ``summariser`` record uses)."""
+    return {"num_heads": heads, "mlp_ratio": mlp_ratio}
+
+
 def build_summariser(**model_section: Any) -> CLSSummariser:
-    """Build the summariser from the ``model:`` config keys: ``hidden_size`` and the ``summariser_*`` keys."""
-    _, summariser_kwargs = split_model_section(**model_section)
-    unknown = sorted(set(summariser_kwargs) - {"summariser_heads", "summariser_mlp_ratio"})
+    """Build the summariser from the ``model:`` config section: ``hidden_size`` wide, with its
+    ``summariser:`` subsection; a key the section does not have is an error that names it."""
+    encoder_kwargs, section = split_model_section(**model_section)
+    unknown = sorted(set(encoder_kwargs) - set(inspect.signature(VolTAEncoder).parameters))
     if unknown:
-        raise TypeError(f"unknown summariser keys: {', '.join(unknown)}")
-    return CLSSummariser(
-        model_section["hidden_size"],
-        num_heads=summariser_kwargs.get("summariser_heads", 8),
-        mlp_ratio=summariser_kwargs.get("summariser_mlp_ratio", 4.0),
-    )
+        raise TypeError(f"unknown model keys: {', '.join(unknown)}")
+    return CLSSummariser(encoder_kwargs["hidden_size"], **summariser_kwargs(**section))
