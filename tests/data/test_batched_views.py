@@ -89,8 +89,8 @@ DIMS = (1, 2, 3, 4)
 
 def _slope_and_offset(view: torch.Tensor, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares view = a * volume + b, per view."""
-    centred = volume - volume.mean()
-    slope = ((view - view.mean(dim=DIMS, keepdim=True)) * centred).mean(dim=DIMS) / centred.pow(2).mean()
+    centered = volume - volume.mean()
+    slope = ((view - view.mean(dim=DIMS, keepdim=True)) * centered).mean(dim=DIMS) / centered.pow(2).mean()
     return slope, view.mean(dim=DIMS) - slope * volume.mean()
 
 

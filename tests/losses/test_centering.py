@@ -72,7 +72,7 @@ def test_teacher_probs_are_finite_for_extreme_bf16_logits():
     ("call", "message"),
     [
         (lambda c: c.update(torch.zeros(3), 0), "count must be > 0"),
-        (lambda c: c.update(torch.zeros(5), 2), "sum_ has 5 entries, the centre has 3"),
+        (lambda c: c.update(torch.zeros(5), 2), "sum_ has 5 entries, the center has 3"),
         (lambda c: c.teacher_probs(torch.zeros(1, 3), 0.0), "teacher temperature must be > 0"),
     ],
 )

@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="time one full VolTA-3D pretraining step (speed, memory, fraction of matmul peak)",
         description="Times the trainer's full optimiser step (student on both crop sizes, teacher, all losses, "
-        "backward, AdamW, EMA, centres) on in-memory batches, counts its FLOPs, and divides the achieved rate by "
+        "backward, AdamW, EMA, centers) on in-memory batches, counts its FLOPs, and divides the achieved rate by "
         "a large matmul's rate measured in the same run. Also times the straightforward step (batch-1 "
         "micro-batches with accumulation, fp32, unfused attention) and prints the speed-up.",
     )

@@ -73,7 +73,7 @@ class BatchedMultiCrop:
         rng = np.random.default_rng(int(seeds[2]))
         flip = np.zeros(3, dtype=bool)
         flip[list(s.flip_axes)] = rng.random(len(s.flip_axes)) < s.flip_prob
-        gamma_on, gamma = rng.random() < s.gamma_prob, rng.uniform(*s.gamma_range)
+        gamma_on, gamma = rng.random() < s.gamma_prob, rng.uniform(s.gamma_range[0], s.gamma_range[1])
         scale_on, factor = rng.random() < s.contrast_prob, rng.uniform(-s.intensity_scale, s.intensity_scale)
         shift_on, offset = rng.random() < s.contrast_prob, rng.uniform(-s.intensity_shift, s.intensity_shift)
         bias_on, coeff = rng.random() < s.bias_field_prob, rng.uniform(0.0, s.bias_field_coeff, len(BIAS_TERMS))

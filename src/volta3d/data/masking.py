@@ -134,7 +134,7 @@ class GMMLMasker:
         high = low if self.block_shape == "cube" else torch.maximum(low, (self.max_block_fraction * sides).long())
         return low, high
 
-    def _block_mask(self, spatial: tuple[int, int, int], generator: torch.Generator) -> np.ndarray:
+    def _block_mask(self, spatial: tuple[int, ...], generator: torch.Generator) -> np.ndarray:
         """Union of random blocks until exactly round(ratio * voxels) are masked.
 
         The last block is cut short (its first new voxels in raster order) so the realised ratio

@@ -109,14 +109,14 @@ class ViewSettings:
     def crop_shape(self, spatial: Sequence[int], rng: np.random.Generator, scale: Sequence[float]) -> list[int]:
         """Random crop edges: volume fraction ~ U(scale), per-axis aspect jitter from aspect_range.
 
-        Per-axis log-factors are uniform on [log lo, log hi] / 2 and centred, so they multiply to 1
+        Per-axis log-factors are uniform on [log lo, log hi] / 2 and centered, so they multiply to 1
         (the crop keeps the drawn volume fraction unless an edge is clipped to the volume) and any two
         relative edges differ by at most sqrt(hi / lo), i.e. by hi for a range like torchvision's
         (lo = 1 / hi) ratio.
         """
-        fraction = rng.uniform(*scale)
-        half_logs = [0.5 * math.log(r) for r in self.aspect_range]
-        log_aspect = rng.uniform(*half_logs, size=3)
+        fraction = rng.uniform(scale[0], scale[1])
+        low, high = (0.5 * math.log(r) for r in self.aspect_range)
+        log_aspect = rng.uniform(low, high, size=3)
         log_aspect -= log_aspect.mean()
         edge_scale = fraction ** (1.0 / 3.0) * np.exp(log_aspect)
         return [int(min(max(round(s * e), 1), s)) for s, e in zip(spatial, edge_scale, strict=True)]

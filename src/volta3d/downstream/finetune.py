@@ -98,9 +98,11 @@ def classify(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any]
     from volta3d.runtime import get_logger
 
     c, log = to_kwargs(cfg.classify), get_logger()
+    if run.label is None:
+        raise ValueError("finetune classify needs --label: the manifest column to predict")
     table, external = with_external(run, read_manifest(run.data))
     labels = prepare_labels(table, run.label, c["task"])
-    if external is not None and labels.kind != "regression":
+    if external is not None and run.test_data is not None and labels.kind != "regression":
         check_external_classes(labels.targets, labels.table["subject_id"], labels.classes, run.test_data)
     if labels.dropped:
         log.info(f"dropped {labels.dropped} rows with no '{run.label}' value")

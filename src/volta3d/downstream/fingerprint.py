@@ -9,7 +9,6 @@ given splits file) is written as ``fingerprint.json`` and compared, key by key, 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ def _sha256(path: Path) -> str | None:
     return file_sha256(path) if path.is_file() else None
 
 
-def run_fingerprint(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
-    """The flat record of everything that decides a fine-tuning run's fold results."""
+def run_fingerprint(args: Any, cfg: Any) -> dict[str, Any]:
+    """The flat record of everything that decides a fine-tuning run's fold results (``args``: the
+    command's inputs, e.g. ``FinetuneInputs``)."""
     section = {k: v for k, v in to_kwargs(cfg[args.task]).items() if k not in FREE_KEYS}
     encoder = Path(args.encoder) / "encoder.safetensors" if args.encoder else None
     record = {

@@ -1,7 +1,7 @@
 """Throughput of one full VolTA-3D pretraining step, and how close it runs to the machine's limit.
 
 A step is everything the trainer does per optimiser step: both crop sizes through the student, the
-teacher on the global views, all losses, backward, AdamW, EMA and centre updates (the trainer's own
+teacher on the global views, all losses, backward, AdamW, EMA and center updates (the trainer's own
 ``train_step`` is timed, on batches already in memory, so data loading is excluded). Achieved FLOP/s
 are counted with ``torch.utils.flop_counter`` and divided by the rate of a large matmul timed in the
 same process: the fraction of the machine's practical peak the step reaches.
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -86,9 +86,9 @@ def _synthetic_batch(cfg: DictConfig, batch_size: int, seed: int) -> dict[str, t
     return batch
 
 
-def _views_ready(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _views_ready(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The in-memory step: its batches are views already."""
-    return batch
+    return dict(batch)
 
 
 def constant_schedules(n: int) -> Schedules:
@@ -152,9 +152,9 @@ def run_benchmark(
     if baseline:
         # The paper's way: batch 1 x accumulation B, fp32, MONAI's unfused einsum attention, and the
         # paper's losses (KoLeo compares volumes within a micro-batch: undefined at batch 1).
-        naive_cfg = OmegaConf.merge(
+        naive_cfg = cast(DictConfig, OmegaConf.merge(
             cfg, {"optim": {"batch_size": 1, "accum_steps": batch_size}, "train": {"precision": "fp32"}}
-        )
+        ))
         model.koleo_weight = 0.0
         model.student.encoder.set_fused_attention(False)
         model.teacher.encoder.set_fused_attention(False)

@@ -2,7 +2,7 @@
 
 Exact resume: the data order of epoch ``e`` depends only on ``(seed, e)``, every view's
 randomness only on ``(seed, epoch, index)``, and schedules only on the optimiser step, so a
-checkpoint (model, teacher, centres, optimiser, step) is the whole state. Re-running the same
+checkpoint (model, teacher, centers, optimiser, step) is the whole state. Re-running the same
 command continues from ``checkpoints/last.pt`` and reaches the same weights bit for bit on CPU.
 """
 
@@ -217,11 +217,11 @@ def train_step(
 
     # 2. forward / backward; the loss is scaled by 1/accum and DDP syncs only on the last micro-batch
     logged: dict[str, float] = {}
-    centre_stats: dict[str, list[torch.Tensor]] = {}
+    center_stats: dict[str, list[torch.Tensor]] = {}
     for micro in range(accum):
         batch = make_views({k: v.to(device, non_blocking=True) for k, v in next(batches).items() if torch.is_tensor(v)})
-        sync = micro == accum - 1 or not isinstance(student, DistributedDataParallel)
-        with (contextlib.nullcontext() if sync else student.no_sync()):
+        ddp = student if isinstance(student, DistributedDataParallel) else None
+        with (contextlib.nullcontext() if ddp is None or micro == accum - 1 else ddp.no_sync()):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.use_bf16):
                 out = model.compute_losses(batch, teacher_temp, patch_temp, student=student)
             if not torch.isfinite(out["loss"]):
@@ -233,7 +233,7 @@ def train_step(
                 )
             (out["loss"] / accum).backward()
         for name, (sum_, count) in out["center_stats"].items():
-            acc = centre_stats.setdefault(name, [torch.zeros_like(sum_), torch.zeros((), device=sum_.device)])
+            acc = center_stats.setdefault(name, [torch.zeros_like(sum_), torch.zeros((), device=sum_.device)])
             acc[0] += sum_
             acc[1] += count
         for k, v in out.items():
@@ -254,9 +254,9 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-    # 4. teacher EMA and both centres: once per optimiser step, from the whole effective batch
+    # 4. teacher EMA and both centers: once per optimiser step, from the whole effective batch
     model.update_teacher(float(schedules.momentum[step]))
-    model.update_centers({k: (s, c) for k, (s, c) in centre_stats.items()})
+    model.update_centers({k: (s, c) for k, (s, c) in center_stats.items()})
     logged.update(
         lr=float(schedules.lr[step]), weight_decay=float(schedules.weight_decay[step]),
         momentum=float(schedules.momentum[step]), teacher_temp=teacher_temp, teacher_patch_temp=patch_temp,

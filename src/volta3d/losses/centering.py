@@ -47,10 +47,10 @@ class Center(nn.Module):
         """EMA step with the mean of all logit vectors seen since the last step: sum_ (K,)."""
         count = torch.as_tensor(count, dtype=torch.float32, device=self.center.device)
         if bool(count <= 0):
-            raise ValueError("count must be > 0 to update the centre")
+            raise ValueError("count must be > 0 to update the center")
         batch_mean = sum_.to(self.center.device, torch.float32).reshape(1, -1) / count  # (K,) -> (1, K)
         if batch_mean.shape != self.center.shape:
-            raise ValueError(f"sum_ has {batch_mean.shape[1]} entries, the centre has {self.center.shape[1]}")
+            raise ValueError(f"sum_ has {batch_mean.shape[1]} entries, the center has {self.center.shape[1]}")
         self.center.mul_(self.momentum).add_(batch_mean.to(self.center.dtype), alpha=1.0 - self.momentum)
 
     @torch.no_grad()
