@@ -87,8 +87,42 @@ def pretrain(
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed)
+    run = _prepare_run(cfg, data, out, device, dist_info, logger)
+    _train(run, progress)
+    if dist_info.is_main:  # the last step was checkpointed and exported inside the loop
+        logger.info("finished at step %d; encoder export in %s", run.step, out / "encoder.safetensors")
+    barrier()
+    return out
 
-    # ---- data: preprocessed volumes -> 2 global + N local views (+ GMML) per volume
+
+@dataclass
+class _Run:
+    """The parts of one pretraining run that live from its start to its end."""
+
+    cfg: DictConfig
+    out: Path
+    device: torch.device
+    dist_info: DistInfo
+    logger: Any
+    dataset: PretrainVolumesDataset
+    sampler: ResumableSampler
+    loader: DataLoader
+    model: VolTA3D
+    student: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedules: Schedules
+    data_record: dict[str, Any]
+    steps_per_epoch: int
+    effective_batch: int
+    step: int
+    last_step: int
+
+
+def _prepare_run(
+    cfg: DictConfig, data: str | Path | Sequence[str | Path], out: Path, device: torch.device, dist_info: DistInfo,
+    logger: Any,
+) -> _Run:  # fmt: skip
+    """Data, model, optimiser and schedules, resumed from ``out``'s checkpoint when there is one."""
     folders = [data] if isinstance(data, (str, Path)) else list(data)
     # Labels play no part in pretraining: keep only what every manifest has.
     manifest = pd.concat([read_manifest(d)[["subject_id", "path"]] for d in folders], ignore_index=True)
@@ -104,8 +138,6 @@ def pretrain(
             f"optim.accum_steps={accum} and {dist_info.world_size} process(es)"
         )
     effective_batch = cfg.optim.batch_size * accum * dist_info.world_size
-
-    # ---- model, optimiser, schedules
     model = build_volta3d(to_kwargs(cfg.model), to_kwargs(cfg.head), to_kwargs(cfg.loss)).to(device)
     optimizer = build_optimizer(model.student, cfg.optim.betas)
     schedules = _schedules(cfg, steps_per_epoch, effective_batch)
@@ -119,63 +151,81 @@ def pretrain(
             "lr %.3g, device %s", len(dataset), cfg.optim.epochs, steps_per_epoch, effective_batch,
             cfg.optim.batch_size, accum, dist_info.world_size, schedules.lr.max(), device,
         )  # fmt: skip
-    student = _wrap_student(model, device, dist_info)
-    metrics = MetricsCSV(out / "metrics.csv", keep_until_step=step) if dist_info.is_main else None
-    board = _tensorboard(out) if (dist_info.is_main and cfg.train.tensorboard) else None
-    health = HealthTracker(model.log_k, logger, **{k: cfg.train[k] for k in ("rank_buffer", "collapse_patience",
-                                                                          "collapse_max_cosine")})
-    online = online_evaluation(cfg, out, step, model.teacher, device, logger) if dist_info.is_main else None
+    return _Run(cfg, out, device, dist_info, logger, dataset, sampler, loader, model,
+                _wrap_student(model, device, dist_info), optimizer, schedules, data_record, steps_per_epoch,
+                effective_batch, step, last_step)  # fmt: skip
 
-    settings = StepSettings.from_config(cfg, device)
-    bar = tqdm(total=last_step, initial=step, desc="pretrain", unit="step", disable=not (progress and dist_info.is_main))
-    # without the bar, a log line with the ETA about every 5 % of the run
-    log_every = max(1, (last_step - step) // 20) if (dist_info.is_main and not progress) else 0
-    first_step, t_run = step, time.perf_counter()
-    model.train()
-    while step < last_step:
-        epoch, first_batch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch=first_batch * accum)
-        dataset.set_epoch(epoch)
-        batches = iter(loader)
-        while step < last_step and step // steps_per_epoch == epoch:
+
+class _Records:
+    """Where each step's values go: metrics.csv, TensorBoard, the health tracker, the online probe and
+    the progress bar (or, without it, a log line with the ETA about every 5 % of the run)."""
+
+    def __init__(self, run: _Run, progress: bool) -> None:
+        cfg, main = run.cfg, run.dist_info.is_main
+        self.run = run
+        self.metrics = MetricsCSV(run.out / "metrics.csv", keep_until_step=run.step) if main else None
+        self.board = _tensorboard(run.out) if (main and cfg.train.tensorboard) else None
+        self.health = HealthTracker(run.model.log_k, run.logger,
+                                    **{k: cfg.train[k] for k in ("rank_buffer", "collapse_patience",
+                                                                 "collapse_max_cosine")})  # fmt: skip
+        self.online = online_evaluation(cfg, run.out, run.step, run.model.teacher, run.device, run.logger) if main else None
+        self.bar = tqdm(total=run.last_step, initial=run.step, desc="pretrain", unit="step",
+                        disable=not (progress and main))  # fmt: skip
+        self.log_every = max(1, (run.last_step - run.step) // 20) if (main and not progress) else 0
+        self.first_step, self.t_start = run.step, time.perf_counter()
+
+    def step_done(self, row: dict[str, Any], embeddings: dict[str, torch.Tensor]) -> None:
+        run, step = self.run, self.run.step
+        self.health.observe(step, row, embeddings)
+        if self.online is not None and (step % run.cfg.eval.every == 0 or step == run.last_step):
+            self.online.run(step, run.model.teacher, run.device)
+        losses = {k: f"{row[k]:.3g}" for k in ("loss", "loss_global", "loss_local", "loss_rec") if k in row}
+        self.bar.update(1)
+        self.bar.set_postfix(losses)
+        if self.log_every and (step - self.first_step) % self.log_every == 0:
+            per_step = (time.perf_counter() - self.t_start) / (step - self.first_step)
+            run.logger.info("step %d/%d %s, ETA %.0f s", step, run.last_step,
+                            " ".join(f"{k} {v}" for k, v in losses.items()), per_step * (run.last_step - step))  # fmt: skip
+        if self.metrics is not None and (step % run.cfg.train.log_every == 0 or step == run.last_step):
+            self.metrics.write({k: row.get(k, "") for k in METRIC_COLUMNS})
+            if self.board is not None:
+                for k in METRIC_COLUMNS[2:]:
+                    if k in row:
+                        self.board.add_scalar(k, row[k], step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _train(run: _Run, progress: bool) -> None:
+    """The epochs from the run's step to its last: step, record, checkpoint (also at each epoch end)."""
+    cfg, records, settings = run.cfg, _Records(run, progress), StepSettings.from_config(run.cfg, run.device)
+    run.model.train()
+    while run.step < run.last_step:
+        epoch, first_batch = divmod(run.step, run.steps_per_epoch)
+        run.sampler.set_epoch(epoch, start_batch=first_batch * settings.accum_steps)
+        run.dataset.set_epoch(epoch)
+        batches = iter(run.loader)
+        while run.step < run.last_step and run.step // run.steps_per_epoch == epoch:
             t0 = time.perf_counter()
             try:
-                row, embeddings = train_step(model, student, optimizer, schedules, step, batches, device, dist_info,
-                                             dataset.views, settings)  # fmt: skip
+                row, embeddings = train_step(run.model, run.student, run.optimizer, run.schedules, run.step, batches,
+                                             run.device, run.dist_info, run.dataset.views, settings)  # fmt: skip
             except NonFiniteLossError as err:
-                logger.error("%s", err)  # into log.txt too, beside the run's other records
+                run.logger.error("%s", err)  # into log.txt too, beside the run's other records
                 raise
-            step += 1
-            row.update(step=step, epoch=epoch, seconds_per_step=time.perf_counter() - t0, **model.center_norms())
-            health.observe(step, row, embeddings)
-            if online is not None and (step % cfg.eval.every == 0 or step == last_step):
-                online.run(step, model.teacher, device)
-            bar.update(1)
-            losses = {k: f"{row[k]:.3g}" for k in ("loss", "loss_global", "loss_local", "loss_rec") if k in row}
-            bar.set_postfix(losses)
-            if log_every and (step - first_step) % log_every == 0:
-                per_step = (time.perf_counter() - t_run) / (step - first_step)
-                logger.info("step %d/%d %s, ETA %.0f s", step, last_step,
-                            " ".join(f"{k} {v}" for k, v in losses.items()), per_step * (last_step - step))  # fmt: skip
-            if metrics is not None and (step % cfg.train.log_every == 0 or step == last_step):
-                metrics.write({k: row.get(k, "") for k in METRIC_COLUMNS})
-                if board is not None:
-                    for k in METRIC_COLUMNS[2:]:
-                        if k in row:
-                            board.add_scalar(k, row[k], step)
-            if step % cfg.train.checkpoint_every == 0 or step % steps_per_epoch == 0 or step == last_step:
-                _save(out, model, optimizer, step, cfg, effective_batch, data_record, dist_info)
-        if step % steps_per_epoch == 0 and dist_info.is_main:
-            logger.info("epoch %d/%d done (step %d/%d): loss %.4f", epoch + 1, cfg.optim.epochs, step,
-                        schedules.total_steps, row["loss"])  # fmt: skip
+            run.step += 1
+            row.update(step=run.step, epoch=epoch, seconds_per_step=time.perf_counter() - t0, **run.model.center_norms())
+            records.step_done(row, embeddings)
+            if run.step % cfg.train.checkpoint_every == 0 or run.step % run.steps_per_epoch == 0 or run.step == run.last_step:
+                _save(run.out, run.model, run.optimizer, run.step, cfg, run.effective_batch, run.data_record, run.dist_info)
+        if run.step % run.steps_per_epoch == 0 and run.dist_info.is_main:
+            run.logger.info("epoch %d/%d done (step %d/%d): loss %.4f", epoch + 1, cfg.optim.epochs, run.step,
+                            run.schedules.total_steps, row["loss"])  # fmt: skip
         del batches
-    bar.close()
-    if board is not None:
-        board.close()
-    if dist_info.is_main:  # the last step was checkpointed and exported inside the loop
-        logger.info("finished at step %d; encoder export in %s", step, out / "encoder.safetensors")
-    barrier()
-    return out
+    records.close()
 
 
 @dataclass(frozen=True)
@@ -213,32 +263,11 @@ def train_step(
     # 1. schedule values for this optimiser step
     apply_schedule_values(optimizer, float(schedules.lr[step]), float(schedules.weight_decay[step]))
     teacher_temp, patch_temp = float(schedules.teacher_temp[step]), float(schedules.teacher_patch_temp[step])
-    accum = settings.accum_steps
 
-    # 2. forward / backward; the loss is scaled by 1/accum and DDP syncs only on the last micro-batch
-    logged: dict[str, float] = {}
-    center_stats: dict[str, list[torch.Tensor]] = {}
-    for micro in range(accum):
-        batch = make_views({k: v.to(device, non_blocking=True) for k, v in next(batches).items() if torch.is_tensor(v)})
-        ddp = student if isinstance(student, DistributedDataParallel) else None
-        with (contextlib.nullcontext() if ddp is None or micro == accum - 1 else ddp.no_sync()):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.use_bf16):
-                out = model.compute_losses(batch, teacher_temp, patch_temp, student=student)
-            if not torch.isfinite(out["loss"]):
-                parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items() if k.startswith("loss_"))
-                raise NonFiniteLossError(
-                    f"non-finite loss at optimiser step {step} ({parts}); stopped without saving, the last good "
-                    "checkpoint is kept. A resume must keep the settings: to change them (a lower optim.lr or "
-                    "loss.teacher_temp, or train.precision=fp32) start a new --output folder"
-                )
-            (out["loss"] / accum).backward()
-        for name, (sum_, count) in out["center_stats"].items():
-            acc = center_stats.setdefault(name, [torch.zeros_like(sum_), torch.zeros((), device=sum_.device)])
-            acc[0] += sum_
-            acc[1] += count
-        for k, v in out.items():
-            if k.startswith(LOGGED_PREFIXES):
-                logged[k] = logged.get(k, 0.0) + float(v.detach()) / accum
+    # 2. forward / backward over the micro-batches
+    logged, center_stats, embeddings = _accumulate_gradients(
+        model, student, batches, make_views, settings, device, step, (teacher_temp, patch_temp)
+    )
 
     if dist_info.world_size > 1:  # log the mean over ranks, i.e. over the whole effective batch
         values = torch.tensor(list(logged.values()), dtype=torch.float64, device=device)
@@ -262,7 +291,43 @@ def train_step(
         momentum=float(schedules.momentum[step]), teacher_temp=teacher_temp, teacher_patch_temp=patch_temp,
         grad_norm=float(grad_norm), log_k=model.log_k,
     )  # fmt: skip
-    return logged, out["embeddings"]
+    return logged, embeddings
+
+
+def _accumulate_gradients(
+    model: VolTA3D, student: torch.nn.Module, batches: Iterator[Mapping[str, torch.Tensor]],
+    make_views: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]], settings: StepSettings,
+    device: torch.device, step: int, temps: tuple[float, float],
+) -> tuple[dict[str, float], dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:  # fmt: skip
+    """Forward and backward of each micro-batch, the loss scaled by 1/accum, DDP syncing only on the last.
+
+    Returns the logged values (mean over micro-batches), the summed center statistics, and the teacher
+    embeddings of the last micro-batch."""
+    accum = settings.accum_steps
+    logged: dict[str, float] = {}
+    center_stats: dict[str, list[torch.Tensor]] = {}
+    for micro in range(accum):
+        batch = make_views({k: v.to(device, non_blocking=True) for k, v in next(batches).items() if torch.is_tensor(v)})
+        ddp = student if isinstance(student, DistributedDataParallel) else None
+        with (contextlib.nullcontext() if ddp is None or micro == accum - 1 else ddp.no_sync()):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.use_bf16):
+                out = model.compute_losses(batch, *temps, student=student)
+            if not torch.isfinite(out["loss"]):
+                parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items() if k.startswith("loss_"))
+                raise NonFiniteLossError(
+                    f"non-finite loss at optimiser step {step} ({parts}); stopped without saving, the last good "
+                    "checkpoint is kept. A resume must keep the settings: to change them (a lower optim.lr or "
+                    "loss.teacher_temp, or train.precision=fp32) start a new --output folder"
+                )
+            (out["loss"] / accum).backward()
+        for name, (sum_, count) in out["center_stats"].items():
+            acc = center_stats.setdefault(name, [torch.zeros_like(sum_), torch.zeros((), device=sum_.device)])
+            acc[0] += sum_
+            acc[1] += count
+        for k, v in out.items():
+            if k.startswith(LOGGED_PREFIXES):
+                logged[k] = logged.get(k, 0.0) + float(v.detach()) / accum
+    return logged, center_stats, out["embeddings"]
 
 
 def build_pretrain_loader(
