@@ -18,6 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from volta3d.downstream.cv import Fold, label_results, plan_folds, run_folds
 from volta3d.downstream.labels import LabelSet
 from volta3d.downstream.scoring import fold_metrics, prediction_rows
+from volta3d.errors import InputError
 
 
 def make_probe(name: str, kind: str, *, logreg_c: float = 1.0, knn_k: int = 20, ridge_alpha: float = 1.0,
@@ -31,7 +32,7 @@ def make_probe(name: str, kind: str, *, logreg_c: float = 1.0, knn_k: int = 20, 
     if name == "knn":
         cls = KNeighborsRegressor if kind == "regression" else KNeighborsClassifier
         return cls(n_neighbors=k, metric="cosine", weights="uniform")
-    raise ValueError(f"unknown probe '{name}' (choose linear or knn)")
+    raise InputError(f"unknown probe '{name}' (choose linear or knn)")
 
 
 def _outputs(est, kind: str, x: np.ndarray, num_classes: int) -> np.ndarray:
@@ -81,7 +82,7 @@ def _probe_inputs(cfg: Any, embeddings: str | Path, data: str | Path, label: str
     emb, meta = load_embeddings(embeddings)
     bad = [k for k in ("cls", "mean", "tokens", "raw") if k in emb and not np.isfinite(emb[k]).all()]
     if bad:
-        raise ValueError(f"{embeddings} holds non-finite '{bad[0]}' features (NaN/Inf); re-embed with a finite encoder")
+        raise InputError(f"{embeddings} holds non-finite '{bad[0]}' features (NaN/Inf); re-embed with a finite encoder")
     labels = prepare_labels(read_manifest(data), label, cfg.classify.task)
     rows = embedding_rows(emb["path"].tolist(), labels.table["path"].tolist(), f"{embeddings} ({data})")
     splits = load_splits(splits_file) if splits_file else make_kfold_splits(

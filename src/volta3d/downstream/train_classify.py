@@ -31,6 +31,7 @@ from volta3d.downstream.labels import LabelSet
 from volta3d.downstream.loop import train_model
 from volta3d.downstream.saved import save_fold_model
 from volta3d.downstream.scoring import fold_metrics, positive_index, prediction_rows
+from volta3d.errors import InputError
 from volta3d.evaluation.splits import make_holdout_split
 from volta3d.runtime import get_logger
 
@@ -78,10 +79,10 @@ def threshold_split(labels: LabelSet, rows: np.ndarray, fraction: float, seed: i
         return rows, rows[:0]
     subjects = labels.table["subject_id"].astype(str).to_numpy()
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"classify.youden_val_fraction must be in (0, 1) (got {fraction})")
+        raise InputError(f"classify.youden_val_fraction must be in (0, 1) (got {fraction})")
     per_class = pd.Series(subjects[rows]).groupby(labels.targets[rows]).nunique()
     if len(per_class) < 2 or per_class.min() < 2:
-        raise ValueError(f"the Youden validation split needs 2 subjects of each class among {len(rows)} training "
+        raise InputError(f"the Youden validation split needs 2 subjects of each class among {len(rows)} training "
                          "scans; use more data or fewer folds")
     # stratification needs a subject of each class in every inner fold: at most min-class-count folds
     fraction = max(fraction, 1.0 / int(per_class.min()))
@@ -129,7 +130,7 @@ def effective_mode(mode: str, encoder: str | Path | None) -> str:
     """Frozen / partial transfer applies to a pretrained encoder; a scratch baseline always trains
     fully (a frozen random encoder is no baseline)."""
     if mode not in MODES:
-        raise ValueError(f"classify.mode must be one of {MODES} (got '{mode}')")
+        raise InputError(f"classify.mode must be one of {MODES} (got '{mode}')")
     return mode if encoder is not None else "full"
 
 
@@ -170,7 +171,7 @@ def _setup(labels: LabelSet, section: Mapping[str, Any], *, encoder: str | Path 
            device: str | torch.device, progress: bool) -> dict[str, Any]:
     """What every fold needs, checked before any fold runs (a bad loss or class name fails at once)."""
     if section["regression_loss"] not in REGRESSION_LOSSES:
-        raise ValueError(f"classify.regression_loss must be one of {sorted(REGRESSION_LOSSES)} "
+        raise InputError(f"classify.regression_loss must be one of {sorted(REGRESSION_LOSSES)} "
                          f"(got '{section['regression_loss']}')")
     positive = positive_index(labels, section["positive_class"])
     train_mode = effective_mode(section["mode"], encoder)
@@ -187,7 +188,7 @@ def _setup(labels: LabelSet, section: Mapping[str, Any], *, encoder: str | Path 
 def _fold_rows(labels: LabelSet, fold: Fold, youden_val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """``(fit_rows, threshold_rows)`` of the fold's training side; a one-class training side is an error."""
     if labels.kind != "regression" and len(np.unique(labels.targets[fold.train])) < 2:
-        raise ValueError(f"fold {fold.index} at fraction {fold.fraction} has one class in training; "
+        raise InputError(f"fold {fold.index} at fraction {fold.fraction} has one class in training; "
                          "use more data or fewer folds")
     return threshold_split(labels, fold.train, youden_val_fraction, fold.seed)
 

@@ -36,6 +36,7 @@ from volta3d.downstream.flip import RandLeftRightFlipd, check_label_pairs
 from volta3d.downstream.loop import train_model
 from volta3d.downstream.saved import save_fold_model
 from volta3d.downstream.segmenter import UNETR_LAYERS, UNETR_PATCH, build_segmenter
+from volta3d.errors import InputError
 from volta3d.evaluation.metrics import segmentation_metrics
 from volta3d.evaluation.splits import make_holdout_split
 from volta3d.models.export import encoder_kwargs_from_meta, read_encoder_export
@@ -54,16 +55,16 @@ def check_mask_classes(label_paths: Sequence[str], num_classes: int | None) -> i
     for p in label_paths:
         values = np.unique(np.load(p))
         if values.min() < 0:
-            raise ValueError(f"mask {p} has negative label {int(values.min())}")
+            raise InputError(f"mask {p} has negative label {int(values.min())}")
         if num_classes is not None and values.max() >= num_classes:
-            raise ValueError(
+            raise InputError(
                 f"mask {p} has label {int(values.max())} but segment.num_classes={num_classes} (labels 0..{num_classes - 1})"
             )
         highest = max(highest, int(values.max()))
     if num_classes is None:
         num_classes = highest + 1
     if num_classes < 2:
-        raise ValueError("the masks hold no foreground label (only 0); nothing to segment")
+        raise InputError("the masks hold no foreground label (only 0); nothing to segment")
     return num_classes
 
 
@@ -124,7 +125,7 @@ def scan_spacings(table: pd.DataFrame, explicit: Sequence[float] | None) -> np.n
     fallback = tuple(float(v) for v in explicit) if explicit is not None else (1.0, 1.0, 1.0)
     for path, spacing in zip(table["path"], found, strict=True):
         if explicit is not None and spacing is not None and not np.allclose(spacing, fallback, rtol=1e-3):
-            raise ValueError(f"segment.spacing={list(fallback)} disagrees with the preprocessed spacing "
+            raise InputError(f"segment.spacing={list(fallback)} disagrees with the preprocessed spacing "
                              f"{[round(v, 4) for v in spacing]} of {path}; drop segment.spacing (it is read "
                              "from the preprocessing records)")
     missing = sum(s is None for s in found)

@@ -25,6 +25,7 @@ from volta3d.downstream.embeddings import embedding_rows, extract_embeddings, ex
 from volta3d.downstream.labels import LabelSet, prepare_labels
 from volta3d.downstream.probes import run_probe
 from volta3d.engine.meta_arch import Student
+from volta3d.errors import InputError
 from volta3d.evaluation.pretrain_health import ONLINE_EVAL_NAME
 from volta3d.evaluation.splits import load_splits, make_kfold_splits, save_splits
 from volta3d.models.encoder import VolTAEncoder
@@ -52,7 +53,7 @@ class OnlineProbe:
         features: Sequence[str] = ("cls", "mean"),
     ) -> None:  # fmt: skip
         if not labels:
-            raise ValueError("eval.labels is empty: name at least one manifest column to probe (--eval-label)")
+            raise InputError("eval.labels is empty: name at least one manifest column to probe (--eval-label)")
         table = read_manifest(data)
         if max_volumes > 0:
             table = table.head(max_volumes)
