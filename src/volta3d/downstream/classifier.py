@@ -138,7 +138,7 @@ def build_classifier(
     pooling: str = "cls",
     img_size: int | None = None,
     swin_kwargs: dict[str, Any] | None = None,
-) -> nn.Module:
+) -> ViTClassifier | SwinClassifier:
     """``model``: ``vit`` (from the export at ``encoder``, or from scratch with ``encoder_kwargs``,
     the ``model:`` config section) or ``swin`` (from scratch with ``swin_kwargs``).
     ``img_size``: cube edge the classifier sees; the export's position embedding is resampled to it."""

@@ -137,9 +137,10 @@ def predict_scans(models: list[tuple[nn.Module, dict]], inputs: Sequence[str | P
         raise InputError(f"saved model {meta0['key']} has preprocessing setting '{unknown[0]}' unknown to this volta3d")
     settings = PreprocessSettings(**meta0["preprocessing"])
     thresholds = [m.get("youden_threshold") for _, m in models]
-    threshold = float(np.mean(thresholds)) if thresholds and None not in thresholds else None
+    known = [float(t) for t in thresholds if t is not None]
+    threshold = float(np.mean(known)) if known and len(known) == len(thresholds) else None
     scans, rejected = collect_scans(inputs)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for scan in tqdm(scans, desc="predict", unit="scan", disable=not progress):
         try:
             data, transform, meta = preprocess_for_model(scan, settings)

@@ -24,7 +24,7 @@ from monai.transforms import Compose, RandFlipd, Resized
 from torch.utils.data import DataLoader, Subset
 
 from volta3d.data.dataset import VolumeDataset
-from volta3d.downstream.classifier import MODES, ViTClassifier, build_classifier, swin_kwargs
+from volta3d.downstream.classifier import MODES, SwinClassifier, ViTClassifier, build_classifier, swin_kwargs
 from volta3d.downstream.cv import Fold, label_results, plan_folds, run_folds
 from volta3d.downstream.external import test_record
 from volta3d.downstream.labels import LabelSet
@@ -100,7 +100,8 @@ def model_architecture(net: nn.Module, model: str, pooling: str) -> dict[str, An
     return {"model": model, **getattr(net, "architecture", {})}
 
 
-def classifier_build(net: nn.Module, labels: LabelSet, model: str, pooling: str, img_size: int | None) -> dict:
+def classifier_build(net: ViTClassifier | SwinClassifier, labels: LabelSet, model: str, pooling: str,
+                     img_size: int | None) -> dict:
     """What ``build_classifier`` needs to rebuild ``net`` without its encoder export."""
     if isinstance(net, ViTClassifier):
         summ = net.summariser.architecture if net.summariser is not None else None
@@ -112,8 +113,8 @@ def classifier_build(net: nn.Module, labels: LabelSet, model: str, pooling: str,
             "pooling": pooling, "img_size": img_size, "swin_kwargs": dict(net.architecture)}
 
 
-def save_classifier(out_dir: str | Path, key: str, net: nn.Module, payload: dict[str, Any], labels: LabelSet,
-                    setup: dict[str, Any], preprocessing: dict[str, Any] | None) -> None:
+def save_classifier(out_dir: str | Path, key: str, net: ViTClassifier | SwinClassifier, payload: dict[str, Any],
+                    labels: LabelSet, setup: dict[str, Any], preprocessing: dict[str, Any] | None) -> None:
     """The fold's model and everything ``volta3d predict`` needs to apply it to new scans."""
     positive = setup["positive"]
     save_fold_model(out_dir, key, net, {
@@ -209,7 +210,7 @@ def _results_extra(labels: LabelSet, setup: dict[str, Any], youden_val_fraction:
 
 def _build(labels: LabelSet, *, model: str, encoder: str | Path | None, encoder_kwargs: dict[str, Any] | None,
            summariser_kwargs: dict[str, Any] | None, swin_kwargs: dict[str, Any] | None, pooling: str,
-           img_size: int | None, **_: Any) -> nn.Module:
+           img_size: int | None, **_: Any) -> ViTClassifier | SwinClassifier:
     """A fresh classifier for one fold (``setup`` carries more keys than the builder takes)."""
     return build_classifier(model, labels.num_outputs, encoder=encoder, encoder_kwargs=encoder_kwargs,
                             summariser_kwargs=summariser_kwargs, pooling=pooling, img_size=img_size,
@@ -249,7 +250,7 @@ def _fit(net: nn.Module, labels: LabelSet, key: str, fit_rows: np.ndarray, train
 
 
 def train_fold(labels: LabelSet, fold: Fold, fit_rows: np.ndarray, thr_rows: np.ndarray,
-               setup: dict[str, Any]) -> tuple[dict[str, Any], nn.Module]:
+               setup: dict[str, Any]) -> tuple[dict[str, Any], ViTClassifier | SwinClassifier]:
     """Train one fold's model on ``fit_rows``, fit the threshold on ``thr_rows``, score the fold's test
     rows; return the fold payload and the trained network."""
     log, kind, k, frac = get_logger(), labels.kind, fold.index, fold.fraction

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ import torch.nn as nn
 from monai.data import list_data_collate
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
 from monai.transforms import Compose, Lambdad, RandCropByPosNegLabeld, SpatialPadd
 from torch.utils.data import DataLoader, Subset
 
@@ -70,7 +71,8 @@ def check_mask_classes(label_paths: Sequence[str], num_classes: int | None) -> i
 
 def _infer(model: nn.Module, image: torch.Tensor, crop: int, sw_batch_size: int, overlap: float) -> torch.Tensor:
     """Whole-volume labels by sliding-window inference: (1, C, D, H, W) -> (1, 1, D, H, W)."""
-    logits = sliding_window_inference(image, (crop,) * 3, sw_batch_size, model, overlap=overlap)
+    # declared Tensor | tuple | dict (for models with several outputs); a segmenter returns one tensor
+    logits = cast(torch.Tensor, sliding_window_inference(image, (crop,) * 3, sw_batch_size, model, overlap=overlap))
     return logits.argmax(1, keepdim=True)
 
 
@@ -101,8 +103,9 @@ def segmenter_architecture(net: nn.Module, model: str, encoder: str | Path | Non
                            unetr_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """The sizes that must agree for two segmenters to be a fair comparison."""
     if model == "unet":
-        return {"model": "unet", "channels": list(net.channels), "strides": list(net.strides),
-                "num_res_units": int(net.num_res_units), "out_channels": num_classes}
+        unet = cast(UNet, net)
+        return {"model": "unet", "channels": list(unet.channels), "strides": list(unet.strides),
+                "num_res_units": int(unet.num_res_units), "out_channels": num_classes}
     arch = effective_unetr_kwargs(encoder, unetr_kwargs)
     return {"model": "unetr", **arch, "patch_size": UNETR_PATCH, "num_layers": UNETR_LAYERS,
             "img_size": crop_size, "out_channels": num_classes}
@@ -158,10 +161,12 @@ class SegmentRun:
     def model_name(self) -> str:
         return f"{self.section['model']}-{'pretrained' if self.encoder else 'scratch'}"
 
-    def evaluate(self, model: nn.Module, rows: Sequence[int], save_as: dict[int, Path] | None = None) -> list[dict]:
+    def evaluate(self, model: nn.Module, rows: Sequence[int] | np.ndarray, save_as: dict[int, Path] | None = None) -> list[dict]:
         """Per-subject Dice / HD95 for ``rows``; ``save_as`` maps a row to the .npy file for its prediction."""
         s = self.section
-        dataset = VolumeDataset(self.table, with_mask=True, transform=Lambdad("mask", _with_channel))
+        # MONAI types a dictionary transform's input as Mapping[Hashable, ...], which a str-keyed dict does not match
+        dataset = VolumeDataset(self.table, with_mask=True,
+                                transform=Lambdad("mask", _with_channel))  # type: ignore[arg-type]
         model.eval()
         out = []
         with torch.no_grad():
