@@ -33,7 +33,7 @@ class ViTClassifier(nn.Module):
     """``(B, C, D, H, W) -> (B, num_outputs)`` logits (or regression outputs)."""
 
     def __init__(
-        self, encoder: VolTAEncoder, summariser: CLSSummariser | None, num_outputs: int, pooling: str = "cls"
+        self, encoder: VolTAEncoder, summariser: CLSSummariser | None, num_outputs: int, *, pooling: str
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -81,12 +81,13 @@ class SwinClassifier(nn.Module):
     def __init__(
         self,
         num_outputs: int,
+        *,
+        feature_size: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        window_size: int,
+        patch_size: int,
         in_channels: int = 1,
-        feature_size: int = 24,
-        depths: Sequence[int] = (2, 2, 2, 2),
-        num_heads: Sequence[int] = (3, 6, 12, 24),
-        window_size: int = 7,
-        patch_size: int = 2,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -135,13 +136,14 @@ def build_classifier(
     encoder: str | Path | None = None,
     encoder_kwargs: dict[str, Any] | None = None,
     summariser_kwargs: dict[str, Any] | None = None,
-    pooling: str = "cls",
-    img_size: int | None = None,
+    pooling: str,
+    img_size: int | None,
     swin_kwargs: dict[str, Any] | None = None,
 ) -> ViTClassifier | SwinClassifier:
     """``model``: ``vit`` (from the export at ``encoder``, or from scratch with ``encoder_kwargs``,
-    the ``model:`` config section) or ``swin`` (from scratch with ``swin_kwargs``).
-    ``img_size``: cube edge the classifier sees; the export's position embedding is resampled to it."""
+    the ``model:`` config section, and ``summariser_kwargs``) or ``swin`` (from scratch with
+    ``swin_kwargs``). ``pooling``, ``img_size``: the ``classify:`` section's; ``img_size`` is the cube
+    edge the classifier sees (None: the input's), the export's position embedding is resampled to it."""
     if model == "swin":
         if encoder is not None:
             raise InputError("--encoder applies to the ViT classifier; the Swin baseline is trained from scratch")

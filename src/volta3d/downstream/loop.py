@@ -24,7 +24,7 @@ def train_model(
     *,
     epochs: int,
     lr: float,
-    weight_decay: float = 1e-5,
+    weight_decay: float,
     validate: Callable[[nn.Module], float] | None = None,
     val_every: int = 1,
     grad_clip: float = 0.0,

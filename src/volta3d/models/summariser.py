@@ -30,7 +30,7 @@ class CLSSummariser(nn.Module):
     that read the exported summary features on a fixed scale.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise InputError(f"summariser dim {dim} must be divisible by num_heads {num_heads}")
