@@ -1,4 +1,4 @@
-"""Issue 12, item 1: the positive class, the scratch baseline's training mode, the Youden threshold's
+"""Fair comparisons: the positive class, the scratch baseline's training mode, the Youden threshold's
 data and architecture-matched scratch baselines."""
 
 from __future__ import annotations
