@@ -7,6 +7,7 @@ small grid. It is the floor a learned representation must clear to be worth its 
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,12 @@ def load_embeddings(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     p = Path(path)
     if not p.is_file():
         raise InputFileNotFound(f"embeddings file not found: {p}")
-    with np.load(p, allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # not an .npz, or a damaged one
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise InputError(f"cannot read embeddings file {p} (not an .npz from volta3d embed?): {reason}") from None
     if "subject_id" not in data or not any(k in data for k in FEATURES):
         raise InputError(f"{p} is not a volta3d embeddings file (needs subject_id and one of "
                          f"{', '.join(FEATURES)} arrays)")

@@ -50,8 +50,11 @@ def read_model_meta(folder: Path) -> dict[str, Any]:
     path = folder / MODEL_META
     if not path.is_file() or not (folder / MODEL_WEIGHTS).is_file():
         raise InputFileNotFound(f"saved model incomplete: {path} or {folder / MODEL_WEIGHTS} missing")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != MODEL_FORMAT or meta.get("format_version") != MODEL_FORMAT_VERSION:
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON: {err.msg}") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT or meta.get("format_version") != MODEL_FORMAT_VERSION:
         raise InputError(f"{path} is not a {MODEL_FORMAT} v{MODEL_FORMAT_VERSION} record")
     return meta
 
