@@ -9,13 +9,10 @@ import os
 import sys
 
 from volta3d import __version__
+from volta3d.errors import InputError
 
 # Order is the order shown by `volta3d --help`.
 COMMANDS = ["demo", "preprocess", "pretrain", "bench", "finetune", "predict", "embed", "probe", "compare", "report"]
-
-
-class CommandError(RuntimeError):
-    """Raised by a command for bad input: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"volta3d.commands.{name}").add_parser(sub)
     return parser
+
+
+def _one_line(err: InputError) -> str:
+    """The message of ``err``; for an error a DataLoader worker raised (torch re-raises it with the
+    same type, its message the worker's traceback) the original message, its last line."""
+    msg = str(err)
+    if "\nOriginal Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        _, sep, original = last.partition(": ")
+        msg = original if sep else last
+    return msg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (CommandError, FileNotFoundError, ValueError, KeyError) as err:
-        # Bad input: one line naming the file or field, no traceback (VOLTA3D_DEBUG=1 shows it).
+    except InputError as err:
+        # Bad input: one line naming the file or field, no traceback (VOLTA3D_DEBUG=1 shows it). Any
+        # other exception is a bug and keeps its traceback.
         if os.environ.get("VOLTA3D_DEBUG"):
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"volta3d {args.command}: error: {msg}", file=sys.stderr)
+        print(f"volta3d {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"volta3d {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -15,13 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from volta3d.config_rules import ConfigValueError, validate_config
+from volta3d.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 RESOLVED_NAME = "config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem that names the offending file or key."""
 
 

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
+from volta3d.errors import InputError
 from volta3d.runtime import flatten_dict
 
 POSITIVE = ("optim.lr", "classify.lr", "segment.lr", "loss.student_temp", "loss.teacher_temp",
@@ -58,7 +59,7 @@ CHOICES = {
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(InputError):
     """A config value of the wrong type or out of range (a ``ConfigError`` is raised from it)."""
 
 

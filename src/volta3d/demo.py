@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from volta3d.data.bundled import write_bundled_manifests
+from volta3d.errors import InputError, InputFileNotFound
 from volta3d.runtime import atomic_write, get_logger, setup_logging
 
 STAGES_NAME = "stages.json"
@@ -155,13 +156,13 @@ def run_demo(out: str | Path, shared: str | Path, *, quick: bool = False, worker
     """Run (or resume) every stage; return 0 when all succeeded, 1 otherwise."""
     out, shared = Path(out), Path(shared)
     if not (shared / "ixi_t1_2mm").is_dir() or not (shared / "msd_task04_hippocampus").is_dir():
-        raise FileNotFoundError(f"bundled data not found in {shared} (expected ixi_t1_2mm/ and msd_task04_hippocampus/)")
+        raise InputFileNotFound(f"bundled data not found in {shared} (expected ixi_t1_2mm/ and msd_task04_hippocampus/)")
     out.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out, "demo.log")
     path = out / STAGES_NAME
     state = _load(path)
     if state and state.get("settings", {}).get("quick") != quick:
-        raise ValueError(f"{out} holds a {'quick' if state['settings']['quick'] else 'full'} demo; use another --output")
+        raise InputError(f"{out} holds a {'quick' if state['settings']['quick'] else 'full'} demo; use another --output")
     done = {s["name"]: s for s in state.get("stages", [])}
     stages = plan(out, shared, quick=quick, workers=workers)
     state["settings"] = {"quick": quick, "workers": workers, "shared_data": str(shared.resolve()),

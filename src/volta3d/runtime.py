@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from volta3d.errors import InputError, InputFileNotFound
+
 if TYPE_CHECKING:  # torch is imported where it is used: `volta3d --help` must not pay for it
     import torch
 
@@ -137,11 +139,11 @@ def read_json_file(path: str | Path, default_name: str, what: str) -> tuple[Path
     if p.is_dir():
         p = p / default_name
     if not p.exists():
-        raise FileNotFoundError(f"{what} file not found: {p}")
+        raise InputFileNotFound(f"{what} file not found: {p}")
     try:
         return p, json.loads(p.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{what} file {p} is not valid JSON: {err.msg}") from None
+        raise InputError(f"{what} file {p} is not valid JSON: {err.msg}") from None
 
 
 def get_logger() -> logging.Logger:

@@ -38,7 +38,7 @@ def _header_only_nifti(path, shape, dtype=np.uint8) -> None:
     path.write_bytes(header.binaryblock + b"\0" * 4 + b"\0" * 4000)
 
 
-# item 7: declared and resampled sizes are checked before allocating
+# declared and resampled sizes are checked before allocating
 
 
 def test_a_header_declaring_more_voxels_than_the_limit_is_refused_before_reading(tmp_path):
@@ -78,7 +78,7 @@ def test_over_the_limit_is_rejected_in_the_batch_and_retried_when_the_limit_rise
     assert json.loads(next((tmp_path / "out2/records").glob("a-*.json")).read_text())["status"] == "ok"
 
 
-# item 5: a cached volume counts only when it is intact and under the cache
+# a cached volume counts only when it is intact and under the cache
 
 
 def _one_scan_cache(tmp_path):
@@ -129,7 +129,7 @@ def test_a_record_that_is_not_an_object_is_recomputed(tmp_path, content):
     assert (again.processed, again.accepted) == (1, 1)
 
 
-# item 3: inputs preprocessing used to accept silently
+# inputs that preprocessing refuses with a reason instead of accepting silently
 
 
 def test_one_extreme_voxel_is_rejected_not_stored_as_a_cube_of_zeros(tmp_path):
@@ -207,7 +207,7 @@ def test_dangling_and_looping_symlinks_are_rejected_by_name(tmp_path):
     assert reasons["loop1.nii"] == "loop1.nii: symbolic link loop"
 
 
-# item 6: a killed worker costs only the scan that killed it
+# a killed worker costs only the scan that killed it
 
 
 def _kill_on_killer(monkeypatch) -> None:
@@ -259,7 +259,7 @@ def test_the_cli_exits_non_zero_when_a_scan_errored(tmp_path, monkeypatch):
     assert len(pd.read_csv(tmp_path / "out/manifest.csv")) == 1
 
 
-# item 11: messages that name the right file and line, on one line
+# messages that name the right file and line, on one line
 
 
 def test_a_mask_on_another_grid_is_named_by_the_mask_and_rejected_csv_has_subject_and_mask(tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 12, item 3: `finetune --test-data` trains on --data and tests on an external set."""
+"""`finetune --test-data` trains on --data and tests on an external set."""
 
 from __future__ import annotations
 

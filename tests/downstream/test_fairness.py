@@ -1,4 +1,4 @@
-"""Issue 12, item 1: the positive class, the scratch baseline's training mode, the Youden threshold's
+"""Fair comparisons: the positive class, the scratch baseline's training mode, the Youden threshold's
 data and architecture-matched scratch baselines."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from volta3d.evaluation.comparison import (
 from volta3d.evaluation.splits import make_kfold_splits
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import save_encoder_export
-from volta3d.models.summariser import CLSSummariser
+from volta3d.models.summariser import CLSSummariser, summariser_kwargs
 
 from .conftest import config_section
 from .test_classify import FAST
@@ -41,7 +41,8 @@ def _run(data, out, *extra):
 
 def _export(path, arch=TINY):
     torch.manual_seed(7)
-    save_encoder_export(path, VolTAEncoder(**arch, deconv_chns=8), CLSSummariser(arch["hidden_size"], num_heads=4))
+    summariser = {**summariser_kwargs(**config_section("model")["summariser"]), "num_heads": 4}
+    save_encoder_export(path, VolTAEncoder(**arch, deconv_chns=8), CLSSummariser(arch["hidden_size"], **summariser))
     return path
 
 

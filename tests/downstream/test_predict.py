@@ -1,4 +1,4 @@
-"""Issue 12, item 2: saved fold models and `volta3d predict` on raw scans."""
+"""Saved fold models and `volta3d predict` on raw scans."""
 
 from __future__ import annotations
 

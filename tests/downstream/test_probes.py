@@ -6,12 +6,20 @@ import numpy as np
 import pandas as pd
 
 from volta3d.cli import main
+from volta3d.config import load_config
 from volta3d.downstream.embeddings import load_embeddings
 from volta3d.downstream.labels import prepare_labels
 from volta3d.downstream.probes import run_probe
 from volta3d.evaluation.splits import make_kfold_splits
 
-from .conftest import TINY_OVERRIDES
+from .conftest import TINY_OVERRIDES, config_section
+
+
+def _probe_settings(**changes) -> dict:
+    """``run_probe``'s settings as the probe command passes them: the default config's."""
+    probe = config_section("probe")
+    return {"seed": load_config().seed, "fractions": probe["fractions"], "logreg_c": probe["logreg_c"],
+            "knn_k": probe["knn_k"], "ridge_alpha": probe["ridge_alpha"], **changes}
 
 
 def _table(n=40, seed=0):
@@ -31,7 +39,8 @@ def test_probes_recover_known_signal():
                                          ("age", "linear", "r2", 0.95)):
         labels = prepare_labels(table, column)
         splits = make_kfold_splits(table["subject_id"], labels.strata, n_splits=4, seed=0)
-        res, preds = run_probe(feats, labels, splits, probe, feature_name="x", encoder=None, knn_k=5)
+        res, preds = run_probe(feats, labels, splits, probe, feature_name="x", encoder=None,
+                               **_probe_settings(knn_k=5))
         assert res["aggregate"][metric]["mean"] > bound, (column, probe)
         assert sorted(preds["subject_id"]) == sorted(table["subject_id"])
 
@@ -40,7 +49,8 @@ def test_probe_reduced_data_fractions_are_nested():
     table, feats = _table()
     labels = prepare_labels(table, "dx")
     splits = make_kfold_splits(table["subject_id"], labels.strata, n_splits=4, seed=0)
-    res, preds = run_probe(feats, labels, splits, "linear", feature_name="x", encoder=None, fractions=[0.5, 1.0])
+    res, preds = run_probe(feats, labels, splits, "linear", feature_name="x", encoder=None,
+                           **_probe_settings(fractions=[0.5, 1.0]))
     assert set(res["fractions"]) == {"0.5", "1"}
     for fold in range(4):
         rows = preds[preds["fold"] == fold]

@@ -149,3 +149,15 @@ def test_a_checkpoint_with_other_shapes_is_a_one_line_error(tiny_overrides, volu
     with pytest.raises(ValueError, match="does not fit this model") as err:
         _run(tiny_overrides, volume_folder, out, "train.max_steps=2")
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_truncated_cached_volume_is_one_line_from_the_loader_workers(tiny_overrides, volume_folder, tmp_path,
+                                                                        capsys):  # fmt: skip
+    bad = volume_folder / "s1.npy"
+    bad.write_bytes(bad.read_bytes()[:90])
+    code = main(["pretrain", "--data", str(volume_folder), "--output", str(tmp_path / "o"), "--no-progress",
+                 *tiny_overrides, "train.num_workers=2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error:" in line] == [err.strip().splitlines()[-1]]
+    assert err.strip().splitlines()[-1].startswith(f"volta3d pretrain: error: cannot read cached volume {bad} (subject s1)")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from monai.networks.nets import UNETR, ViT, ViTAutoEnc
 
+from volta3d.config import load_config, to_kwargs
 from volta3d.models import (
     CLSSummariser,
     EncoderLoadError,
@@ -18,10 +19,12 @@ from volta3d.models import (
     save_encoder_export,
 )
 from volta3d.models.input_norm import standardise
+from volta3d.models.summariser import summariser_kwargs
 
 TINY = dict(img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4)
 # UNETR hard-codes patch 16 and 12 layers: a narrow 12-layer encoder
 NARROW12 = dict(img_size=32, patch_size=16, hidden_size=48, mlp_dim=96, num_layers=12, num_heads=4)
+SUMMARISER = summariser_kwargs(**to_kwargs(load_config().model.summariser))  # the default config's: 8 heads
 
 
 def perturbed_encoder(**kwargs) -> VolTAEncoder:
@@ -40,7 +43,7 @@ def vit_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_round_trip_restores_weights_metadata_and_outputs(tmp_path):
     enc = perturbed_encoder(**TINY).eval()
-    summ = CLSSummariser(32, num_heads=8).eval()
+    summ = CLSSummariser(32, **SUMMARISER).eval()
     weights_path, meta_path = save_encoder_export(tmp_path, enc, summ)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "encoder.json",
@@ -96,7 +99,7 @@ def test_rebuilding_for_another_img_size_resamples_the_position_embedding(tmp_pa
 
 def test_loads_strictly_into_monai_vitautoenc(tmp_path):
     enc = perturbed_encoder(**TINY)
-    save_encoder_export(tmp_path, enc, CLSSummariser(32))
+    save_encoder_export(tmp_path, enc, CLSSummariser(32, **SUMMARISER))
     state, _ = read_encoder_export(tmp_path)
     net = ViTAutoEnc(
         in_channels=1, img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4
@@ -112,7 +115,7 @@ def test_loads_strictly_into_monai_vitautoenc(tmp_path):
 
 def test_loads_into_unetr_vit_and_every_tensor_arrives(tmp_path):
     enc = perturbed_encoder(**NARROW12)
-    save_encoder_export(tmp_path, enc, CLSSummariser(48))
+    save_encoder_export(tmp_path, enc, CLSSummariser(48, **SUMMARISER))
     state, _ = read_encoder_export(tmp_path)
 
     torch.manual_seed(1)

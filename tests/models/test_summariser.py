@@ -5,6 +5,7 @@ import torch
 
 from volta3d.config import load_config, to_kwargs
 from volta3d.models import CLSSummariser, build_summariser
+from volta3d.models.summariser import summariser_kwargs
 
 
 def make(dim: int = 32, heads: int = 8) -> CLSSummariser:
@@ -57,7 +58,7 @@ def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match=r"expected patch tokens \(B, N, 32\)"):
         make()(torch.randn(2, 8, 16))
     with pytest.raises(ValueError, match="divisible by num_heads"):
-        CLSSummariser(30, num_heads=8)
+        CLSSummariser(30, **summariser_kwargs(**to_kwargs(load_config().model.summariser)))  # 8 heads
 
 
 def test_build_summariser_from_model_section():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from volta3d.commands.common import add_config_arguments
+from volta3d.errors import InputError
 
 RAW_GRID = 16  # 16^3 = 4096 features: as many as a few ViT embeddings, coarse enough for a linear probe
 
@@ -39,9 +40,9 @@ def _check_source(args: argparse.Namespace) -> None:
     """Exactly one feature source: a one-line error for contradictory flags."""
     if args.raw_volume and (args.encoder or args.random_init):
         flag = "--encoder" if args.encoder else "--random-init"
-        raise ValueError(f"--raw-volume embeds the volumes themselves and takes no {flag}")
+        raise InputError(f"--raw-volume embeds the volumes themselves and takes no {flag}")
     if args.raw_grid is not None and not args.raw_volume:
-        raise ValueError("--raw-grid applies only with --raw-volume")
+        raise InputError("--raw-grid applies only with --raw-volume")
 
 
 def run(args: argparse.Namespace) -> int:

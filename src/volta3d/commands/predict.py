@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from volta3d.errors import InputError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     except ValueError:
-        raise ValueError(f"--folds must be comma-separated integers (got '{args.folds}')") from None
+        raise InputError(f"--folds must be comma-separated integers (got '{args.folds}')") from None
     device = resolve_device(args.device)
     models = [(net.to(device), meta) for net, meta in load_fold_models(args.run_dir, folds)]
     predict_scans(models, args.scans, args.output, progress=not args.no_progress)

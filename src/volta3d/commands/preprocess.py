@@ -8,6 +8,7 @@ from pathlib import Path
 from volta3d.config import load_config, save_config, to_kwargs
 from volta3d.data.bundled import BUNDLED, default_shared_data, write_bundled_manifests
 from volta3d.data.sources import KINDS
+from volta3d.errors import InputError, InputFileNotFound
 from volta3d.runtime import setup_logging
 
 EPILOG = """examples:
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = [s for s in args.overrides if "=" in s]
     inputs = [s for s in args.overrides if "=" not in s]
     if len(inputs) > 1:
-        raise ValueError(f"give one INPUT, got {len(inputs)}: {' '.join(inputs)}")
+        raise InputError(f"give one INPUT, got {len(inputs)}: {' '.join(inputs)}")
     from volta3d.data.preprocess import (  # MONAI and torch: only now
         merge_shards,
         parse_shard,
@@ -94,15 +95,15 @@ def run(args: argparse.Namespace) -> int:
     log = setup_logging()
     if args.merge:
         if inputs or args.bundled or args.shard:
-            raise ValueError("--merge takes no INPUT, --bundled or --shard")
+            raise InputError("--merge takes no INPUT, --bundled or --shard")
         manifest, rejected = merge_shards(args.output)
         log.info("merged shard parts into %s and %s", manifest, rejected)
         return 0
     if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        raise InputError(f"--workers must be >= 1, got {args.workers}")
     shard = parse_shard(args.shard) if args.shard else None
     if args.bundled and inputs:
-        raise ValueError("give either INPUT or --bundled, not both")
+        raise InputError("give either INPUT or --bundled, not both")
     cfg = load_config(args.config, overrides)
     settings = to_kwargs(cfg.preprocess)
     if args.bundled:
@@ -112,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
     elif inputs:
         source, kind = Path(inputs[0]), args.kind
         if not source.exists():
-            raise FileNotFoundError(f"input not found: {source}")
+            raise InputFileNotFound(f"input not found: {source}")
     else:
-        raise ValueError("give an INPUT folder or CSV manifest (or --bundled ixi|msd)")
+        raise InputError("give an INPUT folder or CSV manifest (or --bundled ixi|msd)")
     save_config(cfg, args.output)
     summary = preprocess_dataset(
         source,

@@ -6,6 +6,7 @@ import argparse
 
 from volta3d.commands.common import add_config_arguments
 from volta3d.config import load_config
+from volta3d.errors import InputError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +33,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from volta3d.cli import CommandError
     from volta3d.engine.distributed import cleanup
     from volta3d.engine.trainer import (  # heavy imports only when the command runs
         NonFiniteLossError,
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         pretrain(cfg, args.data, args.output, progress=not args.no_progress)
     except NonFiniteLossError as err:  # a diverged run is reported like bad input: one line, exit 2
-        raise CommandError(str(err)) from None
+        raise InputError(str(err)) from None
     finally:
         # under torchrun: destroy the process group before interpreter shutdown tears down its threads
         # (an alive gloo group at exit intermittently aborts with "terminate called without an active exception")

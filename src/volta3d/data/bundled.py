@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from volta3d.errors import InputFileNotFound
+
 BUNDLED = {"ixi": "ixi.csv", "msd": "msd_hippocampus.csv"}
 IXI_DIR = "ixi_t1_2mm"
 MSD_DIR = "msd_task04_hippocampus"
@@ -27,7 +29,7 @@ def write_bundled_manifests(shared_data: Path, out_dir: Path) -> dict[str, Path]
     sources = {"ixi": shared_data / IXI_DIR / "participants.csv", "msd": shared_data / MSD_DIR / "cases.csv"}
     for path in sources.values():
         if not path.is_file():
-            raise FileNotFoundError(f"bundled data not found: {path} (pass --shared-data DIR)")
+            raise InputFileNotFound(f"bundled data not found: {path} (pass --shared-data DIR)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

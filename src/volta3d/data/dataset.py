@@ -15,6 +15,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from volta3d.errors import InputError, InputFileNotFound, MissingInputError
+
 REQUIRED_COLUMNS = ("subject_id", "path")
 PATH_COLUMNS = ("path", "label_path")
 
@@ -27,15 +29,15 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     p = Path(path)
     csv = p / "manifest.csv" if p.is_dir() else p
     if not csv.is_file():
-        raise FileNotFoundError(f"manifest not found: {csv}")
+        raise InputFileNotFound(f"manifest not found: {csv}")
     table = pd.read_csv(csv, dtype={"subject_id": str, "path": str, "label_path": str})
     for col in REQUIRED_COLUMNS:
         if col not in table.columns:
-            raise ValueError(
+            raise InputError(
                 f"manifest {csv} has no '{col}' column (columns: {', '.join(map(str, table.columns))})"
             )
     if table.empty:
-        raise ValueError(f"manifest {csv} has no rows (every scan was rejected? see rejected.csv)")
+        raise InputError(f"manifest {csv} has no rows (every scan was rejected? see rejected.csv)")
     base = csv.resolve().parent
     for col in PATH_COLUMNS:
         if col in table.columns:
@@ -53,7 +55,7 @@ def load_volume(path: str, subject_id: object) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(
+        raise InputError(
             f"cannot read cached volume {path} (subject {subject_id}): {reason}; re-run volta3d preprocess"
         ) from None
 
@@ -75,15 +77,15 @@ class VolumeDataset(Dataset):
         table = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
         for col in (*REQUIRED_COLUMNS, *columns):
             if col not in table.columns:
-                raise KeyError(
+                raise MissingInputError(
                     f"manifest has no column '{col}' (columns: {', '.join(map(str, table.columns))})"
                 )
         if with_mask:
             if "label_path" not in table.columns:
-                raise KeyError("with_mask=True but the manifest has no 'label_path' column")
+                raise MissingInputError("with_mask=True but the manifest has no 'label_path' column")
             missing = int(table["label_path"].isna().sum())
             if missing:
-                raise ValueError(f"with_mask=True but {missing} manifest rows have no 'label_path'")
+                raise InputError(f"with_mask=True but {missing} manifest rows have no 'label_path'")
         self.table = table.reset_index(drop=True)
         self.columns = list(columns)
         self.with_mask = with_mask

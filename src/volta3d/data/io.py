@@ -23,13 +23,15 @@ from nibabel.spatialimages import SpatialImage
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale
 
+from volta3d.errors import InputError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # 512^3: twice the edge of a 0.5 mm whole-head scan; 0.5 GB as float32. Headers declaring more are
 # refused before any voxel is read (a 4 KB file can declare terabytes).
 MAX_VOXELS = 512**3
 
 
-class ScanError(ValueError):
+class ScanError(InputError):
     """A scan that cannot be used; the message is the reason written to ``rejected.csv``."""
 
 

@@ -29,6 +29,7 @@ from monai.transforms import (
 )
 
 from volta3d.data.io import MAX_VOXELS, ScanError, check_voxel_count
+from volta3d.errors import InputError
 
 # A stored cube with fewer voxels than this off its most common value is treated as constant.
 MIN_VARYING_FRACTION = 1e-3
@@ -64,13 +65,13 @@ class PreprocessSettings:
         size = tuple(int(s) for s in self.size)
         object.__setattr__(self, "size", size)
         if len(size) != 3 or min(size) < 1:
-            raise ValueError(f"preprocess.size must be 3 positive integers, got {list(self.size)}")
+            raise InputError(f"preprocess.size must be 3 positive integers, got {list(self.size)}")
         if isinstance(self.max_voxels, bool) or not isinstance(self.max_voxels, int) or self.max_voxels < 1:
-            raise ValueError(f"preprocess.max_voxels must be a positive integer, got {self.max_voxels!r}")
+            raise InputError(f"preprocess.max_voxels must be a positive integer, got {self.max_voxels!r}")
         if not self.spacing > 0:
-            raise ValueError(f"preprocess.spacing must be > 0 mm, got {self.spacing}")
+            raise InputError(f"preprocess.spacing must be > 0 mm, got {self.spacing}")
         if len(self.orientation) != 3 or set(self.orientation.upper()) - set("RASLPI"):
-            raise ValueError(
+            raise InputError(
                 f"preprocess.orientation must be 3 axis codes such as RAS, got '{self.orientation}'"
             )
         choices = {
@@ -80,11 +81,11 @@ class PreprocessSettings:
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(
+                raise InputError(
                     f"preprocess.{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'"
                 )
         if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
-            raise ValueError(
+            raise InputError(
                 f"preprocess percentiles must satisfy 0 <= lower < upper <= 100, "
                 f"got {self.lower_percentile}, {self.upper_percentile}"
             )

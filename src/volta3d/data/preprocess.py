@@ -29,6 +29,7 @@ from volta3d.data import cache
 from volta3d.data.io import ScanError, ScanTooLarge, read_volume
 from volta3d.data.pipeline import PreprocessedScan, PreprocessSettings, preprocess_scan
 from volta3d.data.sources import ScanRecord, find_scans
+from volta3d.errors import InputError, InputFileNotFound
 from volta3d.runtime import get_logger
 
 MANIFEST = "manifest.csv"
@@ -60,9 +61,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got '{text}'") from None
+        raise InputError(f"--shard must look like i/n (e.g. 0/4), got '{text}'") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard i/n needs 0 <= i < n, got '{text}'")
+        raise InputError(f"--shard i/n needs 0 <= i < n, got '{text}'")
     return i, n
 
 
@@ -294,10 +295,10 @@ def _preprocess(
     else:
         scans = list(records_or_input)
         if not scans:
-            raise ValueError("no scans to preprocess (empty list)")
+            raise InputError("no scans to preprocess (empty list)")
     clash = sorted({k for s in scans for k in s.labels} & set(BASE_COLUMNS))
     if clash:
-        raise ValueError(f"label column '{clash[0]}' clashes with a manifest column; rename it in the input")
+        raise InputError(f"label column '{clash[0]}' clashes with a manifest column; rename it in the input")
     selected = [s for s in scans if shard is None or shard_of(s.source, shard[1]) == shard[0]]
     settings_hash = settings.output_hash()
     log.info(
@@ -371,10 +372,10 @@ def merge_shards(out_dir: str | Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     parts = sorted(out_dir.glob("manifest.shard-*-of-*.csv"))
     if not parts:
-        raise FileNotFoundError(f"no manifest.shard-*-of-*.csv parts in {out_dir}")
+        raise InputFileNotFound(f"no manifest.shard-*-of-*.csv parts in {out_dir}")
     counts = {int(p.stem.rsplit("-of-", 1)[1]) for p in parts}
     if len(counts) > 1:
-        raise ValueError(
+        raise InputError(
             f"{out_dir} holds shard parts of different splits (n = {sorted(counts)}); remove the stale ones"
         )
     n = counts.pop()
@@ -382,7 +383,7 @@ def merge_shards(out_dir: str | Path) -> tuple[Path, Path]:
     for i in range(n):
         m_name, r_name = _part_names((i, n))
         if not (out_dir / m_name).exists() or not (out_dir / r_name).exists():
-            raise FileNotFoundError(f"shard {i}/{n} has not finished: {out_dir / m_name} missing")
+            raise InputFileNotFound(f"shard {i}/{n} has not finished: {out_dir / m_name} missing")
         manifests.append(pd.read_csv(out_dir / m_name, dtype={"subject_id": str}, keep_default_na=False))
         rejected.append(pd.read_csv(out_dir / r_name, keep_default_na=False))
     manifest = pd.concat(manifests, ignore_index=True).sort_values("source", kind="stable")

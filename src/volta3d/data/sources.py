@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from volta3d.data.io import NIFTI_SUFFIXES, is_dicom_file, is_nifti
+from volta3d.errors import InputError, InputFileNotFound
 
 KINDS = ("auto", "nifti", "dicom", "bids", "csv")
 BIDS_T1 = re.compile(r"_T1w\.nii(\.gz)?$")
@@ -37,11 +38,11 @@ def detect_kind(input_path: str | Path) -> str:
     """``csv`` for a .csv/.tsv file; for a folder: ``bids`` (sub-*/anat), ``nifti``, or ``dicom``."""
     p = Path(input_path)
     if not p.exists():
-        raise FileNotFoundError(f"input not found: {p}")
+        raise InputFileNotFound(f"input not found: {p}")
     if p.is_file():
         if p.suffix.lower() in (".csv", ".tsv"):
             return "csv"
-        raise ValueError(f"input {p} is a file but not a .csv/.tsv manifest; give a folder or a manifest")
+        raise InputError(f"input {p} is a file but not a .csv/.tsv manifest; give a folder or a manifest")
     if (
         (p / "dataset_description.json").exists()
         or any(p.glob("sub-*/anat"))
@@ -52,7 +53,7 @@ def detect_kind(input_path: str | Path) -> str:
         return "nifti"
     if any(f.is_file() and is_dicom_file(f) for f in p.rglob("*")):
         return "dicom"
-    raise ValueError(f"no scans found in {p} (looked for .nii/.nii.gz files, DICOM series, BIDS sub-*/anat)")
+    raise InputError(f"no scans found in {p} (looked for .nii/.nii.gz files, DICOM series, BIDS sub-*/anat)")
 
 
 def find_scans(
@@ -64,16 +65,16 @@ def find_scans(
 ) -> list[ScanRecord]:
     """List the scans of ``input_path`` (sorted, deterministic). Raises on an unusable input."""
     if kind not in KINDS:
-        raise ValueError(f"unknown input kind '{kind}' (choose from {', '.join(KINDS)})")
+        raise InputError(f"unknown input kind '{kind}' (choose from {', '.join(KINDS)})")
     p = Path(input_path)
     if not p.exists():
-        raise FileNotFoundError(f"input not found: {p}")
+        raise InputFileNotFound(f"input not found: {p}")
     if kind == "auto":
         kind = detect_kind(p)
     if kind == "csv":
         scans = scans_from_csv(p, image_column, label_path_column, subject_column)
     elif not p.is_dir():
-        raise ValueError(f"input kind '{kind}' needs a folder, got the file {p}")
+        raise InputError(f"input kind '{kind}' needs a folder, got the file {p}")
     elif kind == "nifti":
         scans = scans_from_nifti_folder(p)
     elif kind == "dicom":
@@ -81,7 +82,7 @@ def find_scans(
     else:
         scans = scans_from_bids(p)
     if not scans:
-        raise ValueError(f"no scans found in {p} (input kind '{kind}')")
+        raise InputError(f"no scans found in {p} (input kind '{kind}')")
     return scans
 
 
@@ -141,7 +142,7 @@ def scans_from_bids(root: Path) -> list[ScanRecord]:
     if tsv.exists():
         table = read_table(tsv, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a", "N/A", ""])
         if "participant_id" not in table.columns:
-            raise ValueError(f"{tsv} has no 'participant_id' column")
+            raise InputError(f"{tsv} has no 'participant_id' column")
         table = table.astype(object).where(table.notna(), None)
         for row in table.to_dict("records"):
             pid = row.pop("participant_id")
@@ -178,7 +179,7 @@ def read_table(path: Path, **kwargs: Any) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, skip_blank_lines=False, **kwargs)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot parse {path}: {' '.join(str(err).split())}") from None
+        raise InputError(f"cannot parse {path}: {' '.join(str(err).split())}") from None
     table.index = table.index + 2
     return table.dropna(how="all")
 
@@ -190,7 +191,7 @@ def scans_from_csv(
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
     table = read_table(path, sep=sep, dtype={subject_column: str})  # ids such as 001 stay text
     if image_column not in table.columns:
-        raise ValueError(
+        raise InputError(
             f"manifest {path} has no '{image_column}' column (columns: {', '.join(map(str, table.columns))})"
         )
     base = path.resolve().parent

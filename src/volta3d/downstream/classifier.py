@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from monai.networks.nets.swin_unetr import SwinTransformer
 
+from volta3d.errors import InputError
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import build_from_export
 from volta3d.models.input_norm import standardise
@@ -32,7 +33,7 @@ class ViTClassifier(nn.Module):
     """``(B, C, D, H, W) -> (B, num_outputs)`` logits (or regression outputs)."""
 
     def __init__(
-        self, encoder: VolTAEncoder, summariser: CLSSummariser | None, num_outputs: int, pooling: str = "cls"
+        self, encoder: VolTAEncoder, summariser: CLSSummariser | None, num_outputs: int, *, pooling: str
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -63,7 +64,7 @@ class ViTClassifier(nn.Module):
             p.requires_grad_(mode == "full" and name not in unused)
         if mode == "partial":
             if not 0 < unfreeze_last <= len(self.encoder.blocks):
-                raise ValueError(
+                raise InputError(
                     f"unfreeze_last must be in 1..{len(self.encoder.blocks)} for mode 'partial' (got {unfreeze_last})"
                 )
             start = len(self.encoder.blocks) - unfreeze_last
@@ -80,12 +81,13 @@ class SwinClassifier(nn.Module):
     def __init__(
         self,
         num_outputs: int,
+        *,
+        feature_size: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        window_size: int,
+        patch_size: int,
         in_channels: int = 1,
-        feature_size: int = 24,
-        depths: Sequence[int] = (2, 2, 2, 2),
-        num_heads: Sequence[int] = (3, 6, 12, 24),
-        window_size: int = 7,
-        patch_size: int = 2,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -117,7 +119,7 @@ class SwinClassifier(nn.Module):
 
     def set_trainable(self, mode: str, unfreeze_last: int = 0) -> None:
         if mode != "full":
-            raise ValueError("the Swin baseline is trained from scratch: only mode 'full' applies")
+            raise InputError("the Swin baseline is trained from scratch: only mode 'full' applies")
 
 
 def swin_kwargs(*, feature_size: int, depths: Sequence[int], heads: Sequence[int], window: int,
@@ -134,23 +136,24 @@ def build_classifier(
     encoder: str | Path | None = None,
     encoder_kwargs: dict[str, Any] | None = None,
     summariser_kwargs: dict[str, Any] | None = None,
-    pooling: str = "cls",
-    img_size: int | None = None,
+    pooling: str,
+    img_size: int | None,
     swin_kwargs: dict[str, Any] | None = None,
-) -> nn.Module:
+) -> ViTClassifier | SwinClassifier:
     """``model``: ``vit`` (from the export at ``encoder``, or from scratch with ``encoder_kwargs``,
-    the ``model:`` config section) or ``swin`` (from scratch with ``swin_kwargs``).
-    ``img_size``: cube edge the classifier sees; the export's position embedding is resampled to it."""
+    the ``model:`` config section, and ``summariser_kwargs``) or ``swin`` (from scratch with
+    ``swin_kwargs``). ``pooling``, ``img_size``: the ``classify:`` section's; ``img_size`` is the cube
+    edge the classifier sees (None: the input's), the export's position embedding is resampled to it."""
     if model == "swin":
         if encoder is not None:
-            raise ValueError("--encoder applies to the ViT classifier; the Swin baseline is trained from scratch")
+            raise InputError("--encoder applies to the ViT classifier; the Swin baseline is trained from scratch")
         return SwinClassifier(num_outputs, **(swin_kwargs or {}))
     if model != "vit":
-        raise ValueError(f"unknown classifier model '{model}' (choose vit or swin)")
+        raise InputError(f"unknown classifier model '{model}' (choose vit or swin)")
     if encoder is not None:
         enc, summ = build_from_export(encoder, img_size=img_size)
         if pooling == "cls" and summ is None:
-            raise ValueError(f"encoder export {encoder} has no summariser; use classify.pooling=mean")
+            raise InputError(f"encoder export {encoder} has no summariser; use classify.pooling=mean")
     else:
         kwargs = dict(encoder_kwargs or {})
         if img_size is not None:

@@ -65,7 +65,7 @@ class Fold:
 FitFold = Callable[[Fold], dict[str, Any]]
 
 
-def plan_folds(splits: dict[str, Any], subjects: Sequence[str], *, seed: int,
+def plan_folds(splits: dict[str, Any], subjects: Sequence[str] | np.ndarray, *, seed: int,
                fractions: Sequence[float] | None = None, strata: np.ndarray | None = None) -> list[Fold]:
     """The work items of ``splits`` over manifest rows with these ``subjects``: one per fold (key
     ``fold<k>``) or, with ``fractions``, one per fold and nested stratified fraction of its training

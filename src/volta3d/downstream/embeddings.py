@@ -7,6 +7,7 @@ small grid. It is the floor a learned representation must clear to be worth its 
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from volta3d.data.dataset import VolumeDataset
+from volta3d.errors import InputError, InputFileNotFound
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.input_norm import standardise
 from volta3d.models.summariser import CLSSummariser
@@ -79,7 +81,7 @@ def raw_volume_features(images: torch.Tensor, grid: int = 16) -> torch.Tensor:
     if images.ndim != 5:
         raise ValueError(f"raw_volume_features expects (B, C, D, H, W) images, got shape {tuple(images.shape)}")
     if grid < 1:
-        raise ValueError(f"raw-volume grid must be a positive integer, got {grid}")
+        raise InputError(f"raw-volume grid must be a positive integer, got {grid}")
     x = standardise(images.float())
     return F.adaptive_avg_pool3d(x, grid).flatten(1).float()  # (B, C, grid, grid, grid) -> (B, C * grid^3)
 
@@ -103,7 +105,7 @@ def embedding_rows(embedded_paths: Sequence[str], wanted_paths: Sequence[str], s
     position = {str(p): i for i, p in enumerate(embedded_paths)}
     missing = [p for p in map(str, wanted_paths) if p not in position]
     if missing:
-        raise ValueError(f"{len(missing)} scans have no embedding in {source} (e.g. {missing[0]})")
+        raise InputError(f"{len(missing)} scans have no embedding in {source} (e.g. {missing[0]})")
     return np.asarray([position[str(p)] for p in wanted_paths])
 
 
@@ -120,11 +122,15 @@ def save_embeddings(path: str | Path, embeddings: dict[str, np.ndarray], meta: d
 def load_embeddings(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"embeddings file not found: {p}")
-    with np.load(p, allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
+        raise InputFileNotFound(f"embeddings file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # not an .npz, or a damaged one
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise InputError(f"cannot read embeddings file {p} (not an .npz from volta3d embed?): {reason}") from None
     if "subject_id" not in data or not any(k in data for k in FEATURES):
-        raise ValueError(f"{p} is not a volta3d embeddings file (needs subject_id and one of "
+        raise InputError(f"{p} is not a volta3d embeddings file (needs subject_id and one of "
                          f"{', '.join(FEATURES)} arrays)")
     meta = json.loads(str(data.pop("meta"))) if "meta" in data else {}
     return data, meta
@@ -179,7 +185,7 @@ def embed_folder(cfg: Any, data: str | Path, output: str | Path, *, encoder: str
         emb, meta = _encoder_embeddings(cfg, dataset, encoder, random_init, progress)
     bad = [k for k in meta["features"] if not np.isfinite(emb[k]).all()]
     if bad:  # a broken encoder must not leave NaN features for a probe to choke on later
-        raise ValueError(f"non-finite '{bad[0]}' embeddings from {encoder or 'the random-init encoder'} on {data}; "
+        raise InputError(f"non-finite '{bad[0]}' embeddings from {encoder or 'the random-init encoder'} on {data}; "
                          "the encoder weights hold NaN/Inf or the volumes do")
     meta = {**meta, "seed": cfg.seed, "data": str(data)}
     path = save_embeddings(output, emb, meta)

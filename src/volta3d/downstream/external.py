@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from volta3d.errors import InputError
+
 EXTERNAL_PREFIX = "external:"
 
 
@@ -41,7 +43,7 @@ def check_external_classes(targets: np.ndarray, subjects: pd.Series, classes: li
     """Every class of the external set must occur in training, and the set must keep some rows."""
     external = subjects.astype(str).str.startswith(EXTERNAL_PREFIX).to_numpy()
     if not external.any():
-        raise ValueError(f"external test set {test_dir} has no rows with a value for the label")
+        raise InputError(f"external test set {test_dir} has no rows with a value for the label")
     unseen = sorted(set(targets[external]) - set(targets[~external]))
     if unseen:
-        raise ValueError(f"external test set {test_dir} has class '{classes[unseen[0]]}' that --data lacks")
+        raise InputError(f"external test set {test_dir} has class '{classes[unseen[0]]}' that --data lacks")

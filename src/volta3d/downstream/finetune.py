@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from volta3d.config import save_config, to_kwargs
+from volta3d.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def classify(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any]
 
     c, log = to_kwargs(cfg.classify), get_logger()
     if run.label is None:
-        raise ValueError("finetune classify needs --label: the manifest column to predict")
+        raise InputError("finetune classify needs --label: the manifest column to predict")
     table, external = with_external(run, read_manifest(run.data))
     labels = prepare_labels(table, run.label, c["task"])
     if external is not None and run.test_data is not None and labels.kind != "regression":
@@ -135,10 +136,10 @@ def segment(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any],
     s = to_kwargs(cfg.segment)
     table, external = with_external(run, read_manifest(run.data))
     if "label_path" not in table.columns or table["label_path"].isna().any():
-        raise ValueError(f"manifest in {run.data} needs a 'label_path' (mask) for every scan to segment")
+        raise InputError(f"manifest in {run.data} needs a 'label_path' (mask) for every scan to segment")
     subjects = table["subject_id"].astype(str)
     if s["split"] not in ("holdout", "kfold"):
-        raise ValueError(f"segment.split must be holdout or kfold (got '{s['split']}')")
+        raise InputError(f"segment.split must be holdout or kfold (got '{s['split']}')")
     splits = run_splits(run, lambda: external or (
         make_holdout_split(subjects, None, fraction=s["holdout_fraction"], seed=cfg.seed) if s["split"] == "holdout"
         else make_kfold_splits(subjects, None, n_splits=s["n_splits"], seed=cfg.seed)
@@ -183,7 +184,7 @@ def with_external(run: FinetuneInputs, table: Any) -> tuple[Any, dict | None]:
     if not run.test_data:
         return table, None
     if run.splits:
-        raise ValueError("--test-data fixes the split (train on --data, test on it); drop --splits")
+        raise InputError("--test-data fixes the split (train on --data, test on it); drop --splits")
     from volta3d.data.dataset import read_manifest
     from volta3d.downstream.external import combine_external
 
@@ -195,7 +196,7 @@ def like_meta(run: FinetuneInputs) -> dict[str, Any] | None:
     if not run.like:
         return None
     if run.encoder:
-        raise ValueError("--like builds a scratch baseline; it cannot be combined with --encoder")
+        raise InputError("--like builds a scratch baseline; it cannot be combined with --encoder")
     from volta3d.models.export import read_encoder_export
 
     return read_encoder_export(run.like)[1]

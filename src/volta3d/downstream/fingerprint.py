@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from volta3d.config import to_kwargs
+from volta3d.errors import InputError
 from volta3d.runtime import atomic_write, file_sha256, flatten_dict
 
 FINGERPRINT_NAME = "fingerprint.json"
@@ -54,10 +55,10 @@ def check_fingerprint(out: Path, now: dict[str, Any]) -> None:
         changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
         if changed and folds.is_dir() and any(folds.glob("*.json")):
             k = changed[0]
-            raise ValueError(f"{out} holds folds made with {k}={then.get(k)!r}, but this run has {now.get(k)!r}; "
+            raise InputError(f"{out} holds folds made with {k}={then.get(k)!r}, but this run has {now.get(k)!r}; "
                              "use a new --output folder (or delete its folds/ to redo them)")  # fmt: skip
     elif folds.is_dir() and any(folds.glob("*.json")):
-        raise ValueError(f"{out} holds folds from a run that recorded no {FINGERPRINT_NAME}: nothing says what "
+        raise InputError(f"{out} holds folds from a run that recorded no {FINGERPRINT_NAME}: nothing says what "
                          "produced them; use a new --output folder")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write((json.dumps(now, indent=1, sort_keys=True, default=str) + "\n").encode()))

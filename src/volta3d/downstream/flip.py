@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from monai.transforms import Flipd, MapLabelValued, MapTransform, RandomizableTransform
 
+from volta3d.errors import InputError
+
 FIELD = "segment.flip_label_pairs"
 
 
@@ -23,12 +25,12 @@ def check_label_pairs(pairs: Sequence[Sequence[int]] | None, num_classes: int) -
     seen: set[int] = set()
     for pair in pairs or []:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-            raise ValueError(f"{FIELD}: each entry must be a pair of integer labels [a, b] (got {pair!r})")
+            raise InputError(f"{FIELD}: each entry must be a pair of integer labels [a, b] (got {pair!r})")
         a, b = pair
         if a == b or not (0 < a < num_classes and 0 < b < num_classes):
-            raise ValueError(f"{FIELD}: pair {[a, b]} must name two different labels in 1..{num_classes - 1}")
+            raise InputError(f"{FIELD}: pair {[a, b]} must name two different labels in 1..{num_classes - 1}")
         if {a, b} & seen:
-            raise ValueError(f"{FIELD}: label {sorted({a, b} & seen)[0]} appears in more than one pair")
+            raise InputError(f"{FIELD}: label {sorted({a, b} & seen)[0]} appears in more than one pair")
         seen |= {a, b}
         out.append((a, b))
     return out

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from volta3d.errors import InputError
 from volta3d.evaluation.splits import regression_strata
 
 TASKS = ("auto", "classification", "regression")
@@ -45,14 +46,14 @@ def _is_missing(v: Any) -> bool:
 def prepare_labels(table: pd.DataFrame, column: str, task: str = "auto") -> LabelSet:
     """Validate ``column`` and encode it. Errors name the column and the problem."""
     if task not in TASKS:
-        raise ValueError(f"classify.task must be one of {TASKS} (got '{task}')")
+        raise InputError(f"classify.task must be one of {TASKS} (got '{task}')")
     if column not in table.columns:
-        raise ValueError(f"label column '{column}' is not in the manifest (columns: {', '.join(map(str, table.columns))})")
+        raise InputError(f"label column '{column}' is not in the manifest (columns: {', '.join(map(str, table.columns))})")
     keep = ~table[column].map(_is_missing)
     kept = table[keep].reset_index(drop=True)
     dropped = int((~keep).sum())
     if kept.empty:
-        raise ValueError(f"label column '{column}' has no values")
+        raise InputError(f"label column '{column}' has no values")
     values = kept[column]
     numeric = pd.to_numeric(values, errors="coerce")
     is_numeric = bool(numeric.notna().all())
@@ -61,13 +62,13 @@ def prepare_labels(table: pd.DataFrame, column: str, task: str = "auto") -> Labe
     if task == "regression":
         if not is_numeric:
             bad = values[numeric.isna()].iloc[0]
-            raise ValueError(f"label column '{column}' is not numeric (value '{bad}'); cannot regress it")
+            raise InputError(f"label column '{column}' is not numeric (value '{bad}'); cannot regress it")
         return LabelSet(kept, column, "regression", numeric.to_numpy(np.float64), [], dropped)
     # string labels and numeric codes alike: classes in sorted order (numeric codes numerically)
     raw = numeric if is_numeric else values.astype(str).str.strip()
     classes = sorted(raw.unique().tolist())
     if len(classes) < 2:
-        raise ValueError(f"label column '{column}' has only one class ({classes[0]!r}); nothing to classify")
+        raise InputError(f"label column '{column}' has only one class ({classes[0]!r}); nothing to classify")
     index = {c: i for i, c in enumerate(classes)}
     targets = np.asarray([index[v] for v in raw], dtype=np.int64)
     classes = [c.item() if isinstance(c, np.generic) else c for c in classes]

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from volta3d.errors import InputError
 from volta3d.runtime import get_logger
 
 
@@ -23,7 +24,7 @@ def train_model(
     *,
     epochs: int,
     lr: float,
-    weight_decay: float = 1e-5,
+    weight_decay: float,
     validate: Callable[[nn.Module], float] | None = None,
     val_every: int = 1,
     grad_clip: float = 0.0,
@@ -85,7 +86,7 @@ def _train_epoch(model: nn.Module, loader: Iterable[dict[str, Any]],
     for batch in loader:
         loss = batch_loss(model, batch)
         if not torch.isfinite(loss):
-            raise ValueError(
+            raise InputError(
                 f"{prefix}non-finite loss ({float(loss)}) at epoch {epoch}, batch {batches + 1}; check the input "
                 f"volumes for NaN/Inf or lower the learning rate (now {lr})"
             )

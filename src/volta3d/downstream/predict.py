@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from volta3d.data.io import ScanError, is_nifti, read_volume
 from volta3d.data.pipeline import PreprocessSettings, build_transform, preprocess_scan
 from volta3d.data.sources import ScanRecord, find_scans
+from volta3d.errors import InputError
 from volta3d.runtime import get_logger
 
 REJECTED_COLUMNS = ["source", "reason"]
@@ -129,16 +130,17 @@ def predict_scans(models: list[tuple[nn.Module, dict]], inputs: Sequence[str | P
     out.mkdir(parents=True, exist_ok=True)
     meta0 = models[0][1]
     if not meta0.get("preprocessing"):
-        raise ValueError(f"saved model {meta0['key']} records no preprocessing settings (its --data folder had no "
+        raise InputError(f"saved model {meta0['key']} records no preprocessing settings (its --data folder had no "
                          "config.yaml from `volta3d preprocess`); cannot prepare raw scans for it")
     unknown = sorted(set(meta0["preprocessing"]) - {f.name for f in fields(PreprocessSettings)})
     if unknown:
-        raise ValueError(f"saved model {meta0['key']} has preprocessing setting '{unknown[0]}' unknown to this volta3d")
+        raise InputError(f"saved model {meta0['key']} has preprocessing setting '{unknown[0]}' unknown to this volta3d")
     settings = PreprocessSettings(**meta0["preprocessing"])
     thresholds = [m.get("youden_threshold") for _, m in models]
-    threshold = float(np.mean(thresholds)) if thresholds and None not in thresholds else None
+    known = [float(t) for t in thresholds if t is not None]
+    threshold = float(np.mean(known)) if known and len(known) == len(thresholds) else None
     scans, rejected = collect_scans(inputs)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for scan in tqdm(scans, desc="predict", unit="scan", disable=not progress):
         try:
             data, transform, meta = preprocess_for_model(scan, settings)

@@ -18,12 +18,13 @@ from sklearn.preprocessing import StandardScaler
 from volta3d.downstream.cv import Fold, label_results, plan_folds, run_folds
 from volta3d.downstream.labels import LabelSet
 from volta3d.downstream.scoring import fold_metrics, prediction_rows
+from volta3d.errors import InputError
 
 
-def make_probe(name: str, kind: str, *, logreg_c: float = 1.0, knn_k: int = 20, ridge_alpha: float = 1.0,
-               n_train: int, seed: int = 0):
+def make_probe(name: str, kind: str, *, logreg_c: float, knn_k: int, ridge_alpha: float, n_train: int, seed: int):
     """A scikit-learn estimator. ``linear``: logistic / ridge regression on standardised features;
-    ``knn``: cosine k-nearest neighbours, uniform vote (k capped at the training size)."""
+    ``knn``: cosine k-nearest neighbours, uniform vote (k capped at the training size). ``logreg_c``,
+    ``knn_k``, ``ridge_alpha``: the ``probe:`` config section's."""
     k = max(1, min(knn_k, n_train))
     if name == "linear":
         est = Ridge(alpha=ridge_alpha) if kind == "regression" else LogisticRegression(C=logreg_c, max_iter=5000, random_state=seed)
@@ -31,7 +32,7 @@ def make_probe(name: str, kind: str, *, logreg_c: float = 1.0, knn_k: int = 20, 
     if name == "knn":
         cls = KNeighborsRegressor if kind == "regression" else KNeighborsClassifier
         return cls(n_neighbors=k, metric="cosine", weights="uniform")
-    raise ValueError(f"unknown probe '{name}' (choose linear or knn)")
+    raise InputError(f"unknown probe '{name}' (choose linear or knn)")
 
 
 def _outputs(est, kind: str, x: np.ndarray, num_classes: int) -> np.ndarray:
@@ -43,15 +44,17 @@ def _outputs(est, kind: str, x: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def run_probe(features: np.ndarray, labels: LabelSet, splits: dict[str, Any], probe: str, *,
-              feature_name: str, encoder: str | None, seed: int = 0, config: dict | None = None,
-              fractions: Sequence[float] = (1.0,), **probe_kwargs: Any) -> tuple[dict[str, Any], pd.DataFrame]:
+              feature_name: str, encoder: str | None, seed: int, fractions: Sequence[float], logreg_c: float,
+              knn_k: int, ridge_alpha: float, config: dict | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
     """Fit ``probe`` on each fold's training rows of ``features`` (N, E), aligned to ``labels.table``,
     or on the same nested, stratified fractions of them that fine-tuning uses (reduced-data curve);
-    return the results dictionary and predictions."""
+    return the results dictionary and predictions. ``seed`` is the config's, ``fractions`` and the
+    probe settings the ``probe:`` section's."""
 
     def fit_fold(fold: Fold) -> dict[str, Any]:
         train, test = fold.train, fold.test
-        est = make_probe(probe, labels.kind, n_train=len(train), seed=seed, **probe_kwargs)
+        est = make_probe(probe, labels.kind, logreg_c=logreg_c, knn_k=knn_k, ridge_alpha=ridge_alpha,
+                         n_train=len(train), seed=seed)
         est.fit(features[train], labels.targets[train])
         s_test = _outputs(est, labels.kind, features[test], labels.num_outputs)
         s_train = _outputs(est, labels.kind, features[train], labels.num_outputs)
@@ -81,7 +84,7 @@ def _probe_inputs(cfg: Any, embeddings: str | Path, data: str | Path, label: str
     emb, meta = load_embeddings(embeddings)
     bad = [k for k in ("cls", "mean", "tokens", "raw") if k in emb and not np.isfinite(emb[k]).all()]
     if bad:
-        raise ValueError(f"{embeddings} holds non-finite '{bad[0]}' features (NaN/Inf); re-embed with a finite encoder")
+        raise InputError(f"{embeddings} holds non-finite '{bad[0]}' features (NaN/Inf); re-embed with a finite encoder")
     labels = prepare_labels(read_manifest(data), label, cfg.classify.task)
     rows = embedding_rows(emb["path"].tolist(), labels.table["path"].tolist(), f"{embeddings} ({data})")
     splits = load_splits(splits_file) if splits_file else make_kfold_splits(

@@ -17,6 +17,7 @@ import torch.nn as nn
 import yaml
 from safetensors.torch import load_model, save_model
 
+from volta3d.errors import InputError, InputFileNotFound
 from volta3d.evaluation.results import write_json
 
 MODELS_DIR = "models"
@@ -48,10 +49,13 @@ def save_fold_model(run_dir: str | Path, key: str, net: nn.Module, meta: dict[st
 def read_model_meta(folder: Path) -> dict[str, Any]:
     path = folder / MODEL_META
     if not path.is_file() or not (folder / MODEL_WEIGHTS).is_file():
-        raise FileNotFoundError(f"saved model incomplete: {path} or {folder / MODEL_WEIGHTS} missing")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != MODEL_FORMAT or meta.get("format_version") != MODEL_FORMAT_VERSION:
-        raise ValueError(f"{path} is not a {MODEL_FORMAT} v{MODEL_FORMAT_VERSION} record")
+        raise InputFileNotFound(f"saved model incomplete: {path} or {folder / MODEL_WEIGHTS} missing")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON: {err.msg}") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT or meta.get("format_version") != MODEL_FORMAT_VERSION:
+        raise InputError(f"{path} is not a {MODEL_FORMAT} v{MODEL_FORMAT_VERSION} record")
     return meta
 
 
@@ -75,19 +79,19 @@ def load_fold_models(run_dir: str | Path, folds: list[int] | None = None) -> lis
     root = Path(run_dir) / MODELS_DIR
     folders = sorted(p for p in root.glob("*") if (p / MODEL_META).is_file()) if root.is_dir() else []
     if not folders:
-        raise FileNotFoundError(f"no saved fold models in {root} (run `volta3d finetune` with this version first)")
+        raise InputFileNotFound(f"no saved fold models in {root} (run `volta3d finetune` with this version first)")
     metas = [(f, read_model_meta(f)) for f in folders]
     top = max(m.get("fraction", 1.0) for _, m in metas)
     metas = [(f, m) for f, m in metas if m.get("fraction", 1.0) == top and (folds is None or m["fold"] in folds)]
     if not metas:
-        raise ValueError(f"{root} holds no saved model for fold(s) {folds}")
+        raise InputError(f"{root} holds no saved model for fold(s) {folds}")
     out = []
     for folder, meta in metas:
         net = build_saved(meta)
         try:
             load_model(net, str(folder / MODEL_WEIGHTS), strict=True)
         except (RuntimeError, OSError) as err:
-            raise ValueError(f"{folder / MODEL_WEIGHTS} does not fit {folder / MODEL_META}: "
+            raise InputError(f"{folder / MODEL_WEIGHTS} does not fit {folder / MODEL_META}: "
                              f"{str(err).splitlines()[0]}") from None
         out.append((net.eval(), meta))
     return out

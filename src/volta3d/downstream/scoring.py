@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from volta3d.downstream.labels import LabelSet
+from volta3d.errors import InputError
 from volta3d.evaluation.metrics import binary_metrics, multiclass_metrics, regression_metrics
 
 
@@ -28,10 +29,10 @@ def positive_index(labels: LabelSet, positive_class: Any | None) -> int:
     if positive_class is None:
         return 1
     if labels.kind != "binary":
-        raise ValueError(f"classify.positive_class applies to binary labels; '{labels.column}' is {labels.kind}")
+        raise InputError(f"classify.positive_class applies to binary labels; '{labels.column}' is {labels.kind}")
     names = [str(c) for c in labels.classes]
     if str(positive_class) not in names:
-        raise ValueError(f"classify.positive_class '{positive_class}' is not a class of '{labels.column}' "
+        raise InputError(f"classify.positive_class '{positive_class}' is not a class of '{labels.column}' "
                          f"(classes: {', '.join(names)})")
     return names.index(str(positive_class))
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch.nn as nn
 from monai.networks.nets import UNETR, UNet
 
+from volta3d.errors import InputError
 from volta3d.models.export import (
     EncoderLoadError,
     encoder_kwargs_from_meta,
@@ -63,7 +64,7 @@ def build_unetr(
         hidden_size, mlp_dim, num_heads, qkv_bias = arch["hidden_size"], arch["mlp_dim"], arch["num_heads"], arch["qkv_bias"]
         input_norm = arch["input_norm"]
     if img_size % UNETR_PATCH:
-        raise ValueError(f"UNETR crop size must be a multiple of {UNETR_PATCH} (got {img_size})")
+        raise InputError(f"UNETR crop size must be a multiple of {UNETR_PATCH} (got {img_size})")
     model = (ZScoreUNETR if input_norm == "zscore" else UNETR)(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -118,6 +119,6 @@ def build_segmenter(
         return build_unetr(in_channels, out_channels, img_size, encoder=encoder, **(unetr_kwargs or {}))
     if model == "unet":
         if encoder is not None:
-            raise ValueError("--encoder applies to UNETR; the 3D U-Net baseline is trained from scratch")
+            raise InputError("--encoder applies to UNETR; the 3D U-Net baseline is trained from scratch")
         return build_unet(in_channels, out_channels, **(unet_kwargs or {}))
-    raise ValueError(f"unknown segmentation model '{model}' (choose unetr or unet)")
+    raise InputError(f"unknown segmentation model '{model}' (choose unetr or unet)")

@@ -24,13 +24,14 @@ from monai.transforms import Compose, RandFlipd, Resized
 from torch.utils.data import DataLoader, Subset
 
 from volta3d.data.dataset import VolumeDataset
-from volta3d.downstream.classifier import MODES, ViTClassifier, build_classifier, swin_kwargs
+from volta3d.downstream.classifier import MODES, SwinClassifier, ViTClassifier, build_classifier, swin_kwargs
 from volta3d.downstream.cv import Fold, label_results, plan_folds, run_folds
 from volta3d.downstream.external import test_record
 from volta3d.downstream.labels import LabelSet
 from volta3d.downstream.loop import train_model
 from volta3d.downstream.saved import save_fold_model
 from volta3d.downstream.scoring import fold_metrics, positive_index, prediction_rows
+from volta3d.errors import InputError
 from volta3d.evaluation.splits import make_holdout_split
 from volta3d.runtime import get_logger
 
@@ -78,10 +79,10 @@ def threshold_split(labels: LabelSet, rows: np.ndarray, fraction: float, seed: i
         return rows, rows[:0]
     subjects = labels.table["subject_id"].astype(str).to_numpy()
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"classify.youden_val_fraction must be in (0, 1) (got {fraction})")
+        raise InputError(f"classify.youden_val_fraction must be in (0, 1) (got {fraction})")
     per_class = pd.Series(subjects[rows]).groupby(labels.targets[rows]).nunique()
     if len(per_class) < 2 or per_class.min() < 2:
-        raise ValueError(f"the Youden validation split needs 2 subjects of each class among {len(rows)} training "
+        raise InputError(f"the Youden validation split needs 2 subjects of each class among {len(rows)} training "
                          "scans; use more data or fewer folds")
     # stratification needs a subject of each class in every inner fold: at most min-class-count folds
     fraction = max(fraction, 1.0 / int(per_class.min()))
@@ -99,7 +100,8 @@ def model_architecture(net: nn.Module, model: str, pooling: str) -> dict[str, An
     return {"model": model, **getattr(net, "architecture", {})}
 
 
-def classifier_build(net: nn.Module, labels: LabelSet, model: str, pooling: str, img_size: int | None) -> dict:
+def classifier_build(net: ViTClassifier | SwinClassifier, labels: LabelSet, model: str, pooling: str,
+                     img_size: int | None) -> dict:
     """What ``build_classifier`` needs to rebuild ``net`` without its encoder export."""
     if isinstance(net, ViTClassifier):
         summ = net.summariser.architecture if net.summariser is not None else None
@@ -111,8 +113,8 @@ def classifier_build(net: nn.Module, labels: LabelSet, model: str, pooling: str,
             "pooling": pooling, "img_size": img_size, "swin_kwargs": dict(net.architecture)}
 
 
-def save_classifier(out_dir: str | Path, key: str, net: nn.Module, payload: dict[str, Any], labels: LabelSet,
-                    setup: dict[str, Any], preprocessing: dict[str, Any] | None) -> None:
+def save_classifier(out_dir: str | Path, key: str, net: ViTClassifier | SwinClassifier, payload: dict[str, Any],
+                    labels: LabelSet, setup: dict[str, Any], preprocessing: dict[str, Any] | None) -> None:
     """The fold's model and everything ``volta3d predict`` needs to apply it to new scans."""
     positive = setup["positive"]
     save_fold_model(out_dir, key, net, {
@@ -129,7 +131,7 @@ def effective_mode(mode: str, encoder: str | Path | None) -> str:
     """Frozen / partial transfer applies to a pretrained encoder; a scratch baseline always trains
     fully (a frozen random encoder is no baseline)."""
     if mode not in MODES:
-        raise ValueError(f"classify.mode must be one of {MODES} (got '{mode}')")
+        raise InputError(f"classify.mode must be one of {MODES} (got '{mode}')")
     return mode if encoder is not None else "full"
 
 
@@ -170,7 +172,7 @@ def _setup(labels: LabelSet, section: Mapping[str, Any], *, encoder: str | Path 
            device: str | torch.device, progress: bool) -> dict[str, Any]:
     """What every fold needs, checked before any fold runs (a bad loss or class name fails at once)."""
     if section["regression_loss"] not in REGRESSION_LOSSES:
-        raise ValueError(f"classify.regression_loss must be one of {sorted(REGRESSION_LOSSES)} "
+        raise InputError(f"classify.regression_loss must be one of {sorted(REGRESSION_LOSSES)} "
                          f"(got '{section['regression_loss']}')")
     positive = positive_index(labels, section["positive_class"])
     train_mode = effective_mode(section["mode"], encoder)
@@ -187,7 +189,7 @@ def _setup(labels: LabelSet, section: Mapping[str, Any], *, encoder: str | Path 
 def _fold_rows(labels: LabelSet, fold: Fold, youden_val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """``(fit_rows, threshold_rows)`` of the fold's training side; a one-class training side is an error."""
     if labels.kind != "regression" and len(np.unique(labels.targets[fold.train])) < 2:
-        raise ValueError(f"fold {fold.index} at fraction {fold.fraction} has one class in training; "
+        raise InputError(f"fold {fold.index} at fraction {fold.fraction} has one class in training; "
                          "use more data or fewer folds")
     return threshold_split(labels, fold.train, youden_val_fraction, fold.seed)
 
@@ -208,7 +210,7 @@ def _results_extra(labels: LabelSet, setup: dict[str, Any], youden_val_fraction:
 
 def _build(labels: LabelSet, *, model: str, encoder: str | Path | None, encoder_kwargs: dict[str, Any] | None,
            summariser_kwargs: dict[str, Any] | None, swin_kwargs: dict[str, Any] | None, pooling: str,
-           img_size: int | None, **_: Any) -> nn.Module:
+           img_size: int | None, **_: Any) -> ViTClassifier | SwinClassifier:
     """A fresh classifier for one fold (``setup`` carries more keys than the builder takes)."""
     return build_classifier(model, labels.num_outputs, encoder=encoder, encoder_kwargs=encoder_kwargs,
                             summariser_kwargs=summariser_kwargs, pooling=pooling, img_size=img_size,
@@ -248,7 +250,7 @@ def _fit(net: nn.Module, labels: LabelSet, key: str, fit_rows: np.ndarray, train
 
 
 def train_fold(labels: LabelSet, fold: Fold, fit_rows: np.ndarray, thr_rows: np.ndarray,
-               setup: dict[str, Any]) -> tuple[dict[str, Any], nn.Module]:
+               setup: dict[str, Any]) -> tuple[dict[str, Any], ViTClassifier | SwinClassifier]:
     """Train one fold's model on ``fit_rows``, fit the threshold on ``thr_rows``, score the fold's test
     rows; return the fold payload and the trained network."""
     log, kind, k, frac = get_logger(), labels.kind, fold.index, fold.fraction

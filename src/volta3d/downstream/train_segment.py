@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ import torch.nn as nn
 from monai.data import list_data_collate
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
 from monai.transforms import Compose, Lambdad, RandCropByPosNegLabeld, SpatialPadd
 from torch.utils.data import DataLoader, Subset
 
@@ -36,6 +37,7 @@ from volta3d.downstream.flip import RandLeftRightFlipd, check_label_pairs
 from volta3d.downstream.loop import train_model
 from volta3d.downstream.saved import save_fold_model
 from volta3d.downstream.segmenter import UNETR_LAYERS, UNETR_PATCH, build_segmenter
+from volta3d.errors import InputError
 from volta3d.evaluation.metrics import segmentation_metrics
 from volta3d.evaluation.splits import make_holdout_split
 from volta3d.models.export import encoder_kwargs_from_meta, read_encoder_export
@@ -54,22 +56,23 @@ def check_mask_classes(label_paths: Sequence[str], num_classes: int | None) -> i
     for p in label_paths:
         values = np.unique(np.load(p))
         if values.min() < 0:
-            raise ValueError(f"mask {p} has negative label {int(values.min())}")
+            raise InputError(f"mask {p} has negative label {int(values.min())}")
         if num_classes is not None and values.max() >= num_classes:
-            raise ValueError(
+            raise InputError(
                 f"mask {p} has label {int(values.max())} but segment.num_classes={num_classes} (labels 0..{num_classes - 1})"
             )
         highest = max(highest, int(values.max()))
     if num_classes is None:
         num_classes = highest + 1
     if num_classes < 2:
-        raise ValueError("the masks hold no foreground label (only 0); nothing to segment")
+        raise InputError("the masks hold no foreground label (only 0); nothing to segment")
     return num_classes
 
 
 def _infer(model: nn.Module, image: torch.Tensor, crop: int, sw_batch_size: int, overlap: float) -> torch.Tensor:
     """Whole-volume labels by sliding-window inference: (1, C, D, H, W) -> (1, 1, D, H, W)."""
-    logits = sliding_window_inference(image, (crop,) * 3, sw_batch_size, model, overlap=overlap)
+    # declared Tensor | tuple | dict (for models with several outputs); a segmenter returns one tensor
+    logits = cast(torch.Tensor, sliding_window_inference(image, (crop,) * 3, sw_batch_size, model, overlap=overlap))
     return logits.argmax(1, keepdim=True)
 
 
@@ -100,8 +103,9 @@ def segmenter_architecture(net: nn.Module, model: str, encoder: str | Path | Non
                            unetr_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """The sizes that must agree for two segmenters to be a fair comparison."""
     if model == "unet":
-        return {"model": "unet", "channels": list(net.channels), "strides": list(net.strides),
-                "num_res_units": int(net.num_res_units), "out_channels": num_classes}
+        unet = cast(UNet, net)
+        return {"model": "unet", "channels": list(unet.channels), "strides": list(unet.strides),
+                "num_res_units": int(unet.num_res_units), "out_channels": num_classes}
     arch = effective_unetr_kwargs(encoder, unetr_kwargs)
     return {"model": "unetr", **arch, "patch_size": UNETR_PATCH, "num_layers": UNETR_LAYERS,
             "img_size": crop_size, "out_channels": num_classes}
@@ -124,7 +128,7 @@ def scan_spacings(table: pd.DataFrame, explicit: Sequence[float] | None) -> np.n
     fallback = tuple(float(v) for v in explicit) if explicit is not None else (1.0, 1.0, 1.0)
     for path, spacing in zip(table["path"], found, strict=True):
         if explicit is not None and spacing is not None and not np.allclose(spacing, fallback, rtol=1e-3):
-            raise ValueError(f"segment.spacing={list(fallback)} disagrees with the preprocessed spacing "
+            raise InputError(f"segment.spacing={list(fallback)} disagrees with the preprocessed spacing "
                              f"{[round(v, 4) for v in spacing]} of {path}; drop segment.spacing (it is read "
                              "from the preprocessing records)")
     missing = sum(s is None for s in found)
@@ -157,10 +161,12 @@ class SegmentRun:
     def model_name(self) -> str:
         return f"{self.section['model']}-{'pretrained' if self.encoder else 'scratch'}"
 
-    def evaluate(self, model: nn.Module, rows: Sequence[int], save_as: dict[int, Path] | None = None) -> list[dict]:
+    def evaluate(self, model: nn.Module, rows: Sequence[int] | np.ndarray, save_as: dict[int, Path] | None = None) -> list[dict]:
         """Per-subject Dice / HD95 for ``rows``; ``save_as`` maps a row to the .npy file for its prediction."""
         s = self.section
-        dataset = VolumeDataset(self.table, with_mask=True, transform=Lambdad("mask", _with_channel))
+        # MONAI types a dictionary transform's input as Mapping[Hashable, ...], which a str-keyed dict does not match
+        dataset = VolumeDataset(self.table, with_mask=True,
+                                transform=Lambdad("mask", _with_channel))  # type: ignore[arg-type]
         model.eval()
         out = []
         with torch.no_grad():

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from volta3d.errors import InputError
 from volta3d.runtime import atomic_write
 
 CHECKPOINT_FORMAT = "volta3d-pretrain-checkpoint"
@@ -49,11 +50,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(_refusal_reason(path, err)) from None
+        raise InputError(_refusal_reason(path, err)) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a volta3d pretraining checkpoint")
+        raise InputError(f"{path} is not a volta3d pretraining checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path} has checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}"
         )
     return state

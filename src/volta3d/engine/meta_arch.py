@@ -16,6 +16,7 @@ from torch import nn
 from volta3d.engine.distributed import all_reduce_sum
 from volta3d.engine.ema import ema_update
 from volta3d.engine.health import cross_volume_cosine, entropy_stats
+from volta3d.errors import InputError
 from volta3d.losses import (
     Center,
     GlobalDistillationLoss,
@@ -118,13 +119,13 @@ class VolTA3D(nn.Module):
     ) -> None:
         super().__init__()
         if centering not in CENTERINGS:
-            raise ValueError(f"loss.centering must be one of {', '.join(CENTERINGS)}, got '{centering}'")
+            raise InputError(f"loss.centering must be one of {', '.join(CENTERINGS)}, got '{centering}'")
         if koleo_weight < 0:
-            raise ValueError(f"loss.koleo_weight must be >= 0, got {koleo_weight}")
+            raise InputError(f"loss.koleo_weight must be >= 0, got {koleo_weight}")
         if local_tokens not in ("all", "masked"):
-            raise ValueError(f"loss.local_tokens must be 'all' or 'masked', got '{local_tokens}'")
+            raise InputError(f"loss.local_tokens must be 'all' or 'masked', got '{local_tokens}'")
         if global_weight <= 0 and local_weight <= 0 and rec_weight <= 0:
-            raise ValueError("every loss weight is 0 (loss.global_weight, loss.local_weight, loss.rec_weight)")
+            raise InputError("every loss weight is 0 (loss.global_weight, loss.local_weight, loss.rec_weight)")
         self.student = student
         self.teacher = copy.deepcopy(student)  # DINO: the teacher starts equal to the student
         self.teacher.requires_grad_(False)

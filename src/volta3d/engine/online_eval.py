@@ -25,6 +25,7 @@ from volta3d.downstream.embeddings import embedding_rows, extract_embeddings, ex
 from volta3d.downstream.labels import LabelSet, prepare_labels
 from volta3d.downstream.probes import run_probe
 from volta3d.engine.meta_arch import Student
+from volta3d.errors import InputError
 from volta3d.evaluation.pretrain_health import ONLINE_EVAL_NAME
 from volta3d.evaluation.splits import load_splits, make_kfold_splits, save_splits
 from volta3d.models.encoder import VolTAEncoder
@@ -44,21 +45,21 @@ class ProbeTask:
 
 
 class OnlineProbe:
-    """Builds the labelled set and its folds once; ``evaluate`` returns long-format metric rows."""
+    """Builds the labelled set and its folds once; ``evaluate`` returns long-format metric rows. The
+    keyword arguments are the ``eval:`` and ``probe:`` config values (``online_evaluation`` passes them)."""
 
     def __init__(
-        self, data: str | Path, labels: Sequence[str], splits_dir: Path, *, n_splits: int = 5, raw_grid: int = 16,
-        max_volumes: int = 0, seed: int = 0, batch_size: int = 4, probe_kwargs: Mapping[str, Any] | None = None,
-        features: Sequence[str] = ("cls", "mean"),
+        self, data: str | Path, labels: Sequence[str], splits_dir: Path, *, n_splits: int, raw_grid: int,
+        max_volumes: int, seed: int, batch_size: int, probe_kwargs: Mapping[str, Any], features: Sequence[str],
     ) -> None:  # fmt: skip
         if not labels:
-            raise ValueError("eval.labels is empty: name at least one manifest column to probe (--eval-label)")
+            raise InputError("eval.labels is empty: name at least one manifest column to probe (--eval-label)")
         table = read_manifest(data)
         if max_volumes > 0:
             table = table.head(max_volumes)
         self.dataset = VolumeDataset(table.reset_index(drop=True))
         self.batch_size, self.raw_grid, self.seed = batch_size, raw_grid, seed
-        self.probe_kwargs = dict(probe_kwargs or {})
+        self.probe_kwargs = dict(probe_kwargs)
         self.features = [f for f in features if f in ("cls", "mean", "tokens")]
         self.tasks = {name: self._task(name, splits_dir, n_splits) for name in labels}
 
@@ -95,8 +96,10 @@ class OnlineProbe:
         for label, task in self.tasks.items():
             for feature, values in features.items():
                 for probe in PROBES:
+                    # each fold's whole training side (no reduced-data curve online)
                     results, _ = run_probe(values[task.rows], task.labels, task.splits, probe, feature_name=feature,
-                                           encoder=None, seed=self.seed, **self.probe_kwargs)  # fmt: skip
+                                           encoder=None, seed=self.seed, fractions=(1.0,),
+                                           **self.probe_kwargs)  # fmt: skip
                     metric = results["primary_metric"]
                     out.append({"step": step, "label": label, "source": source, "feature": feature, "probe": probe,
                                 "metric": metric, "value": results["aggregate"][metric]["mean"]})  # fmt: skip

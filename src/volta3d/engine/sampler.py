@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from volta3d.errors import InputError
+
 
 class ResumableSampler(Sampler[int]):
     """Index sampler for pretraining that yields this rank's share of each whole global batch, in an
@@ -35,7 +37,7 @@ class ResumableSampler(Sampler[int]):
     ) -> None:
         global_batch = batch_size * world_size
         if dataset_size < global_batch:
-            raise ValueError(
+            raise InputError(
                 f"the dataset has {dataset_size} volumes, fewer than one global batch "
                 f"(optim.batch_size={batch_size} x {world_size} process(es))"
             )

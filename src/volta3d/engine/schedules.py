@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from volta3d.errors import InputError
+
 
 def cosine_schedule(
     base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
@@ -69,7 +71,7 @@ def scaled_lr(lr: float, effective_batch: int, rule: str) -> float:
         return lr * float(np.sqrt(effective_batch / 1024.0))
     if rule == "none":
         return lr
-    raise ValueError(f"optim.lr_scaling must be linear, sqrt or none, got '{rule}'")
+    raise InputError(f"optim.lr_scaling must be linear, sqrt or none, got '{rule}'")
 
 
 def build_schedules(
@@ -93,7 +95,7 @@ def build_schedules(
     """``lr`` here is already scaled for the effective batch."""
     total = steps_per_epoch * epochs
     if total <= 0:
-        raise ValueError(f"the run has no optimiser steps (steps_per_epoch={steps_per_epoch}, epochs={epochs})")
+        raise InputError(f"the run has no optimiser steps (steps_per_epoch={steps_per_epoch}, epochs={epochs})")
 
     def steps(e: float) -> int:
         return int(round(e * steps_per_epoch))

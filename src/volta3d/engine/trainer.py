@@ -41,6 +41,7 @@ from volta3d.engine.optim import (
 )
 from volta3d.engine.sampler import ResumableSampler
 from volta3d.engine.schedules import Schedules, build_schedules, scaled_lr
+from volta3d.errors import InputError
 from volta3d.evaluation.pretrain_health import PRETRAIN_DATA_NAME
 from volta3d.models.export import save_encoder_export
 from volta3d.runtime import (
@@ -133,7 +134,7 @@ def _prepare_run(
     accum = cfg.optim.accum_steps
     steps_per_epoch = sampler.batches_per_epoch // accum
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise InputError(
             f"{len(dataset)} volumes give no optimiser step per epoch with optim.batch_size={cfg.optim.batch_size}, "
             f"optim.accum_steps={accum} and {dist_info.world_size} process(es)"
         )
@@ -349,18 +350,18 @@ def build_pretrain_loader(
 
 def _validate(cfg: DictConfig) -> None:
     if cfg.loss.rec_weight > 0 and cfg.masking.ratio <= 0:
-        raise ValueError("loss.rec_weight > 0 needs GMML masking: set masking.ratio > 0 (or loss.rec_weight=0)")
+        raise InputError("loss.rec_weight > 0 needs GMML masking: set masking.ratio > 0 (or loss.rec_weight=0)")
     if cfg.views.global_size != cfg.model.img_size:
-        raise ValueError(f"views.global_size ({cfg.views.global_size}) must equal model.img_size ({cfg.model.img_size})")
+        raise InputError(f"views.global_size ({cfg.views.global_size}) must equal model.img_size ({cfg.model.img_size})")
     for key in ("global_size", "local_size"):
         if cfg.views[key] % cfg.model.patch_size:
-            raise ValueError(f"views.{key} ({cfg.views[key]}) must be a multiple of model.patch_size ({cfg.model.patch_size})")
+            raise InputError(f"views.{key} ({cfg.views[key]}) must be a multiple of model.patch_size ({cfg.model.patch_size})")
     if cfg.optim.accum_steps < 1 or cfg.optim.batch_size < 1:
-        raise ValueError("optim.batch_size and optim.accum_steps must be >= 1")
+        raise InputError("optim.batch_size and optim.accum_steps must be >= 1")
     if cfg.loss.koleo_weight > 0 and cfg.optim.batch_size < 2:
-        raise ValueError("loss.koleo_weight > 0 needs optim.batch_size >= 2 (KoLeo compares volumes within a batch)")
+        raise InputError("loss.koleo_weight > 0 needs optim.batch_size >= 2 (KoLeo compares volumes within a batch)")
     if cfg.eval.data and cfg.eval.every < 1:
-        raise ValueError(f"eval.every must be >= 1, got {cfg.eval.every}")
+        raise InputError(f"eval.every must be >= 1, got {cfg.eval.every}")
 
 
 def _schedules(cfg: DictConfig, steps_per_epoch: int, effective_batch: int) -> Schedules:
@@ -394,7 +395,7 @@ def _maybe_resume(
     state = load_checkpoint(path)
     then_data = state.get("data_sha256")
     if then_data is not None and then_data != data_record["sha256"]:
-        raise ValueError(
+        raise InputError(
             f"{path} was trained on other volumes than --data now gives ({data_record['n_volumes']} volumes from "
             f"{', '.join(data_record['folders'])}); use a new --output folder to pretrain on other data"
         )
@@ -403,12 +404,12 @@ def _maybe_resume(
                      and not k.startswith(RESUME_FREE_PREFIXES))  # fmt: skip
     if changed:
         k = changed[0]
-        raise ValueError(
+        raise InputError(
             f"{path} was written with {k}={then.get(k)!r} but the config now says {now.get(k)!r}; "
             "use a new --output folder to change the method's settings"
         )
     if state["effective_batch"] != effective_batch:
-        raise ValueError(
+        raise InputError(
             f"{path} was trained with an effective batch of {state['effective_batch']}, now {effective_batch}: "
             "keep optim.batch_size x optim.accum_steps x processes the same to resume"
         )
@@ -417,7 +418,7 @@ def _maybe_resume(
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, KeyError, ValueError) as err:  # a checkpoint of another model, or a damaged one
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} does not fit this model ({reason}); use a new --output folder") from None
+        raise InputError(f"{path} does not fit this model ({reason}); use a new --output folder") from None
     torch.set_rng_state(state["rng"])
     logger.info("resumed from %s at optimiser step %d", path, state["step"])
     return int(state["step"])

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from volta3d.errors import InputError
 from volta3d.evaluation.results import load_run
 from volta3d.evaluation.splits import same_folds
 from volta3d.evaluation.statistics import bootstrap_ci, delong_test, paired_difference, rank_auc
@@ -67,7 +68,7 @@ def compare_results(
     ra = a if isinstance(a, dict) else load_run(a)
     rb = b if isinstance(b, dict) else load_run(b)
     if not same_folds(ra.get("splits", {}), rb.get("splits", {})):
-        raise ValueError(
+        raise InputError(
             f"runs {ra.get('dir', 'A')} and {rb.get('dir', 'B')} were not evaluated on the same folds "
             "(pass the first run's splits.json with --splits)"
         )
@@ -77,7 +78,7 @@ def compare_results(
     wanted = list(metrics) if metrics else shared
     missing = [m for m in wanted if m not in shared]
     if missing:
-        raise ValueError(f"metric '{missing[0]}' is not in both runs (available: {', '.join(shared)})")
+        raise InputError(f"metric '{missing[0]}' is not in both runs (available: {', '.join(shared)})")
 
     out: dict[str, Any] = {
         "a": {"dir": ra.get("dir"), "model": ra.get("model"), "encoder": ra.get("encoder")},

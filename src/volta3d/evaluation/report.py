@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from volta3d.errors import InputError, InputFileNotFound
 from volta3d.evaluation import pretrain_health as health
 from volta3d.evaluation import report_plots
 from volta3d.evaluation.comparison import compare_results
@@ -235,7 +236,7 @@ def _load_case(row: Any, pred_dir: Path, label: str) -> dict[str, Any]:
     truth, pred = np.load(row.label), np.load(pred_dir / row.prediction)
     image, truth = image.reshape(image.shape[-3:]), truth.reshape(truth.shape[-3:])  # (1, D, H, W) -> (D, H, W)
     if not image.shape == truth.shape == pred.shape:
-        raise ValueError(f"shapes differ: scan {image.shape}, mask {truth.shape}, prediction {pred.shape}")
+        raise InputError(f"shapes differ: scan {image.shape}, mask {truth.shape}, prediction {pred.shape}")
     return {"image": image, "truth": truth, "prediction": pred, "label": label}
 
 
@@ -449,14 +450,14 @@ def _resolve_inputs(runs: Mapping[str, Sequence[str | Path]] | Sequence[str | Pa
         inputs = discover_inputs([runs] if isinstance(runs, (str, Path)) else list(runs))
     if pretrain is not None:
         if not all((Path(pretrain) / f).is_file() for f in PRETRAIN_FILES):
-            raise FileNotFoundError(f"pretraining folder {pretrain} needs {' and '.join(PRETRAIN_FILES)}")
+            raise InputFileNotFound(f"pretraining folder {pretrain} needs {' and '.join(PRETRAIN_FILES)}")
         inputs.pretrain = Path(pretrain)
     if stages is not None:
         if not Path(stages).is_file():
-            raise FileNotFoundError(f"stages file not found: {stages}")
+            raise InputFileNotFound(f"stages file not found: {stages}")
         inputs.stages = Path(stages)
     if reference is not None and reference not in {r.name for r in inputs.runs}:
-        raise ValueError(f"--reference '{reference}' names no model (models: {', '.join(sorted({r.name for r in inputs.runs}))})")
+        raise InputError(f"--reference '{reference}' names no model (models: {', '.join(sorted({r.name for r in inputs.runs}))})")
     return inputs
 
 

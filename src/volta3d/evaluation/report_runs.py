@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from volta3d.errors import InputError, InputFileNotFound
 from volta3d.evaluation.results import RESULTS_NAME, load_run
 from volta3d.runtime import flatten_dict
 
@@ -151,20 +152,20 @@ def discover_inputs(paths: Sequence[str | Path]) -> ReportInputs:
     for raw in paths:
         p = Path(raw)
         if not p.exists():
-            raise FileNotFoundError(f"report input not found: {p}")
+            raise InputFileNotFound(f"report input not found: {p}")
         if p.is_file():
             if p.name == STAGES_NAME:
                 stages.append(p)
             elif p.suffix == ".json":
                 results[p.resolve()] = None
             else:
-                raise ValueError(f"report input {p} is neither a results.json, a stages.json nor a folder")
+                raise InputError(f"report input {p} is neither a results.json, a stages.json nor a folder")
             continue
         results.update((f.resolve(), None) for f in sorted(p.rglob(RESULTS_NAME)))
         pretrain += [m.parent for m in sorted(p.rglob(PRETRAIN_FILES[0])) if (m.parent / PRETRAIN_FILES[1]).exists()]
         stages += sorted(p.rglob(STAGES_NAME), key=lambda s: len(s.parts))
     if not (results or pretrain or stages):
-        raise ValueError(f"no {RESULTS_NAME}, pretraining run (metrics.csv + config.yaml) or {STAGES_NAME} found in "
+        raise InputError(f"no {RESULTS_NAME}, pretraining run (metrics.csv + config.yaml) or {STAGES_NAME} found in "
                          + ", ".join(str(p) for p in paths))  # fmt: skip
     runs = []
     for f in results:
@@ -180,7 +181,7 @@ def named_inputs(runs: Mapping[str, Sequence[str | Path]]) -> list[Run]:
     for r in out:
         key = (r.task_key, r.name)
         if key in seen:
-            raise ValueError(f"model '{r.name}' has two results for task {'/'.join(r.task_key)}: {seen[key]} and {r.dir}")
+            raise InputError(f"model '{r.name}' has two results for task {'/'.join(r.task_key)}: {seen[key]} and {r.dir}")
         seen[key] = r.dir
     return out
 

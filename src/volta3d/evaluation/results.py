@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from volta3d.errors import InputError
 from volta3d.runtime import atomic_write, read_json_file
 
 RESULTS_NAME = "results.json"
@@ -56,10 +57,10 @@ def load_run(path: str | Path) -> dict[str, Any]:
     or None when predictions.csv is absent) and ``dir``."""
     p, results = read_json_file(path, RESULTS_NAME, "results")
     if not isinstance(results, dict):
-        raise ValueError(f"results file {p} must hold a JSON object, not {type(results).__name__}")
+        raise InputError(f"results file {p} must hold a JSON object, not {type(results).__name__}")
     for key, kind in (("folds", list), ("aggregate", dict)):
         if not isinstance(results.get(key), kind):
-            raise ValueError(f"results file {p} has no '{key}' {kind.__name__}")
+            raise InputError(f"results file {p} has no '{key}' {kind.__name__}")
     pred = p.parent / PREDICTIONS_NAME
     results["predictions"] = pd.read_csv(pred, dtype={"subject_id": str}) if pred.exists() else None
     results["dir"] = str(p.parent)

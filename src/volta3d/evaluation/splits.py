@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from volta3d.errors import InputError
 from volta3d.runtime import atomic_write, read_json_file
 
 SPLITS_NAME = "splits.json"
@@ -43,7 +44,7 @@ def make_kfold_splits(
     if n_splits < 2:
         raise ValueError(f"n_splits must be >= 2 (got {n_splits})")
     if n_subjects < n_splits:
-        raise ValueError(f"only {n_subjects} subjects for {n_splits} folds")
+        raise InputError(f"only {n_subjects} subjects for {n_splits} folds")
     y = np.zeros(len(groups)) if strata is None else np.asarray([str(s) for s in strata])
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     folds = []
@@ -58,7 +59,7 @@ def make_holdout_split(
     """One stratified, subject-grouped hold-out (paper II-C: 20 %): the first fold of a
     ``round(1 / fraction)``-fold split (at least one subject held out when there are few)."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"hold-out fraction must be in (0, 1) (got {fraction})")
+        raise InputError(f"hold-out fraction must be in (0, 1) (got {fraction})")
     n_subjects = len({str(s) for s in subject_ids})
     n_splits = max(2, min(round(1.0 / fraction), n_subjects))
     split = make_kfold_splits(subject_ids, strata, n_splits=n_splits, seed=seed)
@@ -79,7 +80,7 @@ def nested_subsets(
     out: dict[float, list[str]] = {}
     for f in sorted(fractions):
         if not 0.0 < f <= 1.0:
-            raise ValueError(f"training fraction must be in (0, 1] (got {f})")
+            raise InputError(f"training fraction must be in (0, 1] (got {f})")
         chosen: list[str] = []
         for members in orders.values():
             chosen += members[: max(1, int(round(f * len(members))))]
@@ -95,14 +96,14 @@ def fold_row_indices(splits: dict[str, Any], subject_ids: Sequence[str]) -> list
     known = {s for fold in splits["folds"] for part in ("train", "test") for s in fold[part]}
     unknown = sorted(set(ids) - known)
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{len(unknown)} subjects are not in the splits file (e.g. {unknown[0]}); it was made for other data"
         )
     out = []
     for fold in splits["folds"]:
         train, test = set(fold["train"]), set(fold["test"])
         if train & test:
-            raise ValueError(f"splits file puts subject {sorted(train & test)[0]} in both train and test")
+            raise InputError(f"splits file puts subject {sorted(train & test)[0]} in both train and test")
         out.append((np.flatnonzero(np.isin(ids, list(train))), np.flatnonzero(np.isin(ids, list(test)))))
     return out
 
@@ -118,12 +119,12 @@ def save_splits(splits: dict[str, Any], path: str | Path) -> Path:
 def load_splits(path: str | Path) -> dict[str, Any]:
     p, splits = read_json_file(path, SPLITS_NAME, "splits")
     if not isinstance(splits, dict) or not isinstance(splits.get("folds"), list) or not splits["folds"]:
-        raise ValueError(f"splits file {p} has no 'folds' list")
+        raise InputError(f"splits file {p} has no 'folds' list")
     for k, fold in enumerate(splits["folds"]):
         if not isinstance(fold, dict) or not all(isinstance(fold.get(side), list) for side in ("train", "test")):
-            raise ValueError(f"splits file {p}: fold {k} must be an object with 'train' and 'test' lists of subject ids")
+            raise InputError(f"splits file {p}: fold {k} must be an object with 'train' and 'test' lists of subject ids")
         if not fold["test"] or not all(isinstance(s, (str, int)) for s in fold["train"] + fold["test"]):
-            raise ValueError(f"splits file {p}: fold {k} needs a non-empty 'test' list of subject ids")
+            raise InputError(f"splits file {p}: fold {k} needs a non-empty 'test' list of subject ids")
     return splits
 
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy.stats import norm, rankdata, wilcoxon
 
+from volta3d.errors import InputError
+
 
 def _structural_components(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Midrank form of DeLong's components. ``scores``: (R, N) for R classifiers.
@@ -22,7 +24,7 @@ def _structural_components(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.n
     pos, neg = y_true == 1, y_true == 0
     m, n = int(pos.sum()), int(neg.sum())
     if m == 0 or n == 0:
-        raise ValueError("DeLong's test needs both classes among the pooled predictions")
+        raise InputError("DeLong's test needs both classes among the pooled predictions")
     x, y = scores[:, pos], scores[:, neg]  # (R, m), (R, n)
     tz = rankdata(np.concatenate([x, y], axis=1), axis=1)  # midranks in the pooled sample
     tx, ty = rankdata(x, axis=1), rankdata(y, axis=1)
@@ -100,7 +102,7 @@ def paired_difference(
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     if len(x) == 0:
-        raise ValueError("no paired values to compare")
+        raise InputError("no paired values to compare")
     out = bootstrap_ci(lambda u, v: float(np.mean(u - v)), x, y, n_boot=n_boot, seed=seed, confidence=confidence)
     out.update(mean_a=float(x.mean()), mean_b=float(y.mean()), n=int(len(x)))
     d = x - y

@@ -24,6 +24,7 @@ from monai.networks.blocks import SABlock, TransformerBlock
 from monai.networks.nets import ViTAutoEnc
 from torch.utils.checkpoint import checkpoint
 
+from volta3d.errors import InputError
 from volta3d.models.input_norm import apply_input_norm
 
 Grid = tuple[int, int, int]
@@ -95,7 +96,7 @@ class VolTAEncoder(ViTAutoEnc):
         input_norm: str = "zscore",
     ) -> None:
         if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+            raise InputError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
         super().__init__(
             in_channels=in_channels,
             img_size=img_size,

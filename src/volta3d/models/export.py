@@ -21,6 +21,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from volta3d.errors import InputError, InputFileNotFound
 from volta3d.models.encoder import VolTAEncoder, interpolate_pos_embed
 from volta3d.models.summariser import CLSSummariser
 from volta3d.runtime import atomic_write
@@ -37,7 +38,7 @@ TARGET_ONLY_KEYS = ("cls_token", "classification_head.")
 META_DESCRIBED = f"the architecture {META_NAME} describes"
 
 
-class EncoderLoadError(ValueError):
+class EncoderLoadError(InputError):
     """Encoder weights that do not fit the target (names the keys) or an unreadable export."""
 
 
@@ -88,7 +89,7 @@ def read_encoder_export(path_or_dir: str | Path) -> tuple[dict[str, torch.Tensor
     weights_path, meta_path = _export_paths(path_or_dir)
     for p in (weights_path, meta_path):
         if not p.is_file():
-            raise FileNotFoundError(f"encoder export file not found: {p}")
+            raise InputFileNotFound(f"encoder export file not found: {p}")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

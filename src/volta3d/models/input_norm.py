@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from volta3d.errors import InputError
+
 INPUT_NORMS = ("zscore", "none")
 
 
@@ -31,7 +33,7 @@ def apply_input_norm(x: torch.Tensor, kind: str) -> torch.Tensor:
         return standardise(x)
     if kind == "none":
         return x
-    raise ValueError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got '{kind}'")
+    raise InputError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got '{kind}'")
 
 
 class StandardisedInput:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from volta3d.errors import InputError
 from volta3d.models.encoder import VolTAEncoder, split_model_section
 
 
@@ -29,10 +30,10 @@ class CLSSummariser(nn.Module):
     that read the exported summary features on a fixed scale.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         if dim % num_heads != 0:
-            raise ValueError(f"summariser dim {dim} must be divisible by num_heads {num_heads}")
+            raise InputError(f"summariser dim {dim} must be divisible by num_heads {num_heads}")
         self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
         self.token = nn.Parameter(torch.zeros(1, 1, dim))
         self.norm1 = nn.LayerNorm(dim)
