@@ -16,6 +16,8 @@ from volta3d.data.batched_views import (
     PretrainVolumesDataset,
     bias_fields,
     build_views,
+    collate_volumes,
+    move_batch,
 )
 from volta3d.data.masking import GMMLMasker
 from volta3d.data.views import MultiCropViews, ViewSettings
@@ -167,6 +169,21 @@ def test_shapes_dtypes_range_and_view_major_layout():
     assert none["local"].shape == (0, 3, 2, L, L, L)
 
 
+def test_volumes_of_other_sizes_share_a_batch():
+    """collate_volumes keeps volumes of different sizes as a list; each gets its own views."""
+    batched = BatchedMultiCrop(ViewSettings(**_settings()), _masker())
+    volumes = [_volume(0, shape=(1, 20, 22, 18)), _volume(1, shape=(1, 12, 30, 16))]
+    items = [{"image": v, "index": torch.tensor(i), **batched.draw(v.shape[1:], 5 + i)} for i, v in enumerate(volumes)]
+    batch = collate_volumes(items)
+    assert isinstance(batch["image"], list) and batch["crop_start"].shape == (2, 5, 3)
+    out = batched(move_batch(batch, torch.device("cpu")))
+    for b, volume in enumerate(volumes):
+        alone = _batch(batched, [volume], [5 + b])
+        assert all(torch.equal(out[k][:, b], alone[k][:, 0]) for k in ("global", "local", "global_masked"))
+    with pytest.raises(ValueError, match="empty list"):
+        collate_volumes([])
+
+
 def test_flips_only_on_flip_axes():
     batched = BatchedMultiCrop(ViewSettings(**_settings(flip_axes=(0,), flip_prob=0.5)))
     flips = torch.cat([batched.draw((20, 20, 20), s)["flip"] for s in range(50)])
@@ -224,7 +241,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="global_size 16 must be a multiple of the patch size 6"):
         BatchedMultiCrop(ViewSettings(**_settings()), GMMLMasker(patch_size=6))
     batched = BatchedMultiCrop(ViewSettings(**_settings()))
-    with pytest.raises(ValueError, match=r"batch\['image'\] must be \(B, C, D, H, W\)"):
+    with pytest.raises(ValueError, match=r"batch\['image'\] must hold \(C, D, H, W\) volumes"):
         batched({"image": torch.rand(2, 16, 16, 16)})
 
     class _Flat(_TinyVolumes):

@@ -82,13 +82,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "unknown config key 'optim.epoch'" in capsys.readouterr().err
 
 
-def test_pretrains_on_several_folders(tiny_overrides, volume_folder, tmp_path):
+def test_pretrains_on_several_folders_of_other_cube_sizes(tiny_overrides, volume_folder, tmp_path):
+    """Folders preprocessed to other cubes (as the demo's IXI 64^3 and MSD 48 x 64 x 48) pretrain
+    together: a batch may hold volumes of different sizes, with DataLoader workers too."""
     from .conftest import write_volume_folder
 
-    other = write_volume_folder(tmp_path / "other", n=2, seed=3)
-    out = pretrain(load_config(overrides=tiny_overrides + ["train.max_steps=1"]), [volume_folder, other],
-                   tmp_path / "run", progress=False)  # fmt: skip
-    assert "pretraining on 6 volumes" in (out / "log.txt").read_text()
+    other = write_volume_folder(tmp_path / "other", n=4, size=24, seed=3)
+    overrides = tiny_overrides + ["train.max_steps=3", "train.num_workers=2"]
+    out = pretrain(load_config(overrides=overrides), [volume_folder, other], tmp_path / "run", progress=False)
+    assert "pretraining on 8 volumes" in (out / "log.txt").read_text()
 
 
 def test_collapse_alarm_fires_on_a_collapsing_configuration(tiny_overrides, volume_folder, tmp_path):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from volta3d.data.masking import GMMLMasker
 from volta3d.data.views import N_GLOBAL, ViewSettings, crop_seeds
@@ -88,11 +88,11 @@ class BatchedMultiCrop:
             "mask_seed": np.int64(seeds[3]),
         }  # fmt: skip
 
-    def __call__(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """A collated batch of ``PretrainVolumesDataset`` items, on the device -> the views (class docstring)."""
-        volumes = batch["image"].float()  # (B, C, D, H, W)
-        if volumes.dim() != 5:
-            raise ValueError(f"batch['image'] must be (B, C, D, H, W), got shape {tuple(volumes.shape)}")
+        volumes = [v.float() for v in batch["image"]]  # B x (C, D, H, W): one tensor, or a list when sizes differ
+        if any(v.dim() != 4 for v in volumes):
+            raise ValueError(f"batch['image'] must hold (C, D, H, W) volumes, got {[tuple(v.shape) for v in volumes]}")
         s = self.settings
         params = {key: batch[key].transpose(0, 1) for key in PARAM_KEYS}  # (B, V, ...) -> (V, B, ...): view-major
         out = {
@@ -108,31 +108,31 @@ class BatchedMultiCrop:
                 out[key] = value.unflatten(0, views.shape[:2])
         return out
 
-    def _crops(self, volumes: Tensor, params: Mapping[str, Tensor], size: int) -> Tensor:
-        """(B, C, D, H, W) and (V, B, ...) parameters -> (V, B, C, S, S, S) augmented crops in [0, 1]."""
-        n_views, n_volumes, channels = params["crop_start"].shape[0], volumes.shape[0], volumes.shape[1]
+    def _crops(self, volumes: Sequence[Tensor], params: Mapping[str, Tensor], size: int) -> Tensor:
+        """B x (C, D, H, W) and (V, B, ...) parameters -> (V, B, C, S, S, S) augmented crops in [0, 1]."""
+        n_views, n_volumes, channels = params["crop_start"].shape[0], len(volumes), volumes[0].shape[0]
         if n_views == 0:
-            return volumes.new_zeros((0, n_volumes, channels, size, size, size))
+            return volumes[0].new_zeros((0, n_volumes, channels, size, size, size))
         crops = resample_boxes(volumes, params["crop_start"], params["crop_size"], params["flip"], size)
         flat = {key: value.flatten(0, 1) for key, value in params.items()}  # (V * B, ...)
         return augment_intensity(crops.flatten(0, 1), flat).clamp_(0.0, 1.0).unflatten(0, (n_views, n_volumes))
 
 
-def resample_boxes(volumes: Tensor, start: Tensor, size: Tensor, flip: Tensor, out: int) -> Tensor:
-    """(B, C, D, H, W) volumes and (V, B, 3) boxes and flips -> (V, B, C, out, out, out) crops.
+def resample_boxes(volumes: Sequence[Tensor], start: Tensor, size: Tensor, flip: Tensor, out: int) -> Tensor:
+    """B x (C, D, H, W) volumes and (V, B, 3) boxes and flips -> (V, B, C, out, out, out) crops.
 
     Each box is cut as a view and resized with ``interpolate(mode="trilinear", align_corners=False)``,
     the call inside MONAI's ``Resize``, so the voxels equal the reference path's. One call per crop:
     on a CPU that is 5x faster than one batched ``grid_sample`` or three batched separable matmuls over
     the whole batch, which must touch every voxel of the volume for every crop (README, "Performance")."""
     n_views, n_volumes = start.shape[:2]
-    crops = volumes.new_empty((n_views, n_volumes, volumes.shape[1], out, out, out))
+    crops = volumes[0].new_empty((n_views, n_volumes, volumes[0].shape[0], out, out, out))
     boxes = torch.cat([start, start + size], dim=-1).tolist()  # one transfer: (V, B, 6) corners
     flips = flip.tolist()
     for v in range(n_views):
         for b in range(n_volumes):
             d0, h0, w0, d1, h1, w1 = boxes[v][b]
-            box = volumes[b : b + 1, :, d0:d1, h0:h1, w0:w1]
+            box = volumes[b][None, :, d0:d1, h0:h1, w0:w1]
             crop = torch.nn.functional.interpolate(box, size=(out,) * 3, mode="trilinear", align_corners=False)[0]
             axes = [1 + a for a in range(3) if flips[v][b][a]]
             crops[v, b] = crop.flip(axes) if axes else crop
@@ -159,10 +159,9 @@ def augment_intensity(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
     in MONAI's order (the reference path's), in place on each crop that a change applies to."""
     values = {key: p[key].tolist() for key in ("gamma_on", "gamma", "scale", "shift", "bias_on", "noise_std",
                                                "noise_seed")}  # fmt: skip
-    biased = torch.nonzero(p["bias_on"]).flatten()
-    fields = torch.exp(bias_fields(p["bias_coeff"][biased], x.shape[2:])) if biased.numel() else None
-    field_of = {int(n): i for i, n in enumerate(biased.tolist())}
-    for n, crop in enumerate(x):  # crop: a view into x
+    for n in range(x.shape[0]):
+        # a fresh tensor per crop: vectorised kernels then round alike wherever the crop sits in the batch
+        crop = x[n].clone()
         if values["gamma_on"][n]:  # MONAI AdjustContrast: ((x - min) / (range + eps)) ** gamma * range + min
             low, span = crop.min(), crop.max() - crop.min()
             crop.sub_(low).div_(span + GAMMA_EPSILON).pow_(values["gamma"][n]).mul_(span).add_(low)
@@ -170,11 +169,12 @@ def augment_intensity(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
             crop.mul_(values["scale"][n])
         if values["shift"][n] != 0.0:
             crop.add_(values["shift"][n])
-        if fields is not None and n in field_of:
-            crop.mul_(fields[field_of[n]])
+        if values["bias_on"][n]:  # one crop at a time, so its field does not depend on the batch
+            crop.mul_(torch.exp(bias_fields(p["bias_coeff"][n : n + 1], crop.shape[1:])))
         if values["noise_std"][n] > 0:
             generator = torch.Generator(x.device).manual_seed(int(values["noise_seed"][n]))
             crop.add_(torch.randn(crop.shape, generator=generator, device=x.device), alpha=values["noise_std"][n])
+        x[n] = crop
     return x
 
 
@@ -217,10 +217,33 @@ class PretrainVolumesDataset(Dataset):
         return {"image": image, "index": torch.tensor(int(index)), **params}
 
 
+def collate_volumes(items: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
+    """DataLoader collate: crop parameters and indices stacked; the volumes stacked (B, C, D, H, W) when
+    they share a size, else kept as a list (folders preprocessed to different cubes pretrain together)."""
+    if not items:
+        raise ValueError("collate_volumes got an empty list of items")
+    batch: dict[str, Any] = {k: default_collate([it[k] for it in items]) for k in items[0] if k != "image"}
+    images = [it["image"] for it in items]
+    batch["image"] = torch.stack(images) if len({tuple(i.shape) for i in images}) == 1 else images
+    return batch
+
+
+def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The tensors of a collated batch (and a list of volumes) on ``device``; other entries dropped."""
+    moved: dict[str, Any] = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            moved[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, list) and value and all(torch.is_tensor(v) for v in value):
+            moved[key] = [v.to(device, non_blocking=True) for v in value]
+    return moved
+
+
 def build_views(views_section: Mapping[str, Any], masking_section: Mapping[str, Any], patch_size: int) -> BatchedMultiCrop:
     """Config sections ``views:`` and ``masking:`` (plain dicts) -> the batched view builder with a GMML masker."""
     masker = GMMLMasker(**dict(masking_section), patch_size=patch_size)
     return BatchedMultiCrop(ViewSettings(**dict(views_section)), masker)
 
 
-__all__ = ["BatchedMultiCrop", "PretrainVolumesDataset", "augment_intensity", "bias_fields", "build_views", "resample_boxes"]
+__all__ = ["BatchedMultiCrop", "PretrainVolumesDataset", "augment_intensity", "bias_fields", "build_views",
+           "collate_volumes", "move_batch", "resample_boxes"]

@@ -21,11 +21,10 @@ from typing import Any, cast
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from volta3d.config import to_kwargs
-from volta3d.data.batched_views import build_views
+from volta3d.data.batched_views import build_views, collate_volumes
 from volta3d.engine.distributed import DistInfo
 from volta3d.engine.meta_arch import VolTA3D, build_volta3d
 from volta3d.engine.optim import build_optimizer
@@ -81,12 +80,12 @@ def _synthetic_batch(cfg: DictConfig, batch_size: int, seed: int) -> dict[str, t
     views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
     volumes = synthetic_volumes(cfg, batch_size, seed)
     items = [{"image": v, "index": torch.tensor(i), **views.draw(v.shape[1:], seed + i)} for i, v in enumerate(volumes)]
-    batch = views(default_collate(items))
+    batch = views(collate_volumes(items))
     batch.pop("index")  # (B,): the only entry without a leading view axis
     return batch
 
 
-def _views_ready(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _views_ready(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The in-memory step: its batches are views already."""
     return dict(batch)
 

@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import default_collate
 
 from volta3d.config import to_kwargs
-from volta3d.data.batched_views import PretrainVolumesDataset, build_views
+from volta3d.data.batched_views import PretrainVolumesDataset, build_views, collate_volumes, move_batch
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.data.masking import GMMLMasker
 from volta3d.data.views import MultiCropViews
@@ -72,7 +71,7 @@ def time_views(cfg: DictConfig, device: torch.device, n_volumes: int, seed: int)
         items = [{"image": v, "index": torch.tensor(i), **batched.draw(v.shape[1:], seed + i)}
                  for i, v in enumerate(volumes)]  # fmt: skip
         t_draw = time.perf_counter() - t0
-        batch = {k: v.to(device) for k, v in default_collate(items).items()}
+        batch = move_batch(collate_volumes(items), device)
         batched(batch)  # warm-up
         _sync(device)
         t0 = time.perf_counter()

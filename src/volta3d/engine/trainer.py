@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from volta3d.config import save_config, to_kwargs
-from volta3d.data.batched_views import PretrainVolumesDataset, build_views
+from volta3d.data.batched_views import PretrainVolumesDataset, build_views, collate_volumes, move_batch
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.downstream.provenance import pretraining_provenance
 from volta3d.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -253,7 +253,7 @@ def train_step(
     batches: Iterator[Mapping[str, torch.Tensor]],
     device: torch.device,
     dist_info: DistInfo,
-    make_views: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
+    make_views: Callable[[Mapping[str, Any]], dict[str, torch.Tensor]],
     settings: StepSettings,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """One optimiser step over ``settings.accum_steps`` micro-batches; ``make_views`` turns each
@@ -297,7 +297,7 @@ def train_step(
 
 def _accumulate_gradients(
     model: VolTA3D, student: torch.nn.Module, batches: Iterator[Mapping[str, torch.Tensor]],
-    make_views: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]], settings: StepSettings,
+    make_views: Callable[[Mapping[str, Any]], dict[str, torch.Tensor]], settings: StepSettings,
     device: torch.device, step: int, temps: tuple[float, float],
 ) -> tuple[dict[str, float], dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:  # fmt: skip
     """Forward and backward of each micro-batch, the loss scaled by 1/accum, DDP syncing only on the last.
@@ -308,7 +308,7 @@ def _accumulate_gradients(
     logged: dict[str, float] = {}
     center_stats: dict[str, list[torch.Tensor]] = {}
     for micro in range(accum):
-        batch = make_views({k: v.to(device, non_blocking=True) for k, v in next(batches).items() if torch.is_tensor(v)})
+        batch = make_views(move_batch(next(batches), device))
         ddp = student if isinstance(student, DistributedDataParallel) else None
         with (contextlib.nullcontext() if ddp is None or micro == accum - 1 else ddp.no_sync()):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.use_bf16):
@@ -343,7 +343,7 @@ def build_pretrain_loader(
     )
     loader = DataLoader(
         dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
-        pin_memory=device.type == "cuda", drop_last=True,
+        collate_fn=collate_volumes, pin_memory=device.type == "cuda", drop_last=True,
     )  # fmt: skip
     return dataset, sampler, loader
 
