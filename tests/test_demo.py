@@ -16,7 +16,7 @@ def _fake_plan(calls, fail=()):
 
         return demo.Stage(name, run, list(needs), expected_s=1)
 
-    return lambda out, shared, quick, workers: [stage("a"), stage("b", ["a"]), stage("c", ["b"]), stage("d", ["a"])]
+    return lambda out, shared, quick, workers, run_command: [stage("a"), stage("b", ["a"]), stage("c", ["b"]), stage("d", ["a"])]
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def fake_shared(tmp_path):
 def test_failed_stage_skips_its_dependants_and_rerun_resumes(monkeypatch, fake_shared, tmp_path):
     calls = []
     monkeypatch.setattr(demo, "plan", _fake_plan(calls, fail={"b"}))
-    assert demo.run_demo(tmp_path / "out", fake_shared) == 1
+    assert demo.run_demo(tmp_path / "out", fake_shared, run_command=main) == 1
     assert calls == ["a", "b", "d"]  # c needs the failed b; d does not
     stages = {s["name"]: s for s in json.loads((tmp_path / "out" / "stages.json").read_text())["stages"]}
     assert {n: s["status"] for n, s in stages.items()} == {"a": "done", "b": "failed", "c": "skipped", "d": "done"}
@@ -37,15 +37,15 @@ def test_failed_stage_skips_its_dependants_and_rerun_resumes(monkeypatch, fake_s
 
     calls.clear()
     monkeypatch.setattr(demo, "plan", _fake_plan(calls))
-    assert demo.run_demo(tmp_path / "out", fake_shared) == 0
+    assert demo.run_demo(tmp_path / "out", fake_shared, run_command=main) == 0
     assert calls == ["b", "c"]  # finished stages are not redone
 
 
 def test_quick_and_full_runs_do_not_share_a_folder(monkeypatch, fake_shared, tmp_path):
     monkeypatch.setattr(demo, "plan", _fake_plan([]))
-    demo.run_demo(tmp_path / "out", fake_shared, quick=True)
+    demo.run_demo(tmp_path / "out", fake_shared, run_command=main, quick=True)
     with pytest.raises(ValueError, match="holds a quick demo"):
-        demo.run_demo(tmp_path / "out", fake_shared, quick=False)
+        demo.run_demo(tmp_path / "out", fake_shared, run_command=main, quick=False)
 
 
 def test_missing_bundled_data_is_a_one_line_error(tmp_path, capsys):
@@ -60,7 +60,7 @@ def test_quick_demo_end_to_end(shared_data, tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out), "--shared-data", str(shared_data)]) == 0
     stages = json.loads((out / "stages.json").read_text())
-    assert [s["status"] for s in stages["stages"]] == ["done"] * len(demo.plan(out, shared_data, quick=True))
+    assert [s["status"] for s in stages["stages"]] == ["done"] * len(demo.plan(out, shared_data, quick=True, workers=2, run_command=main))
     assert stages["data"] == {"ixi_accepted": 30, "ixi_rejected": 0, "msd_accepted": 30, "msd_rejected": 0}
     html = (out / "report" / "report.html").read_text()
     for section in ("Headline", "ROC curves", "Reduced-data curves", "Segmentation", "Pretraining"):

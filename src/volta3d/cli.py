@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    args.entry_point = main  # for commands that run other command lines (the demo), without importing the CLI
     try:
         return int(args.func(args) or 0)
     except InputError as err:

@@ -47,18 +47,19 @@ class Stage:
     expected_s: float = 60.0  # seconds this stage took in a full demo on a 2-core CPU: the ETA's plan
 
 
-def _command(argv: list[str]) -> Callable[[], int]:
-    def run() -> int:
-        from volta3d.cli import main  # the same entry point a user types
-
-        get_logger().info("$ volta3d %s", " ".join(argv))
-        return main(argv)
-
-    return run
+RunCommand = Callable[[list[str]], int]  # a `volta3d` command line -> its exit code (``volta3d.cli.main``)
 
 
-def plan(out: Path, shared: Path, *, quick: bool = False, workers: int = 2) -> list[Stage]:
-    """The demo's stages, in order, with the commands they run."""
+def plan(out: Path, shared: Path, *, quick: bool, workers: int, run_command: RunCommand) -> list[Stage]:
+    """The demo's stages, in order, with the ``volta3d`` command lines they run through ``run_command``."""
+
+    def _command(argv: list[str]) -> Callable[[], int]:
+        def run() -> int:
+            get_logger().info("$ volta3d %s", " ".join(argv))
+            return run_command(argv)
+
+        return run
+
     cfg = ["--config", "tiny-cpu", "--config", "demo"]
     prep, man = out / "prep", out / "manifests"
     quick_o = QUICK_OVERRIDES if quick else {k: [] for k in QUICK_OVERRIDES}
@@ -152,8 +153,11 @@ def _save(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(state, indent=2) + "\n").encode()))
 
 
-def run_demo(out: str | Path, shared: str | Path, *, quick: bool = False, workers: int = 2) -> int:
-    """Run (or resume) every stage; return 0 when all succeeded, 1 otherwise."""
+def run_demo(
+    out: str | Path, shared: str | Path, *, run_command: RunCommand, quick: bool = False, workers: int = 2
+) -> int:
+    """Run (or resume) every stage, each a command line given to ``run_command`` (the ``volta3d``
+    entry point a user types); return 0 when all succeeded, 1 otherwise."""
     out, shared = Path(out), Path(shared)
     if not (shared / "ixi_t1_2mm").is_dir() or not (shared / "msd_task04_hippocampus").is_dir():
         raise InputFileNotFound(f"bundled data not found in {shared} (expected ixi_t1_2mm/ and msd_task04_hippocampus/)")
@@ -164,7 +168,7 @@ def run_demo(out: str | Path, shared: str | Path, *, quick: bool = False, worker
     if state and state.get("settings", {}).get("quick") != quick:
         raise InputError(f"{out} holds a {'quick' if state['settings']['quick'] else 'full'} demo; use another --output")
     done = {s["name"]: s for s in state.get("stages", [])}
-    stages = plan(out, shared, quick=quick, workers=workers)
+    stages = plan(out, shared, quick=quick, workers=workers, run_command=run_command)
     state["settings"] = {"quick": quick, "workers": workers, "shared_data": str(shared.resolve()),
                          "configs": "tiny-cpu + demo", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}  # fmt: skip
     status: dict[str, str] = {}

@@ -28,4 +28,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from volta3d.demo import run_demo
 
-    return run_demo(args.output, args.shared_data, quick=args.quick, workers=args.workers)
+    # the entry point the CLI hands over (cli.main), so the demo runs each stage as a user would type it
+    return run_demo(args.output, args.shared_data, run_command=args.entry_point, quick=args.quick,
+                    workers=args.workers)  # fmt: skip
