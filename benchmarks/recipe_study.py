@@ -113,9 +113,13 @@ def markdown(table: pd.DataFrame) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS), help="arms to run (default: all)")
+    p.add_argument(
+        "--arms", nargs="*", default=list(ARMS), choices=list(ARMS), help="arms to run (default: all)"
+    )
     p.add_argument("--epochs", type=int, default=2, help="epochs per arm, the whole schedule (2 = 172 steps)")
-    p.add_argument("--prep", type=Path, default=Path("runs/demo/prep"), help="folder with the ixi/ and msd/ caches")
+    p.add_argument(
+        "--prep", type=Path, default=Path("runs/demo/prep"), help="folder with the ixi/ and msd/ caches"
+    )
     p.add_argument("--output", type=Path, default=Path("runs/recipe-study"))
     p.add_argument("overrides", nargs="*", help="extra overrides applied to every arm (e.g. eval.every=43)")
     args = p.parse_args()

@@ -29,7 +29,9 @@ def mean_offdiag_cosine(rows: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("data", help="a folder written by `volta3d preprocess`")
     parser.add_argument("--n", type=int, default=16, help="volumes to use")
     args = parser.parse_args()
@@ -47,11 +49,15 @@ def main() -> None:
               f"{sum(mean_offdiag_cosine(t) for t in tokens) / len(tokens):.2f}")  # fmt: skip
         if norm == "zscore":
             centered = logits - logits.mean(0, keepdim=True)
-            print(f"  logit spread across volumes {centered.std(0).mean():.3f}, across prototypes {logits.std(1).mean():.3f}")
+            print(
+                f"  logit spread across volumes {centered.std(0).mean():.3f}, across prototypes {logits.std(1).mean():.3f}"
+            )
             for temp in (0.04, 0.02, 0.01):
                 p = torch.softmax(centered / temp, dim=-1)
                 entropy = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
-                print(f"  centered teacher entropy at temperature {temp}: {entropy:.2f} (log K = {math.log(logits.shape[1]):.2f})")
+                print(
+                    f"  centered teacher entropy at temperature {temp}: {entropy:.2f} (log K = {math.log(logits.shape[1]):.2f})"
+                )
 
 
 if __name__ == "__main__":

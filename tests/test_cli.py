@@ -70,5 +70,7 @@ def test_bad_input_met_in_a_dataloader_worker_is_still_one_line(monkeypatch, cap
     monkeypatch.setattr(compare, "run", run)
     assert main(["compare", "a", "b"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith(f"volta3d compare: error: cannot read cached volume {volume} (subject s")
+    assert len(err) == 1 and err[0].startswith(
+        f"volta3d compare: error: cannot read cached volume {volume} (subject s"
+    )
     assert err[0].endswith("re-run volta3d preprocess")

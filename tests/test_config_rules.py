@@ -30,8 +30,18 @@ def test_bad_values_name_the_key(override, expected):
     assert expected in str(err.value) and len(str(err.value).splitlines()) == 1
 
 
-@pytest.mark.parametrize("override", ["optim.warmup_epochs=0.3", "device=cuda:1", "optim.lr=1e-3", "seed=7",
-                                      "eval.data=prep/ixi", "classify.img_size=64", "masking.ratio=0"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.warmup_epochs=0.3",
+        "device=cuda:1",
+        "optim.lr=1e-3",
+        "seed=7",
+        "eval.data=prep/ixi",
+        "classify.img_size=64",
+        "masking.ratio=0",
+    ],
+)
 def test_sensible_values_pass(override):
     load_config(overrides=[override])
 

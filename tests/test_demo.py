@@ -16,7 +16,12 @@ def _fake_plan(calls, fail=()):
 
         return demo.Stage(name, run, list(needs), expected_s=1)
 
-    return lambda out, shared, quick, workers, run_command: [stage("a"), stage("b", ["a"]), stage("c", ["b"]), stage("d", ["a"])]
+    return lambda out, shared, quick, workers, run_command: [
+        stage("a"),
+        stage("b", ["a"]),
+        stage("c", ["b"]),
+        stage("d", ["a"]),
+    ]
 
 
 @pytest.fixture
@@ -32,7 +37,12 @@ def test_failed_stage_skips_its_dependants_and_rerun_resumes(monkeypatch, fake_s
     assert demo.run_demo(tmp_path / "out", fake_shared, run_command=main) == 1
     assert calls == ["a", "b", "d"]  # c needs the failed b; d does not
     stages = {s["name"]: s for s in json.loads((tmp_path / "out" / "stages.json").read_text())["stages"]}
-    assert {n: s["status"] for n, s in stages.items()} == {"a": "done", "b": "failed", "c": "skipped", "d": "done"}
+    assert {n: s["status"] for n, s in stages.items()} == {
+        "a": "done",
+        "b": "failed",
+        "c": "skipped",
+        "d": "done",
+    }
     assert stages["c"]["reason"] == "needs b"
 
     calls.clear()
@@ -60,11 +70,17 @@ def test_quick_demo_end_to_end(shared_data, tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out), "--shared-data", str(shared_data)]) == 0
     stages = json.loads((out / "stages.json").read_text())
-    assert [s["status"] for s in stages["stages"]] == ["done"] * len(demo.plan(out, shared_data, quick=True, workers=2, run_command=main))
+    assert [s["status"] for s in stages["stages"]] == ["done"] * len(
+        demo.plan(out, shared_data, quick=True, workers=2, run_command=main)
+    )
     assert stages["data"] == {"ixi_accepted": 30, "ixi_rejected": 0, "msd_accepted": 30, "msd_rejected": 0}
     html = (out / "report" / "report.html").read_text()
     for section in ("Headline", "ROC curves", "Reduced-data curves", "Segmentation", "Pretraining"):
         assert section in html
-    for run in ("classify-sex/volta3d", "classify-sex/swin-scratch", "probe-sex/volta3d/linear_cls",
-                "segment/unetr-volta3d"):
+    for run in (
+        "classify-sex/volta3d",
+        "classify-sex/swin-scratch",
+        "probe-sex/volta3d/linear_cls",
+        "segment/unetr-volta3d",
+    ):
         assert (out / run / "results.json").is_file(), run

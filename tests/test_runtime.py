@@ -47,5 +47,7 @@ def test_help_imports_neither_torch_nor_monai():
 
     code = ("import sys, volta3d.cli as c; c.build_parser(); "
             "print(sorted(m for m in ('torch', 'monai', 'sklearn') if m in sys.modules))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "[]"

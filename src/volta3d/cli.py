@@ -12,7 +12,18 @@ from volta3d import __version__
 from volta3d.errors import InputError
 
 # Order is the order shown by `volta3d --help`.
-COMMANDS = ["demo", "preprocess", "pretrain", "bench", "finetune", "predict", "embed", "probe", "compare", "report"]
+COMMANDS = [
+    "demo",
+    "preprocess",
+    "pretrain",
+    "bench",
+    "finetune",
+    "predict",
+    "embed",
+    "probe",
+    "compare",
+    "report",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

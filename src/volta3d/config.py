@@ -34,7 +34,9 @@ def config_path(name_or_path: str | Path) -> Path:
     bundled = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
     if bundled.exists():
         return bundled
-    raise ConfigError(f"config file not found: {name_or_path} (bundled configs: {', '.join(bundled_configs())})")
+    raise ConfigError(
+        f"config file not found: {name_or_path} (bundled configs: {', '.join(bundled_configs())})"
+    )
 
 
 def bundled_configs() -> list[str]:

@@ -102,6 +102,8 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> None:
     # a DictConfig converts to a dict (to_container is annotated for any config node)
     base = flatten_dict(cast(dict[str, Any], OmegaConf.to_container(defaults, resolve=True)))
     for key, value in flatten_dict(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))).items():
-        problem = _type_error(key, base.get(key), value) or (_range_error(key, value) if value is not None else None)
+        problem = _type_error(key, base.get(key), value) or (
+            _range_error(key, value) if value is not None else None
+        )
         if problem:
             raise ConfigValueError(f"config value {key}={value!r} {problem}")

@@ -81,30 +81,142 @@ def plan(out: Path, shared: Path, *, quick: bool, workers: int, run_command: Run
     enc = str(out / "pretrain")
     stages = [
         Stage("manifests", manifests, expected_s=1),
-        Stage("preprocess-ixi", _command(
-            ["preprocess", str(man / "ixi-demo.csv"), "--output", str(ixi), "--workers", str(workers), *np_,
-             "preprocess.size=[64,64,64]", "preprocess.crop=foreground", "preprocess.resize=true"]),
-            ["manifests"], 80),
-        Stage("preprocess-msd", _command(
-            ["preprocess", str(man / "msd-demo.csv"), "--output", str(msd), "--workers", str(workers), *np_,
-             "preprocess.size=[48,64,48]"]), ["manifests"], 5),
-        Stage("pretrain", _command(
-            ["pretrain", *cfg, "--data", str(ixi), "--data", str(msd), "--output", enc, *np_,
-             # the online probe (sex, age) of the teacher on the IXI scans it pretrains on: labels unused
-             # by pretraining, read only to watch what it learns (transductive, as the report says)
-             "--eval-data", str(ixi), "--eval-label", "sex", "--eval-label", "age",
-             f"train.num_workers={workers}", *quick_o["pretrain"]]), ["preprocess-ixi", "preprocess-msd"], 330),
-        Stage("classify-sex-vit-scratch", _command(
-            ["finetune", "classify", *cfg, "--data", str(ixi), "--label", "sex", "--model", "vit",
-             "--output", str(sex_splits.parent), *np_, *quick_o["classify"]]), ["preprocess-ixi"], 100),
-        Stage("classify-sex-volta3d", _command(
-            ["finetune", "classify", *cfg, "--data", str(ixi), "--label", "sex", "--model", "vit", "--encoder", enc,
-             "--splits", str(sex_splits), "--output", str(out / "classify-sex" / "volta3d"), *np_,
-             *quick_o["classify"]]), ["pretrain", "classify-sex-vit-scratch"], 100),
-        Stage("classify-sex-swin-scratch", _command(
-            ["finetune", "classify", *cfg, "--data", str(ixi), "--label", "sex", "--model", "swin",
-             "--splits", str(sex_splits), "--output", str(out / "classify-sex" / "swin-scratch"), *np_,
-             *quick_o["classify"]]), ["classify-sex-vit-scratch"], 230),
+        Stage(
+            "preprocess-ixi",
+            _command(
+                [
+                    "preprocess",
+                    str(man / "ixi-demo.csv"),
+                    "--output",
+                    str(ixi),
+                    "--workers",
+                    str(workers),
+                    *np_,
+                    "preprocess.size=[64,64,64]",
+                    "preprocess.crop=foreground",
+                    "preprocess.resize=true",
+                ]
+            ),
+            ["manifests"],
+            80,
+        ),
+        Stage(
+            "preprocess-msd",
+            _command(
+                [
+                    "preprocess",
+                    str(man / "msd-demo.csv"),
+                    "--output",
+                    str(msd),
+                    "--workers",
+                    str(workers),
+                    *np_,
+                    "preprocess.size=[48,64,48]",
+                ]
+            ),
+            ["manifests"],
+            5,
+        ),
+        Stage(
+            "pretrain",
+            _command(
+                [
+                    "pretrain",
+                    *cfg,
+                    "--data",
+                    str(ixi),
+                    "--data",
+                    str(msd),
+                    "--output",
+                    enc,
+                    *np_,
+                    # the online probe (sex, age) of the teacher on the IXI scans it pretrains on: labels unused
+                    # by pretraining, read only to watch what it learns (transductive, as the report says)
+                    "--eval-data",
+                    str(ixi),
+                    "--eval-label",
+                    "sex",
+                    "--eval-label",
+                    "age",
+                    f"train.num_workers={workers}",
+                    *quick_o["pretrain"],
+                ]
+            ),
+            ["preprocess-ixi", "preprocess-msd"],
+            330,
+        ),
+        Stage(
+            "classify-sex-vit-scratch",
+            _command(
+                [
+                    "finetune",
+                    "classify",
+                    *cfg,
+                    "--data",
+                    str(ixi),
+                    "--label",
+                    "sex",
+                    "--model",
+                    "vit",
+                    "--output",
+                    str(sex_splits.parent),
+                    *np_,
+                    *quick_o["classify"],
+                ]
+            ),
+            ["preprocess-ixi"],
+            100,
+        ),
+        Stage(
+            "classify-sex-volta3d",
+            _command(
+                [
+                    "finetune",
+                    "classify",
+                    *cfg,
+                    "--data",
+                    str(ixi),
+                    "--label",
+                    "sex",
+                    "--model",
+                    "vit",
+                    "--encoder",
+                    enc,
+                    "--splits",
+                    str(sex_splits),
+                    "--output",
+                    str(out / "classify-sex" / "volta3d"),
+                    *np_,
+                    *quick_o["classify"],
+                ]
+            ),
+            ["pretrain", "classify-sex-vit-scratch"],
+            100,
+        ),
+        Stage(
+            "classify-sex-swin-scratch",
+            _command(
+                [
+                    "finetune",
+                    "classify",
+                    *cfg,
+                    "--data",
+                    str(ixi),
+                    "--label",
+                    "sex",
+                    "--model",
+                    "swin",
+                    "--splits",
+                    str(sex_splits),
+                    "--output",
+                    str(out / "classify-sex" / "swin-scratch"),
+                    *np_,
+                    *quick_o["classify"],
+                ]
+            ),
+            ["classify-sex-vit-scratch"],
+            230,
+        ),
     ]
     # Frozen-feature probes of the pretrained and of a random-init encoder, and of the raw volume
     # (z-scored, average-pooled to 16^3: the floor), on the same folds; the sex probes' training
@@ -113,34 +225,124 @@ def plan(out: Path, shared: Path, *, quick: bool, workers: int, run_command: Run
                "raw-volume": [*cfg, "--raw-volume"]}  # fmt: skip
     for init, source in sources.items():
         emb = out / "embeddings" / f"{init}.npz"
-        stages.append(Stage(f"embed-{init}", _command(
-            ["embed", *source, "--data", str(ixi), "--output", str(emb), *np_]),
-            ["pretrain"] if init == "volta3d" else ["preprocess-ixi"], 3))
+        stages.append(
+            Stage(
+                f"embed-{init}",
+                _command(["embed", *source, "--data", str(ixi), "--output", str(emb), *np_]),
+                ["pretrain"] if init == "volta3d" else ["preprocess-ixi"],
+                3,
+            )
+        )
         for label in ("sex", "age"):
             needs = [f"embed-{init}", "classify-sex-vit-scratch" if label == "sex" else "embed-random-init"]
             if label == "age" and init != "random-init":
                 needs.append("probe-age-random-init")
             splits = sex_splits if label == "sex" else (age_splits if init != "random-init" else None)
-            stages.append(Stage(f"probe-{label}-{init}", _command(
-                ["probe", *cfg, "--embeddings", str(emb), "--data", str(ixi), "--label", label,
-                 *(["--splits", str(splits)] if splits else []), "--output", str(out / f"probe-{label}" / init),
-                 *quick_o["probe"]]), needs, 3))
+            stages.append(
+                Stage(
+                    f"probe-{label}-{init}",
+                    _command(
+                        [
+                            "probe",
+                            *cfg,
+                            "--embeddings",
+                            str(emb),
+                            "--data",
+                            str(ixi),
+                            "--label",
+                            label,
+                            *(["--splits", str(splits)] if splits else []),
+                            "--output",
+                            str(out / f"probe-{label}" / init),
+                            *quick_o["probe"],
+                        ]
+                    ),
+                    needs,
+                    3,
+                )
+            )
     stages += [
-        Stage("segment-unet-scratch", _command(
-            ["finetune", "segment", *cfg, "--data", str(msd), "--model", "unet",
-             "--output", str(seg_splits.parent), *np_, *quick_o["segment"]]), ["preprocess-msd"], 70),
-        Stage("segment-unetr-scratch", _command(
-            ["finetune", "segment", *cfg, "--data", str(msd), "--model", "unetr", "--splits", str(seg_splits),
-             "--output", str(out / "segment" / "unetr-scratch"), *np_, *quick_o["segment"]]),
-            ["segment-unet-scratch"], 150),
-        Stage("segment-unetr-volta3d", _command(
-            ["finetune", "segment", *cfg, "--data", str(msd), "--model", "unetr", "--encoder", enc,
-             "--splits", str(seg_splits), "--output", str(out / "segment" / "unetr-volta3d"), *np_,
-             *quick_o["segment"]]), ["pretrain", "segment-unet-scratch"], 150),
-        Stage("report", _command(
-            ["report", str(out), "--output", str(out / "report"),
-             "--title", "volta3d demo: VolTA-3D on the bundled IXI and MSD scans" + (" (quick)" if quick else "")]),
-            [], 20),
+        Stage(
+            "segment-unet-scratch",
+            _command(
+                [
+                    "finetune",
+                    "segment",
+                    *cfg,
+                    "--data",
+                    str(msd),
+                    "--model",
+                    "unet",
+                    "--output",
+                    str(seg_splits.parent),
+                    *np_,
+                    *quick_o["segment"],
+                ]
+            ),
+            ["preprocess-msd"],
+            70,
+        ),
+        Stage(
+            "segment-unetr-scratch",
+            _command(
+                [
+                    "finetune",
+                    "segment",
+                    *cfg,
+                    "--data",
+                    str(msd),
+                    "--model",
+                    "unetr",
+                    "--splits",
+                    str(seg_splits),
+                    "--output",
+                    str(out / "segment" / "unetr-scratch"),
+                    *np_,
+                    *quick_o["segment"],
+                ]
+            ),
+            ["segment-unet-scratch"],
+            150,
+        ),
+        Stage(
+            "segment-unetr-volta3d",
+            _command(
+                [
+                    "finetune",
+                    "segment",
+                    *cfg,
+                    "--data",
+                    str(msd),
+                    "--model",
+                    "unetr",
+                    "--encoder",
+                    enc,
+                    "--splits",
+                    str(seg_splits),
+                    "--output",
+                    str(out / "segment" / "unetr-volta3d"),
+                    *np_,
+                    *quick_o["segment"],
+                ]
+            ),
+            ["pretrain", "segment-unet-scratch"],
+            150,
+        ),
+        Stage(
+            "report",
+            _command(
+                [
+                    "report",
+                    str(out),
+                    "--output",
+                    str(out / "report"),
+                    "--title",
+                    "volta3d demo: VolTA-3D on the bundled IXI and MSD scans" + (" (quick)" if quick else ""),
+                ]
+            ),
+            [],
+            20,
+        ),
     ]
     return stages
 
@@ -160,13 +362,17 @@ def run_demo(
     entry point a user types); return 0 when all succeeded, 1 otherwise."""
     out, shared = Path(out), Path(shared)
     if not (shared / "ixi_t1_2mm").is_dir() or not (shared / "msd_task04_hippocampus").is_dir():
-        raise InputFileNotFound(f"bundled data not found in {shared} (expected ixi_t1_2mm/ and msd_task04_hippocampus/)")
+        raise InputFileNotFound(
+            f"bundled data not found in {shared} (expected ixi_t1_2mm/ and msd_task04_hippocampus/)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out, "demo.log")
     path = out / STAGES_NAME
     state = _load(path)
     if state and state.get("settings", {}).get("quick") != quick:
-        raise InputError(f"{out} holds a {'quick' if state['settings']['quick'] else 'full'} demo; use another --output")
+        raise InputError(
+            f"{out} holds a {'quick' if state['settings']['quick'] else 'full'} demo; use another --output"
+        )
     done = {s["name"]: s for s in state.get("stages", [])}
     stages = plan(out, shared, quick=quick, workers=workers, run_command=run_command)
     state["settings"] = {"quick": quick, "workers": workers, "shared_data": str(shared.resolve()),
@@ -184,7 +390,9 @@ def run_demo(
             status[stage.name] = "skipped"
             done[stage.name] = {"name": stage.name, "status": "skipped", "seconds": 0.0,
                                 "reason": f"needs {', '.join(blocked)}"}  # fmt: skip
-            log.warning("stage %d/%d %s: skipped, it needs %s", k, len(stages), stage.name, ", ".join(blocked))
+            log.warning(
+                "stage %d/%d %s: skipped, it needs %s", k, len(stages), stage.name, ", ".join(blocked)
+            )
             continue
         # the plan's remaining seconds, scaled by how fast this machine has been once there is enough to judge
         pace = (time.perf_counter() - t_start) / ran_expected if ran_expected >= 60 else 1.0
@@ -194,7 +402,11 @@ def run_demo(
         try:
             code = stage.run()
         except Exception as err:  # a failed stage is recorded; the independent ones go on
-            log.error("stage %s failed: %s", stage.name, str(err).splitlines()[0] if str(err) else type(err).__name__)
+            log.error(
+                "stage %s failed: %s",
+                stage.name,
+                str(err).splitlines()[0] if str(err) else type(err).__name__,
+            )
             code = 1
         seconds = time.perf_counter() - t0
         ran_expected += stage.expected_s

@@ -150,7 +150,9 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
-def setup_logging(run_dir: str | Path | None = None, filename: str = "log.txt", verbose: bool = True) -> logging.Logger:
+def setup_logging(
+    run_dir: str | Path | None = None, filename: str = "log.txt", verbose: bool = True
+) -> logging.Logger:
     """Log to stderr and, when ``run_dir`` is given, append to ``run_dir/filename`` (kept across resumes)."""
     logger = get_logger()
     logger.setLevel(logging.INFO)

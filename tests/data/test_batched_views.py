@@ -150,7 +150,9 @@ def test_views_do_not_depend_on_the_batch_they_are_built_in():
     again = _batch(batched, volumes, seeds)
     assert all(torch.equal(whole[k], again[k]) for k in whole)
     other = _batch(batched, volumes, [7, 8, 9, 10])
-    assert not torch.equal(whole["global"], other["global"]) and not torch.equal(whole["voxel_mask"], other["voxel_mask"])
+    assert not torch.equal(whole["global"], other["global"]) and not torch.equal(
+        whole["voxel_mask"], other["voxel_mask"]
+    )
 
 
 def test_shapes_dtypes_range_and_view_major_layout():
@@ -173,7 +175,10 @@ def test_volumes_of_other_sizes_share_a_batch():
     """collate_volumes keeps volumes of different sizes as a list; each gets its own views."""
     batched = BatchedMultiCrop(ViewSettings(**_settings()), _masker())
     volumes = [_volume(0, shape=(1, 20, 22, 18)), _volume(1, shape=(1, 12, 30, 16))]
-    items = [{"image": v, "index": torch.tensor(i), **batched.draw(v.shape[1:], 5 + i)} for i, v in enumerate(volumes)]
+    items = [
+        {"image": v, "index": torch.tensor(i), **batched.draw(v.shape[1:], 5 + i)}
+        for i, v in enumerate(volumes)
+    ]
     batch = collate_volumes(items)
     assert isinstance(batch["image"], list) and batch["crop_start"].shape == (2, 5, 3)
     out = batched(move_batch(batch, torch.device("cpu")))
@@ -201,7 +206,9 @@ class _TinyVolumes(Dataset):
 
 
 def _dataset(base_seed: int = 0) -> PretrainVolumesDataset:
-    return PretrainVolumesDataset(_TinyVolumes(), BatchedMultiCrop(ViewSettings(**_settings()), _masker()), base_seed)
+    return PretrainVolumesDataset(
+        _TinyVolumes(), BatchedMultiCrop(ViewSettings(**_settings()), _masker()), base_seed
+    )
 
 
 def test_dataset_seeds_do_not_depend_on_access_order_and_change_with_epoch():

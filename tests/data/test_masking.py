@@ -75,7 +75,9 @@ def test_noise_fill_is_uniform_on_unit_interval_and_unmasked_voxels_untouched():
 
 def test_zeros_fill():
     volume = torch.rand(1, 16, 16, 16) + 0.5
-    corrupted, voxel_mask, _ = _mask(GMMLMasker(ratio=0.5, fill="zeros", block_size=4, patch_size=8), volume, 0)
+    corrupted, voxel_mask, _ = _mask(
+        GMMLMasker(ratio=0.5, fill="zeros", block_size=4, patch_size=8), volume, 0
+    )
     assert torch.all(corrupted[voxel_mask] == 0) and torch.equal(corrupted[~voxel_mask], volume[~voxel_mask])
 
 

@@ -54,7 +54,9 @@ def test_masker_leaves_clean_views_and_local_crops_untouched():
     with_mask = _views(masker=_masker())(volume, seed=5)
     without = _views()(volume, seed=5)
     assert set(without) == {"global", "local"}
-    assert torch.equal(with_mask["global"], without["global"]) and torch.equal(with_mask["local"], without["local"])
+    assert torch.equal(with_mask["global"], without["global"]) and torch.equal(
+        with_mask["local"], without["local"]
+    )
 
 
 def test_global_masked_differs_from_global_only_where_masked():
@@ -73,8 +75,14 @@ def test_full_crop_with_all_flips_is_the_flipped_volume():
     identity, so with every flip on and every intensity change off the view is volume.flip(D, H, W)."""
     volume = _volume(3, shape=(1, G, G, G))
     views = _views(
-        n_local=0, global_scale=(1.0, 1.0), aspect_range=(1.0, 1.0), flip_prob=1.0,
-        gamma_prob=0.0, contrast_prob=0.0, noise_prob=0.0, bias_field_prob=0.0,
+        n_local=0,
+        global_scale=(1.0, 1.0),
+        aspect_range=(1.0, 1.0),
+        flip_prob=1.0,
+        gamma_prob=0.0,
+        contrast_prob=0.0,
+        noise_prob=0.0,
+        bias_field_prob=0.0,
     )
     out = views(volume, seed=0)
     for v in range(2):
@@ -83,10 +91,23 @@ def test_full_crop_with_all_flips_is_the_flipped_volume():
 
 def test_intensity_changes_happen_when_forced():
     volume = _volume(3, shape=(1, G, G, G))
-    plain = dict(n_local=0, global_scale=(1.0, 1.0), aspect_range=(1.0, 1.0), flip_prob=0.0,
-                 gamma_prob=0.0, contrast_prob=0.0, noise_prob=0.0, bias_field_prob=0.0)
+    plain = dict(
+        n_local=0,
+        global_scale=(1.0, 1.0),
+        aspect_range=(1.0, 1.0),
+        flip_prob=0.0,
+        gamma_prob=0.0,
+        contrast_prob=0.0,
+        noise_prob=0.0,
+        bias_field_prob=0.0,
+    )
     torch.testing.assert_close(_views(**plain)(volume, seed=0)["global"][0], volume)
-    for change in ({"gamma_prob": 1.0}, {"contrast_prob": 1.0}, {"noise_prob": 1.0}, {"bias_field_prob": 1.0}):
+    for change in (
+        {"gamma_prob": 1.0},
+        {"contrast_prob": 1.0},
+        {"noise_prob": 1.0},
+        {"bias_field_prob": 1.0},
+    ):
         changed = _views(**{**plain, **change})(volume, seed=0)["global"][0]
         assert not torch.allclose(changed, volume), change
 
@@ -138,12 +159,21 @@ def test_bad_inputs_raise():
 def test_flip_axes_restricts_flips_to_left_right():
     volume = _volume(3, shape=(1, G, G, G))
     views = _views(
-        n_local=0, global_scale=(1.0, 1.0), aspect_range=(1.0, 1.0), flip_prob=1.0, flip_axes=(0,),
-        gamma_prob=0.0, contrast_prob=0.0, noise_prob=0.0, bias_field_prob=0.0,
+        n_local=0,
+        global_scale=(1.0, 1.0),
+        aspect_range=(1.0, 1.0),
+        flip_prob=1.0,
+        flip_axes=(0,),
+        gamma_prob=0.0,
+        contrast_prob=0.0,
+        noise_prob=0.0,
+        bias_field_prob=0.0,
     )
     out = views(volume, seed=0)
     for v in range(2):
-        torch.testing.assert_close(out["global"][v], volume.flip(1))  # spatial axis 0 is dim 1 of (C, D, H, W)
+        torch.testing.assert_close(
+            out["global"][v], volume.flip(1)
+        )  # spatial axis 0 is dim 1 of (C, D, H, W)
     with pytest.raises(ValueError, match="flip_axes"):
         _views(flip_axes=(0, 3))
     with pytest.raises(ValueError, match="flip_axes"):

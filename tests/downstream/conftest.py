@@ -14,8 +14,15 @@ from .synthetic import write_blob_dataset  # noqa: E402
 
 # tiny ViT (img 32, patch 16, hidden 48, 2 layers) for every CLI test
 TINY_OVERRIDES = [
-    "model.img_size=32", "model.patch_size=16", "model.hidden_size=48", "model.mlp_dim=96", "model.num_layers=2",
-    "model.num_heads=4", "model.summariser.heads=4", "model.deconv_chns=8", "device=cpu",
+    "model.img_size=32",
+    "model.patch_size=16",
+    "model.hidden_size=48",
+    "model.mlp_dim=96",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.summariser.heads=4",
+    "model.deconv_chns=8",
+    "device=cpu",
 ]
 
 

@@ -8,8 +8,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-TINY_VIT = {"img_size": 32, "patch_size": 16, "hidden_size": 48, "mlp_dim": 96, "num_layers": 2, "num_heads": 4,
-            "in_channels": 1, "dropout": 0.0, "qkv_bias": False, "deconv_chns": 8, "fused_attention": True}
+TINY_VIT = {
+    "img_size": 32,
+    "patch_size": 16,
+    "hidden_size": 48,
+    "mlp_dim": 96,
+    "num_layers": 2,
+    "num_heads": 4,
+    "in_channels": 1,
+    "dropout": 0.0,
+    "qkv_bias": False,
+    "deconv_chns": 8,
+    "fused_attention": True,
+}
 
 
 def _ball(size: int, center: np.ndarray, radius: float) -> np.ndarray:
@@ -17,8 +28,14 @@ def _ball(size: int, center: np.ndarray, radius: float) -> np.ndarray:
     return ((grid - center[:, None, None, None]) ** 2).sum(0) <= radius**2
 
 
-def write_blob_dataset(root: Path, n_subjects: int = 20, scans_per_subject: int = 1, size: int = 32,
-                       seed: int = 0, max_offset: float = 0.0) -> Path:
+def write_blob_dataset(
+    root: Path,
+    n_subjects: int = 20,
+    scans_per_subject: int = 1,
+    size: int = 32,
+    seed: int = 0,
+    max_offset: float = 0.0,
+) -> Path:
     """Label 'blob' = a bright ball somewhere in the volume; 'none' = noise only. Also an 'age'
     column that equals 20 + 150 * offset, offset in [0, max_offset]: a numeric label visible in the
     volume as a brighter slab covering that fraction of the first axis (a shape, so it survives the
@@ -36,8 +53,15 @@ def write_blob_dataset(root: Path, n_subjects: int = 20, scans_per_subject: int 
                 vol[_ball(size, rng.uniform(9, size - 9, 3), rng.uniform(6, 8))] = 1.0
             path = root / f"sub{s:02d}_{j}.npy"
             np.save(path, vol[None].astype(np.float16))
-            rows.append({"subject_id": f"sub{s:02d}", "path": path.name, "diagnosis": "blob" if has_blob else "none",
-                         "age": 20 + 150 * offset, "site": "A"})
+            rows.append(
+                {
+                    "subject_id": f"sub{s:02d}",
+                    "path": path.name,
+                    "diagnosis": "blob" if has_blob else "none",
+                    "age": 20 + 150 * offset,
+                    "site": "A",
+                }
+            )
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     return root
 

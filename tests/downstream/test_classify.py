@@ -16,12 +16,32 @@ from volta3d.evaluation.splits import make_kfold_splits
 from .conftest import TINY_OVERRIDES, config_section
 from .synthetic import write_blob_dataset
 
-FAST = [*TINY_OVERRIDES, "classify.pooling=mean", "classify.n_splits=2", "classify.batch_size=2", "classify.lr=1e-3"]
+FAST = [
+    *TINY_OVERRIDES,
+    "classify.pooling=mean",
+    "classify.n_splits=2",
+    "classify.batch_size=2",
+    "classify.lr=1e-3",
+]
 
 
 def _finetune(data, out, label, *extra, epochs=10):
-    return main(["finetune", "classify", "--data", str(data), "--label", label, "--output", str(out),
-                 "--no-progress", *FAST, f"classify.epochs={epochs}", *extra])
+    return main(
+        [
+            "finetune",
+            "classify",
+            "--data",
+            str(data),
+            "--label",
+            label,
+            "--output",
+            str(out),
+            "--no-progress",
+            *FAST,
+            f"classify.epochs={epochs}",
+            *extra,
+        ]
+    )
 
 
 def test_blob_classifier_reaches_high_auroc_and_resumes(blob_data, tmp_path):
@@ -32,7 +52,9 @@ def test_blob_classifier_reaches_high_auroc_and_resumes(blob_data, tmp_path):
     assert results["aggregate"]["auroc"]["mean"] > 0.9
     assert len(results["folds"]) == 2
     preds = pd.read_csv(out / "predictions.csv")
-    assert sorted(preds["subject_id"]) == sorted(read_manifest(blob_data)["subject_id"])  # each scan tested once
+    assert sorted(preds["subject_id"]) == sorted(
+        read_manifest(blob_data)["subject_id"]
+    )  # each scan tested once
     assert {"score", "prediction", "y_true", "fold"} <= set(preds.columns)
     for name in ("config.yaml", "splits.json", "log.txt", "folds/fraction1.00_fold0.json"):
         assert (out / name).exists()
@@ -56,8 +78,16 @@ def test_youden_threshold_is_fitted_on_an_inner_validation_split(blob_data, tmp_
     monkeypatch.setattr(scoring, "binary_metrics", spy)
     labels = prepare_labels(read_manifest(blob_data), "diagnosis")
     splits = make_kfold_splits(labels.table["subject_id"], labels.strata, n_splits=3, seed=0)
-    res = tc.run_classification(labels, tmp_path, splits, config_section("classify", pooling="mean", epochs=1),
-                                encoder_kwargs=_tiny_encoder(), seed=0, device="cpu", progress=False)
+    res = tc.run_classification(
+        labels,
+        tmp_path,
+        splits,
+        config_section("classify", pooling="mean", epochs=1),
+        encoder_kwargs=_tiny_encoder(),
+        seed=0,
+        device="cpu",
+        progress=False,
+    )
     sizes = [(len(s["test"]), f["n_threshold"]) for s, f in zip(splits["folds"], res["folds"], strict=True)]
     assert seen == sizes  # the threshold saw exactly the held-out validation subjects of each fold
     assert res["youden_fit"]["source"] == "inner_validation"
@@ -69,7 +99,14 @@ def test_youden_threshold_is_fitted_on_an_inner_validation_split(blob_data, tmp_
 
 
 def _tiny_encoder():
-    return {"img_size": 32, "patch_size": 16, "hidden_size": 48, "mlp_dim": 96, "num_layers": 2, "num_heads": 4}
+    return {
+        "img_size": 32,
+        "patch_size": 16,
+        "hidden_size": 48,
+        "mlp_dim": 96,
+        "num_layers": 2,
+        "num_heads": 4,
+    }
 
 
 def test_reduced_data_curve_uses_nested_fractions(blob_data, tmp_path):
@@ -96,8 +133,10 @@ def test_age_regression_beats_the_mean_predictor(tmp_path):
 
 @pytest.mark.parametrize(
     ("label", "message"),
-    [("site", "label column 'site' has only one class ('A'); nothing to classify"),
-     ("sex", "label column 'sex' is not in the manifest")],
+    [
+        ("site", "label column 'site' has only one class ('A'); nothing to classify"),
+        ("sex", "label column 'sex' is not in the manifest"),
+    ],
 )
 def test_bad_label_column_is_a_one_line_error(blob_data, tmp_path, capsys, label, message):
     assert _finetune(blob_data, tmp_path / "bad", label, epochs=1) == 2
@@ -106,8 +145,9 @@ def test_bad_label_column_is_a_one_line_error(blob_data, tmp_path, capsys, label
 
 
 def test_missing_labels_are_dropped_and_multiclass_sorted():
-    table = pd.DataFrame({"subject_id": list("abcdef"), "path": list("abcdef"),
-                          "dx": ["CN", "AD", "", "MCI", None, "CN"]})
+    table = pd.DataFrame(
+        {"subject_id": list("abcdef"), "path": list("abcdef"), "dx": ["CN", "AD", "", "MCI", None, "CN"]}
+    )
     labels = prepare_labels(table, "dx")
     assert labels.dropped == 2 and labels.kind == "multiclass"
     assert labels.classes == ["AD", "CN", "MCI"]

@@ -14,8 +14,22 @@ from .test_classify import FAST
 
 
 def _classify(data, out, *extra, epochs=1):
-    return main(["finetune", "classify", "--data", str(data), "--label", "diagnosis", "--output", str(out),
-                 "--no-progress", *FAST, f"classify.epochs={epochs}", *extra])
+    return main(
+        [
+            "finetune",
+            "classify",
+            "--data",
+            str(data),
+            "--label",
+            "diagnosis",
+            "--output",
+            str(out),
+            "--no-progress",
+            *FAST,
+            f"classify.epochs={epochs}",
+            *extra,
+        ]
+    )
 
 
 def test_classify_reports_metrics_on_the_external_set(blob_data, tmp_path):
@@ -34,7 +48,10 @@ def test_classify_reports_metrics_on_the_external_set(blob_data, tmp_path):
 
 def test_internal_runs_say_their_test_is_not_external(blob_data, tmp_path):
     assert _classify(blob_data, tmp_path / "run") == 0
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["test"] == {"external": False, "data": None}
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test"] == {
+        "external": False,
+        "data": None,
+    }
 
 
 def test_external_class_unknown_to_training_is_an_error(blob_data, tmp_path, capsys):
@@ -53,10 +70,31 @@ def test_segment_reports_metrics_on_the_external_set(tmp_path):
     data = write_sphere_segmentation(tmp_path / "train", n_subjects=6)
     ext = write_sphere_segmentation(tmp_path / "ext", n_subjects=3, seed=9)
     out = tmp_path / "run"
-    assert main(["finetune", "segment", "--data", str(data), "--test-data", str(ext), "--output", str(out),
-                 "--model", "unet", "--no-progress", *TINY_OVERRIDES, "segment.epochs=1", "segment.crop_size=32",
-                 "segment.samples_per_volume=1"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "segment",
+                "--data",
+                str(data),
+                "--test-data",
+                str(ext),
+                "--output",
+                str(out),
+                "--model",
+                "unet",
+                "--no-progress",
+                *TINY_OVERRIDES,
+                "segment.epochs=1",
+                "segment.crop_size=32",
+                "segment.samples_per_volume=1",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["test"]["external"] is True and res["folds"][0]["n_test"] == 3
     assert res["folds"][0]["n_train"] + res["folds"][0]["n_val"] == 6
-    assert set(pd.read_csv(out / "predictions.csv")["subject_id"]) == {f"external:sub{s:02d}" for s in range(3)}
+    assert set(pd.read_csv(out / "predictions.csv")["subject_id"]) == {
+        f"external:sub{s:02d}" for s in range(3)
+    }

@@ -35,14 +35,30 @@ TINY = {"img_size": 32, "patch_size": 16, "hidden_size": 48, "mlp_dim": 96, "num
 
 
 def _run(data, out, *extra):
-    return main(["finetune", "classify", "--data", str(data), "--label", "diagnosis", "--output", str(out),
-                 "--no-progress", *FAST, "classify.epochs=1", *extra])
+    return main(
+        [
+            "finetune",
+            "classify",
+            "--data",
+            str(data),
+            "--label",
+            "diagnosis",
+            "--output",
+            str(out),
+            "--no-progress",
+            *FAST,
+            "classify.epochs=1",
+            *extra,
+        ]
+    )
 
 
 def _export(path, arch=TINY):
     torch.manual_seed(7)
     summariser = {**summariser_kwargs(**config_section("model")["summariser"]), "num_heads": 4}
-    save_encoder_export(path, VolTAEncoder(**arch, deconv_chns=8), CLSSummariser(arch["hidden_size"], **summariser))
+    save_encoder_export(
+        path, VolTAEncoder(**arch, deconv_chns=8), CLSSummariser(arch["hidden_size"], **summariser)
+    )
     return path
 
 
@@ -67,7 +83,10 @@ def test_positive_class_swaps_sensitivity_and_specificity(blob_data, tmp_path):
     for fa, fb in zip(a["folds"], b["folds"], strict=True):
         assert fb["metrics"]["sensitivity"] == pytest.approx(fa["metrics"]["specificity"])
         assert fb["metrics"]["specificity"] == pytest.approx(fa["metrics"]["sensitivity"])
-    pa, pb = pd.read_csv(tmp_path / "default" / "predictions.csv"), pd.read_csv(tmp_path / "blob" / "predictions.csv")
+    pa, pb = (
+        pd.read_csv(tmp_path / "default" / "predictions.csv"),
+        pd.read_csv(tmp_path / "blob" / "predictions.csv"),
+    )
     assert set(pb["positive_class"]) == {"blob"}
     np.testing.assert_allclose(pb["score"], 1 - pa["score"], atol=1e-5)  # the same model, the other class
     for fold, rows in pb.groupby("fold"):
@@ -87,8 +106,11 @@ def _trainable_encoder_share(monkeypatch) -> list[float]:
     real = tc.train_model
 
     def spy(net, *args, **kwargs):
-        flags = [p.requires_grad for n, p in net.encoder.named_parameters()
-                 if n not in set(net.encoder.unused_parameter_names())]
+        flags = [
+            p.requires_grad
+            for n, p in net.encoder.named_parameters()
+            if n not in set(net.encoder.unused_parameter_names())
+        ]
         seen.append(float(np.mean(flags)))
         return real(net, *args, **kwargs)
 
@@ -101,12 +123,21 @@ def test_frozen_mode_freezes_pretrained_encoders_only(blob_data, tmp_path, monke
     splits = make_kfold_splits(labels.table["subject_id"], labels.strata, n_splits=2, seed=0)
     seen = _trainable_encoder_share(monkeypatch)
     section = config_section("classify", pooling="mean", mode="frozen", epochs=1)
-    scratch = tc.run_classification(labels, tmp_path / "s", splits, section, encoder_kwargs=TINY, seed=0,
-                                    device="cpu", progress=False)
+    scratch = tc.run_classification(
+        labels, tmp_path / "s", splits, section, encoder_kwargs=TINY, seed=0, device="cpu", progress=False
+    )
     assert scratch["mode"] == "full" and seen == [1.0, 1.0]  # the baseline trained fully
     seen.clear()
-    pre = tc.run_classification(labels, tmp_path / "p", splits, section, encoder=_export(tmp_path / "enc"), seed=0,
-                                device="cpu", progress=False)
+    pre = tc.run_classification(
+        labels,
+        tmp_path / "p",
+        splits,
+        section,
+        encoder=_export(tmp_path / "enc"),
+        seed=0,
+        device="cpu",
+        progress=False,
+    )
     assert pre["mode"] == "frozen" and seen == [0.0, 0.0]
     (net, meta), *_ = load_fold_models(tmp_path / "p")  # rebuilt from model.json alone, weights strict
     assert meta["encoder"] == str(tmp_path / "enc") and meta["build"]["encoder_kwargs"]["hidden_size"] == 48
@@ -127,7 +158,10 @@ def test_test_fold_images_never_move_the_youden_threshold(blob_data, tmp_path):
     clean = json.loads((tmp_path / "clean" / "results.json").read_text())["folds"][0]
     moved = json.loads((tmp_path / "noisy" / "results.json").read_text())["folds"][0]
     assert moved["metrics"]["youden_threshold"] == pytest.approx(clean["metrics"]["youden_threshold"])
-    scores = [pd.read_csv(tmp_path / run / "predictions.csv").query("fold == 0")["score"] for run in ("clean", "noisy")]
+    scores = [
+        pd.read_csv(tmp_path / run / "predictions.csv").query("fold == 0")["score"]
+        for run in ("clean", "noisy")
+    ]
     assert not np.allclose(*scores)  # the test fold did change
     assert not set(clean["threshold_subjects"]) & test0
 
@@ -143,7 +177,8 @@ def test_like_builds_the_scratch_model_from_an_export_and_compare_warns(blob_dat
     assert _run(blob_data, tmp_path / "plain", "--splits", splits, *small) == 0
     cmp = compare_results(tmp_path / "like", tmp_path / "plain", n_boot=50)
     assert cmp["warnings"] == [
-        "runs A and B have different architectures: encoder.hidden_size 48 vs 32, encoder.mlp_dim 96 vs 64"]
+        "runs A and B have different architectures: encoder.hidden_size 48 vs 32, encoder.mlp_dim 96 vs 64"
+    ]
     assert "warning: runs A and B have different architectures" in format_comparison(cmp).splitlines()[1]
     assert compare_results(tmp_path / "like", tmp_path / "like", n_boot=50)["warnings"] == []
     capsys.readouterr()
@@ -154,7 +189,8 @@ def test_like_builds_the_scratch_model_from_an_export_and_compare_warns(blob_dat
 def test_architecture_warnings_need_both_records():
     assert architecture_warnings(None, {"model": "vit"}) == []
     assert architecture_warnings({"model": "unet"}, {"model": "unetr"}) == [
-        "runs A and B have different architectures: model unet vs unetr"]
+        "runs A and B have different architectures: model unet vs unetr"
+    ]
 
 
 def test_segment_like_takes_the_unetr_widths_from_the_export(tmp_path):
@@ -164,11 +200,32 @@ def test_segment_like_takes_the_unetr_widths_from_the_export(tmp_path):
     data = write_sphere_segmentation(tmp_path / "sph", n_subjects=5)
     enc = _export(tmp_path / "enc", {**TINY, "num_layers": 12})
     out = tmp_path / "run"
-    assert main(["finetune", "segment", "--data", str(data), "--output", str(out), "--no-progress", "--like", str(enc),
-                 *TINY_OVERRIDES, "model.num_layers=12", "model.hidden_size=32", "model.mlp_dim=64",
-                 "segment.feature_size=8", "segment.crop_size=32", "segment.epochs=1", "segment.samples_per_volume=1",
-                 "segment.val_fraction=0"]) == 0
-    (net, meta), = load_fold_models(out)
+    assert (
+        main(
+            [
+                "finetune",
+                "segment",
+                "--data",
+                str(data),
+                "--output",
+                str(out),
+                "--no-progress",
+                "--like",
+                str(enc),
+                *TINY_OVERRIDES,
+                "model.num_layers=12",
+                "model.hidden_size=32",
+                "model.mlp_dim=64",
+                "segment.feature_size=8",
+                "segment.crop_size=32",
+                "segment.epochs=1",
+                "segment.samples_per_volume=1",
+                "segment.val_fraction=0",
+            ]
+        )
+        == 0
+    )
+    ((net, meta),) = load_fold_models(out)
     trained = torch.load(out / "fold0_best.pt")
     assert meta["build"]["unetr_kwargs"]["hidden_size"] == 48
     assert all(torch.equal(v, trained[k]) for k, v in net.state_dict().items())
@@ -179,5 +236,6 @@ def test_segment_like_takes_the_unetr_widths_from_the_export(tmp_path):
 
 def test_compare_warns_when_positive_classes_differ():
     assert positive_class_warnings("AD", "CN") == [
-        "runs A and B name different positive classes (AD vs CN): sensitivity and specificity swap"]
+        "runs A and B name different positive classes (AD vs CN): sensitivity and specificity swap"
+    ]
     assert positive_class_warnings("AD", "AD") == positive_class_warnings(None, "CN") == []

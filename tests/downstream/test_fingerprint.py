@@ -14,7 +14,13 @@ from volta3d.models.export import save_encoder_export
 
 from .conftest import TINY_OVERRIDES
 
-FAST = [*TINY_OVERRIDES, "classify.epochs=1", "classify.n_splits=2", "classify.batch_size=4", "classify.pooling=mean"]
+FAST = [
+    *TINY_OVERRIDES,
+    "classify.epochs=1",
+    "classify.n_splits=2",
+    "classify.batch_size=4",
+    "classify.pooling=mean",
+]
 
 
 def _classify(data, out, *extra):
@@ -39,7 +45,9 @@ def test_same_run_resumes_and_a_changed_one_is_refused(blob_data, tmp_path, caps
     capsys.readouterr()
     assert _classify(blob_data, out, "classify.lr=0.01") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "classify.lr=0.0001, but this run has 0.01" in err[0] and "new --output" in err[0]
+    assert (
+        len(err) == 1 and "classify.lr=0.0001, but this run has 0.01" in err[0] and "new --output" in err[0]
+    )
     assert (out / "config.yaml").read_text() == config  # nothing overwritten by the refused run
     assert json.loads((out / "results.json").read_text()) == json.loads(first)
 

@@ -38,10 +38,12 @@ def test_flip_without_pairs_only_mirrors():
 
 @pytest.mark.parametrize(
     ("pairs", "message"),
-    [([[1, 1]], "pair [1, 1] must name two different labels in 1..2"),
-     ([[1, 3]], "pair [1, 3] must name two different labels in 1..2"),
-     ([[1]], "each entry must be a pair of integer labels"),
-     ([[1, 2], [2, 1]], "label 1 appears in more than one pair")],
+    [
+        ([[1, 1]], "pair [1, 1] must name two different labels in 1..2"),
+        ([[1, 3]], "pair [1, 3] must name two different labels in 1..2"),
+        ([[1]], "each entry must be a pair of integer labels"),
+        ([[1, 2], [2, 1]], "label 1 appears in more than one pair"),
+    ],
 )
 def test_bad_label_pairs_name_the_field(pairs, message):
     with pytest.raises(ValueError, match=r"segment\.flip_label_pairs") as err:
@@ -51,8 +53,22 @@ def test_bad_label_pairs_name_the_field(pairs, message):
 
 def test_segment_cli_checks_flip_label_pairs_against_the_masks(tmp_path, capsys):
     data = write_sphere_segmentation(tmp_path / "sph", n_subjects=4)
-    code = main(["finetune", "segment", "--data", str(data), "--output", str(tmp_path / "run"), "--model", "unet",
-                 "--no-progress", *TINY_OVERRIDES, "segment.epochs=1", "segment.flip_label_pairs=[[1, 2]]"])
+    code = main(
+        [
+            "finetune",
+            "segment",
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "run"),
+            "--model",
+            "unet",
+            "--no-progress",
+            *TINY_OVERRIDES,
+            "segment.epochs=1",
+            "segment.flip_label_pairs=[[1, 2]]",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "segment.flip_label_pairs: pair [1, 2] must name two different labels in 1..1" in err[0]
@@ -78,9 +94,23 @@ def test_segmentation_training_flips_with_the_configured_pairs(tmp_path, monkeyp
 
     monkeypatch.setattr(ts, "RandLeftRightFlipd", spy)
     table = read_manifest(data)
-    section = config_section("segment", model="unet", crop_size=16, samples_per_volume=1, epochs=1, val_fraction=0,
-                             flip_label_pairs=[[1, 2]])
-    res = ts.run_segmentation(table, tmp_path / "run", make_holdout_split(table["subject_id"], None, 0.25), section,
-                              unet_kwargs={"channels": (4, 8), "strides": (2,), "num_res_units": 0}, seed=0,
-                              device="cpu", progress=False)
+    section = config_section(
+        "segment",
+        model="unet",
+        crop_size=16,
+        samples_per_volume=1,
+        epochs=1,
+        val_fraction=0,
+        flip_label_pairs=[[1, 2]],
+    )
+    res = ts.run_segmentation(
+        table,
+        tmp_path / "run",
+        make_holdout_split(table["subject_id"], None, 0.25),
+        section,
+        unet_kwargs={"channels": (4, 8), "strides": (2,), "num_res_units": 0},
+        seed=0,
+        device="cpu",
+        progress=False,
+    )
     assert used == [("mask", [(1, 2)], 0.5)] and res["flip_label_pairs"] == [[1, 2]]

@@ -41,16 +41,41 @@ def sphere_model(tmp_path_factory):
     rows = []
     for s in range(10):
         vol, ball = _sphere_scan(rng, (32, 32, 32), np.eye(4), rng.uniform(10, 22, 3), rng.uniform(5, 7))
-        rows.append({"subject_id": f"sub{s:02d}", "path": str(write_nifti(root / f"raw/img{s}.nii.gz", vol)),
-                     "label_path": str(write_nifti(root / f"raw/lab{s}.nii.gz", ball.astype(np.uint8)))})
+        rows.append(
+            {
+                "subject_id": f"sub{s:02d}",
+                "path": str(write_nifti(root / f"raw/img{s}.nii.gz", vol)),
+                "label_path": str(write_nifti(root / f"raw/lab{s}.nii.gz", ball.astype(np.uint8))),
+            }
+        )
     pd.DataFrame(rows).to_csv(root / "raw.csv", index=False)
     prep = root / "prep"
-    assert main(["preprocess", "-o", str(prep), "--no-progress", str(root / "raw.csv"),
-                 "preprocess.size=[32,32,32]"]) == 0
+    assert (
+        main(
+            [
+                "preprocess",
+                "-o",
+                str(prep),
+                "--no-progress",
+                str(root / "raw.csv"),
+                "preprocess.size=[32,32,32]",
+            ]
+        )
+        == 0
+    )
     table = read_manifest(prep)
     splits = make_holdout_split(table["subject_id"], None, fraction=0.2, seed=0)
-    section = config_section("segment", model="unet", crop_size=16, samples_per_volume=2, epochs=20, batch_size=4,
-                             lr=1e-2, val_every=5, val_fraction=0.25)
+    section = config_section(
+        "segment",
+        model="unet",
+        crop_size=16,
+        samples_per_volume=2,
+        epochs=20,
+        batch_size=4,
+        lr=1e-2,
+        val_every=5,
+        val_fraction=0.25,
+    )
     run_segmentation(
         table, root / "run", splits, section,
         unet_kwargs={"channels": (8, 16, 32, 64), "strides": (2, 2, 2), "num_res_units": 1},
@@ -75,8 +100,22 @@ def test_predict_writes_the_mask_on_the_input_grid(sphere_model, tmp_path):
     scan = write_nifti(tmp_path / "in" / "odd.nii.gz", vol, affine)
     write_nifti(tmp_path / "in" / "flat.nii.gz", np.ones((10, 10, 10), np.float32))
     out = tmp_path / "out"
-    assert main(["predict", str(sphere_model), str(scan), str(tmp_path / "in" / "flat.nii.gz"),
-                 str(tmp_path / "missing.nii.gz"), str(scan), "--output", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(sphere_model),
+                str(scan),
+                str(tmp_path / "in" / "flat.nii.gz"),
+                str(tmp_path / "missing.nii.gz"),
+                str(scan),
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     img = nib.load(out / "odd_seg.nii.gz")
     mask = np.asarray(img.dataobj)
     assert mask.shape == shape and np.allclose(img.affine, affine)
@@ -94,7 +133,9 @@ def test_predict_writes_the_mask_on_the_input_grid(sphere_model, tmp_path):
 
 
 def test_predict_without_saved_models_is_a_one_line_error(tmp_path, capsys):
-    assert main(["predict", str(tmp_path), str(tmp_path), "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert (
+        main(["predict", str(tmp_path), str(tmp_path), "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no saved fold models in" in err[0]
 
@@ -109,28 +150,82 @@ def test_classifier_predict_reproduces_its_out_of_fold_probabilities(tmp_path):
         if s % 2 == 0:
             vol[_world_ball(vol.shape, np.eye(4), rng.uniform(10, 22, 3), 7)] = 1.0
         path = write_nifti(tmp_path / "raw" / f"s{s:02d}.nii.gz", vol)
-        rows.append({"subject_id": f"s{s:02d}", "path": str(path), "diagnosis": "blob" if s % 2 == 0 else "none"})
+        rows.append(
+            {"subject_id": f"s{s:02d}", "path": str(path), "diagnosis": "blob" if s % 2 == 0 else "none"}
+        )
     pd.DataFrame(rows).to_csv(tmp_path / "raw.csv", index=False)
     prep, run = tmp_path / "prep", tmp_path / "run"
-    assert main(["preprocess", "-o", str(prep), "--no-progress", str(tmp_path / "raw.csv"),
-                 "preprocess.size=[32,32,32]"]) == 0
-    assert main(["finetune", "classify", "--data", str(prep), "--label", "diagnosis", "--output", str(run),
-                 "--no-progress", *FAST, "classify.epochs=2", "classify.positive_class=blob"]) == 0
+    assert (
+        main(
+            [
+                "preprocess",
+                "-o",
+                str(prep),
+                "--no-progress",
+                str(tmp_path / "raw.csv"),
+                "preprocess.size=[32,32,32]",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "finetune",
+                "classify",
+                "--data",
+                str(prep),
+                "--label",
+                "diagnosis",
+                "--output",
+                str(run),
+                "--no-progress",
+                *FAST,
+                "classify.epochs=2",
+                "classify.positive_class=blob",
+            ]
+        )
+        == 0
+    )
     oof = pd.read_csv(run / "predictions.csv", dtype={"subject_id": str})
     results = json.loads((run / "results.json").read_text())
     for fold, expected in oof.groupby("fold"):
         table = pd.DataFrame(rows).set_index("subject_id").loc[expected["subject_id"]].reset_index()
         table[["subject_id", "path"]].to_csv(tmp_path / f"fold{fold}.csv", index=False)
         out = tmp_path / f"pred{fold}"
-        assert main(["predict", str(run), str(tmp_path / f"fold{fold}.csv"), "--output", str(out),
-                     "--folds", str(fold), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(run),
+                    str(tmp_path / f"fold{fold}.csv"),
+                    "--output",
+                    str(out),
+                    "--folds",
+                    str(fold),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         got = pd.read_csv(out / "predictions.csv", dtype={"subject_id": str}).set_index("subject_id")
         np.testing.assert_allclose(got.loc[expected["subject_id"], "p_blob"], expected["score"], atol=1e-5)
         thr = results["folds"][fold]["metrics"]["youden_threshold"]
         assert (got["label_youden"] == np.where(got["p_blob"] >= thr, "blob", "none")).all()
     # the whole ensemble: mean of the fold probabilities, labels at 0.5 and the mean threshold
-    assert main(["predict", str(run), str(tmp_path / "raw.csv"), "--output", str(tmp_path / "all"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                str(tmp_path / "raw.csv"),
+                "--output",
+                str(tmp_path / "all"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     allp = pd.read_csv(tmp_path / "all" / "predictions.csv")
     assert len(allp) == 12 and np.allclose(allp["p_blob"] + allp["p_none"], 1.0, atol=1e-5)
     assert (allp["label_0.5"] == np.where(allp["p_blob"] >= 0.5, "blob", "none")).all()
@@ -152,8 +247,19 @@ def test_predict_segments_a_dicom_series_on_its_own_grid(sphere_model, tmp_path)
     volume = rng.uniform(0, 160, shape) + 240 * ball
     write_dicom_series(tmp_path / "dicom" / "series1", np.round(volume), rescale=(1.0, 0.0))
     out = tmp_path / "out"
-    assert main(["predict", str(sphere_model), str(tmp_path / "dicom" / "series1"), "--output", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(sphere_model),
+                str(tmp_path / "dicom" / "series1"),
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     volumes = pd.read_csv(out / "volumes.csv")
     image, meta = read_volume(tmp_path / "dicom" / "series1")
     seg = nib.load(out / volumes["segmentation"].item())
@@ -167,8 +273,24 @@ def test_predict_needs_the_preprocessing_of_the_training_data(blob_data, tmp_pat
     from .test_classify import FAST
 
     run = tmp_path / "run"
-    assert main(["finetune", "classify", "--data", str(blob_data), "--label", "diagnosis", "--output", str(run),
-                 "--no-progress", *FAST, "classify.epochs=1"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "classify",
+                "--data",
+                str(blob_data),
+                "--label",
+                "diagnosis",
+                "--output",
+                str(run),
+                "--no-progress",
+                *FAST,
+                "classify.epochs=1",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["predict", str(run), str(blob_data), "--output", str(tmp_path / "o"), "--no-progress"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
@@ -182,7 +304,9 @@ def test_collect_scans_takes_files_folders_bids_and_csv(tmp_path):
 
     write_bids(tmp_path / "bids")
     one = write_nifti(tmp_path / "single" / "brain_1.nii.gz", head_like())
-    pd.DataFrame({"path": [str(one)], "subject_id": ["csv-subject"]}).to_csv(tmp_path / "list.csv", index=False)
+    pd.DataFrame({"path": [str(one)], "subject_id": ["csv-subject"]}).to_csv(
+        tmp_path / "list.csv", index=False
+    )
     (tmp_path / "notes.txt").write_text("not a scan")
     scans, rejected = collect_scans([tmp_path / "bids", one, tmp_path / "list.csv", tmp_path / "notes.txt"])
     assert [s.subject_id for s in scans][-2:] == ["brain_1", "csv-subject"]
@@ -202,4 +326,7 @@ def test_unknown_preprocessing_setting_is_a_one_line_error(sphere_model, tmp_pat
     record.write_text(json.dumps(meta))
     assert main(["predict", str(run), str(tmp_path), "--output", str(tmp_path / "o"), "--no-progress"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(err) == 1 and "saved model fold0 has preprocessing setting 'zoom' unknown to this volta3d" in err[0]
+    assert (
+        len(err) == 1
+        and "saved model fold0 has preprocessing setting 'zoom' unknown to this volta3d" in err[0]
+    )

@@ -18,15 +18,27 @@ from .conftest import TINY_OVERRIDES, config_section
 def _probe_settings(**changes) -> dict:
     """``run_probe``'s settings as the probe command passes them: the default config's."""
     probe = config_section("probe")
-    return {"seed": load_config().seed, "fractions": probe["fractions"], "logreg_c": probe["logreg_c"],
-            "knn_k": probe["knn_k"], "ridge_alpha": probe["ridge_alpha"], **changes}
+    return {
+        "seed": load_config().seed,
+        "fractions": probe["fractions"],
+        "logreg_c": probe["logreg_c"],
+        "knn_k": probe["knn_k"],
+        "ridge_alpha": probe["ridge_alpha"],
+        **changes,
+    }
 
 
 def _table(n=40, seed=0):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 2
-    table = pd.DataFrame({"subject_id": [f"s{i:02d}" for i in range(n)], "path": [f"p{i}" for i in range(n)],
-                          "dx": np.where(y == 1, "AD", "CN"), "age": 20 + 3.0 * np.arange(n)})
+    table = pd.DataFrame(
+        {
+            "subject_id": [f"s{i:02d}" for i in range(n)],
+            "path": [f"p{i}" for i in range(n)],
+            "dx": np.where(y == 1, "AD", "CN"),
+            "age": 20 + 3.0 * np.arange(n),
+        }
+    )
     feats = rng.normal(0, 1, (n, 8))
     feats[:, 0] += 3 * y  # the label is one feature away
     feats[:, 1] = table["age"] / 10  # age is linear in another
@@ -35,12 +47,16 @@ def _table(n=40, seed=0):
 
 def test_probes_recover_known_signal():
     table, feats = _table()
-    for column, probe, metric, bound in (("dx", "linear", "auroc", 0.95), ("dx", "knn", "auroc", 0.8),
-                                         ("age", "linear", "r2", 0.95)):
+    for column, probe, metric, bound in (
+        ("dx", "linear", "auroc", 0.95),
+        ("dx", "knn", "auroc", 0.8),
+        ("age", "linear", "r2", 0.95),
+    ):
         labels = prepare_labels(table, column)
         splits = make_kfold_splits(table["subject_id"], labels.strata, n_splits=4, seed=0)
-        res, preds = run_probe(feats, labels, splits, probe, feature_name="x", encoder=None,
-                               **_probe_settings(knn_k=5))
+        res, preds = run_probe(
+            feats, labels, splits, probe, feature_name="x", encoder=None, **_probe_settings(knn_k=5)
+        )
         assert res["aggregate"][metric]["mean"] > bound, (column, probe)
         assert sorted(preds["subject_id"]) == sorted(table["subject_id"])
 
@@ -49,13 +65,22 @@ def test_probe_reduced_data_fractions_are_nested():
     table, feats = _table()
     labels = prepare_labels(table, "dx")
     splits = make_kfold_splits(table["subject_id"], labels.strata, n_splits=4, seed=0)
-    res, preds = run_probe(feats, labels, splits, "linear", feature_name="x", encoder=None,
-                           **_probe_settings(fractions=[0.5, 1.0]))
+    res, preds = run_probe(
+        feats,
+        labels,
+        splits,
+        "linear",
+        feature_name="x",
+        encoder=None,
+        **_probe_settings(fractions=[0.5, 1.0]),
+    )
     assert set(res["fractions"]) == {"0.5", "1"}
     for fold in range(4):
         rows = preds[preds["fold"] == fold]
         half, full = (rows[rows["fraction"] == f] for f in (0.5, 1.0))
-        assert sorted(half["subject_id"]) == sorted(full["subject_id"])  # same test subjects at every fraction
+        assert sorted(half["subject_id"]) == sorted(
+            full["subject_id"]
+        )  # same test subjects at every fraction
     n_train = {frac: [f["n_train"] for f in res["fractions"][frac]["folds"]] for frac in ("0.5", "1")}
     # 40 subjects, 4 folds: 30 training = 15 per class; half of each class rounds to 8
     assert n_train == {"0.5": [16] * 4, "1": [30] * 4}
@@ -63,25 +88,70 @@ def test_probe_reduced_data_fractions_are_nested():
 
 def test_embed_probe_compare_cli(blob_data, tmp_path, capsys):
     emb = tmp_path / "emb.npz"
-    assert main(["embed", "--data", str(blob_data), "--output", str(emb), "--no-progress", *TINY_OVERRIDES]) == 0
+    assert (
+        main(["embed", "--data", str(blob_data), "--output", str(emb), "--no-progress", *TINY_OVERRIDES]) == 0
+    )
     data, meta = load_embeddings(emb)
     assert data["mean"].shape == (24, 48) and data["cls"].shape == (24, 48)
     assert meta["init"] == "random-init"
     out = tmp_path / "probe"
-    assert main(["probe", "--embeddings", str(emb), "--data", str(blob_data), "--label", "diagnosis",
-                 "--output", str(out), "probe.n_splits=3", "probe.knn_k=5"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--embeddings",
+                str(emb),
+                "--data",
+                str(blob_data),
+                "--label",
+                "diagnosis",
+                "--output",
+                str(out),
+                "probe.n_splits=3",
+                "probe.knn_k=5",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"linear_cls", "knn_cls", "linear_mean", "knn_mean"}
     capsys.readouterr()
-    assert main(["compare", str(out / "linear_mean"), str(out / "knn_mean"), "--n-boot", "100",
-                 "--output", str(tmp_path / "cmp.json")]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(out / "linear_mean"),
+                str(out / "knn_mean"),
+                "--n-boot",
+                "100",
+                "--output",
+                str(tmp_path / "cmp.json"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "DeLong" in printed and "auroc" in printed
     cmp = json.loads((tmp_path / "cmp.json").read_text())
     assert cmp["n_folds"] == 3 and cmp["delong"]["n"] == 24
     # a run on other folds cannot be compared
-    assert main(["probe", "--embeddings", str(emb), "--data", str(blob_data), "--label", "diagnosis",
-                 "--output", str(tmp_path / "other"), "probe.n_splits=2"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--embeddings",
+                str(emb),
+                "--data",
+                str(blob_data),
+                "--label",
+                "diagnosis",
+                "--output",
+                str(tmp_path / "other"),
+                "probe.n_splits=2",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["compare", str(out / "linear_mean"), str(tmp_path / "other" / "linear_mean")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

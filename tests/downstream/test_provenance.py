@@ -58,10 +58,32 @@ def test_pretrain_records_it_and_finetune_reports_it(tmp_path):
     meta = json.loads((enc / "encoder.json").read_text())
     assert len(meta["provenance"]["subject_ids"]) == 8
     out = tmp_path / "ft"
-    assert main(["finetune", "classify", "--data", str(data), "--label", "diagnosis", "--encoder", str(enc),
-                 "--output", str(out), "--no-progress", "classify.epochs=1", "classify.n_splits=2", "device=cpu"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "classify",
+                "--data",
+                str(data),
+                "--label",
+                "diagnosis",
+                "--encoder",
+                str(enc),
+                "--output",
+                str(out),
+                "--no-progress",
+                "classify.epochs=1",
+                "classify.n_splits=2",
+                "device=cpu",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["encoder_provenance"]["transductive"] is True
     assert results["encoder_provenance"]["test_subjects_in_pretraining"] == 8
-    assert "8 of 8 test subjects were in the encoder's pretraining set (transductive)" in (out / "log.txt").read_text()
+    assert (
+        "8 of 8 test subjects were in the encoder's pretraining set (transductive)"
+        in (out / "log.txt").read_text()
+    )
     assert pd.read_csv(out / "predictions.csv")["subject_id"].nunique() == 8

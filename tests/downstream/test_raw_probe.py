@@ -50,31 +50,60 @@ def test_raw_features_shapes_for_sides_not_multiple_of_the_grid():
 
 def test_load_embeddings_accepts_raw_only_and_names_what_is_missing(tmp_path):
     ids = np.asarray(["a", "b"], dtype=str)
-    path = save_embeddings(tmp_path / "raw.npz", {"subject_id": ids, "path": ids, "raw": np.zeros((2, 8))},
-                           {"init": "raw-volume"})
+    path = save_embeddings(
+        tmp_path / "raw.npz",
+        {"subject_id": ids, "path": ids, "raw": np.zeros((2, 8))},
+        {"init": "raw-volume"},
+    )
     data, meta = load_embeddings(path)
     assert set(data) == {"subject_id", "path", "raw"} and meta == {"init": "raw-volume"}
     bad = save_embeddings(tmp_path / "bad.npz", {"subject_id": ids, "other": np.zeros((2, 8))}, {})
-    with pytest.raises(ValueError, match=r"bad.npz is not a volta3d embeddings file \(needs subject_id and one of "
-                                         r"mean, cls, tokens, raw arrays\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"bad.npz is not a volta3d embeddings file \(needs subject_id and one of "
+        r"mean, cls, tokens, raw arrays\)",
+    ):
         load_embeddings(bad)
 
 
 def test_embed_raw_volume_then_probe(blob_data, tmp_path):
     emb = tmp_path / "raw.npz"
-    assert main(["embed", "--raw-volume", "--data", str(blob_data), "--output", str(emb), "--no-progress"]) == 0
+    assert (
+        main(["embed", "--raw-volume", "--data", str(blob_data), "--output", str(emb), "--no-progress"]) == 0
+    )
     data, meta = load_embeddings(emb)
     assert set(data) == {"subject_id", "path", "raw"} and data["raw"].shape == (24, 4096)
     assert {k: meta[k] for k in ("init", "encoder", "grid", "features")} == {
-        "init": "raw-volume", "encoder": None, "grid": 16, "features": ["raw"]}
+        "init": "raw-volume",
+        "encoder": None,
+        "grid": 16,
+        "features": ["raw"],
+    }
     table = read_manifest(blob_data)
     assert data["path"].tolist() == table["path"].tolist()
     first = np.load(table["path"][0]).astype(np.float64)  # (1, 32, 32, 32) on disk as float16
     np.testing.assert_allclose(data["raw"][0], _reference(first, 16), atol=1e-4)
 
     out = tmp_path / "probe"
-    assert main(["probe", "--embeddings", str(emb), "--data", str(blob_data), "--label", "diagnosis",
-                 "--output", str(out), "probe.n_splits=3", "probe.knn_k=5", "probe.features=[cls]"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--embeddings",
+                str(emb),
+                "--data",
+                str(blob_data),
+                "--label",
+                "diagnosis",
+                "--output",
+                str(out),
+                "probe.n_splits=3",
+                "probe.knn_k=5",
+                "probe.features=[cls]",
+            ]
+        )
+        == 0
+    )
     assert set(json.loads((out / "summary.json").read_text())) == {"linear_raw", "knn_raw"}
     res = json.loads((out / "linear_raw" / "results.json").read_text())
     assert res["model"] == "probe-linear-raw" and res["encoder"] is None
@@ -93,12 +122,21 @@ def test_raw_volume_with_an_encoder_flag_is_a_one_line_error(blob_data, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"volta3d embed: error: --raw-volume embeds the volumes themselves and takes no {flag[0]}"]
     assert not (tmp_path / "x.npz").exists()
-    assert main(["embed", "--raw-grid", "8", "--data", str(blob_data), "--output", str(tmp_path / "x.npz")]) == 2
-    assert capsys.readouterr().err.strip() == "volta3d embed: error: --raw-grid applies only with --raw-volume"
+    assert (
+        main(["embed", "--raw-grid", "8", "--data", str(blob_data), "--output", str(tmp_path / "x.npz")]) == 2
+    )
+    assert (
+        capsys.readouterr().err.strip() == "volta3d embed: error: --raw-grid applies only with --raw-volume"
+    )
 
 
 def _probe_run(probe: str, feature: str, init: str, encoder: str | None = "/enc") -> Run:
-    results = {"model": f"probe-{probe}-{feature}", "encoder": encoder, "embedding_init": init, "embedding_grid": 16}
+    results = {
+        "model": f"probe-{probe}-{feature}",
+        "encoder": encoder,
+        "embedding_init": init,
+        "embedding_grid": 16,
+    }
     return Run(default_name(results), results)
 
 
@@ -106,9 +144,14 @@ def test_report_pairs_the_raw_floor_with_every_pretrained_probe_of_its_kind():
     pretrained = [_probe_run(p, f, "pretrained") for p in ("linear", "knn") for f in ("cls", "mean")]
     raw = [_probe_run(p, "raw", "raw-volume", encoder=None) for p in ("linear", "knn")]
     random = _probe_run("linear", "cls", "random-init")
-    assert [initialisation(r) for r in (pretrained[0], random, raw[0])] == ["VolTA-3D", "random init",
-                                                                            "raw volume (16^3)"]
-    assert not _probe_run("linear", "raw", "raw-volume", encoder="/enc").pretrained  # never mistaken for VolTA-3D
+    assert [initialisation(r) for r in (pretrained[0], random, raw[0])] == [
+        "VolTA-3D",
+        "random init",
+        "raw volume (16^3)",
+    ]
+    assert not _probe_run(
+        "linear", "raw", "raw-volume", encoder="/enc"
+    ).pretrained  # never mistaken for VolTA-3D
     refs, pairs = pair_runs([*pretrained, *raw, random], None)
     assert {r.name for r in refs} == {r.name for r in pretrained}
     assert [(a.name, b.name) for a, b in pairs] == [
@@ -131,7 +174,9 @@ def test_token_grid_embedding_is_the_flattened_patch_tokens(tmp_path):
     images = torch.rand(3, 1, 32, 32, 32)
     for i, image in enumerate(images):
         np.save(tmp_path / f"v{i}.npy", image.numpy())
-    table = pd.DataFrame({"subject_id": [f"s{i}" for i in range(3)], "path": [str(tmp_path / f"v{i}.npy") for i in range(3)]})
+    table = pd.DataFrame(
+        {"subject_id": [f"s{i}" for i in range(3)], "path": [str(tmp_path / f"v{i}.npy") for i in range(3)]}
+    )
     encoder = VolTAEncoder(img_size=32, patch_size=16, hidden_size=16, mlp_dim=32, num_layers=1, num_heads=2)
     emb = extract_embeddings(encoder, None, VolumeDataset(table), batch_size=2, progress=False, tokens=True)
     with torch.no_grad():

@@ -15,8 +15,15 @@ def test_bench_prints_the_table(tmp_path, capsys, volume_folder):
             "preprocess.size=[32,32,32]"]  # fmt: skip
     assert main(args) == 0
     text = capsys.readouterr().out
-    for needle in ("matmul rate", "volta3d", "straightforward", "speed-up over the straightforward step",
-                   "reference (MONAI, per volume, workers)", "batched: loader only (views on a GPU)", "end to end"):
+    for needle in (
+        "matmul rate",
+        "volta3d",
+        "straightforward",
+        "speed-up over the straightforward step",
+        "reference (MONAI, per volume, workers)",
+        "batched: loader only (views on a GPU)",
+        "end to end",
+    ):
         assert needle in text
     report = json.loads(out.read_text())
     assert [r["name"] for r in report["results"]] == ["volta3d", "straightforward"]
@@ -27,7 +34,13 @@ def test_bench_prints_the_table(tmp_path, capsys, volume_folder):
     assert abs(fast["flops_per_step"] - naive["flops_per_step"]) / fast["flops_per_step"] < 0.05
     pipeline = report["pipeline"]
     assert pipeline["views_per_volume"] == 4  # 2 global + views.n_local=2
-    for key in ("reference_seconds", "batched_seconds", "draw_seconds", "load_seconds", "end_to_end_seconds_per_step"):
+    for key in (
+        "reference_seconds",
+        "batched_seconds",
+        "draw_seconds",
+        "load_seconds",
+        "end_to_end_seconds_per_step",
+    ):
         assert pipeline[key] > 0, key
 
 

@@ -15,7 +15,14 @@ from .conftest import TINY_OVERRIDES, write_volume_folder
 
 def _pretrain(args, nproc, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "volta3d.cli", "pretrain", "--no-progress", *args]
+    cmd = [
+        *(launcher if nproc > 1 else [sys.executable]),
+        "-m",
+        "volta3d.cli",
+        "pretrain",
+        "--no-progress",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -24,8 +31,12 @@ def _pretrain(args, nproc, tmp_path):
 def test_two_ranks_match_one_process_with_double_batch(tmp_path):
     data = write_volume_folder(tmp_path / "prep", n=8)
     common = [o for o in TINY_OVERRIDES if not o.startswith("optim.batch_size")] + ["train.max_steps=3"]
-    _pretrain(["--data", str(data), "--output", str(tmp_path / "one"), *common, "optim.batch_size=4"], 1, tmp_path)
-    _pretrain(["--data", str(data), "--output", str(tmp_path / "two"), *common, "optim.batch_size=2"], 2, tmp_path)
+    _pretrain(
+        ["--data", str(data), "--output", str(tmp_path / "one"), *common, "optim.batch_size=4"], 1, tmp_path
+    )
+    _pretrain(
+        ["--data", str(data), "--output", str(tmp_path / "two"), *common, "optim.batch_size=2"], 2, tmp_path
+    )
 
     one = load_checkpoint(tmp_path / "one/checkpoints/last.pt")
     two = load_checkpoint(tmp_path / "two/checkpoints/last.pt")

@@ -14,7 +14,13 @@ from volta3d.engine.trainer import pretrain
 
 from .conftest import write_volume_folder
 
-EVAL = ["eval.labels=[sex,age]", "eval.every=2", "eval.n_splits=3", "probe.knn_k=3", "probe.features=[cls,mean,tokens]"]
+EVAL = [
+    "eval.labels=[sex,age]",
+    "eval.every=2",
+    "eval.n_splits=3",
+    "probe.knn_k=3",
+    "probe.features=[cls,mean,tokens]",
+]
 
 
 def _labelled_folder(folder: Path, n: int = 12) -> Path:
@@ -36,7 +42,10 @@ def test_online_rows_have_references_and_teacher_steps(tiny_overrides, volume_fo
     out = _pretrain(tiny_overrides, volume_folder, eval_data, tmp_path / "run", "train.max_steps=3")
     rows = pd.read_csv(out / "online_eval.csv")
     assert set(rows["source"]) == {"init", "raw", "teacher"}
-    assert sorted(rows.loc[rows["source"] == "teacher", "step"].unique()) == [2, 3]  # every 2 steps + the last
+    assert sorted(rows.loc[rows["source"] == "teacher", "step"].unique()) == [
+        2,
+        3,
+    ]  # every 2 steps + the last
     assert (rows.loc[rows["source"] != "teacher", "step"] == 0).all()
     assert set(rows.loc[rows["label"] == "sex", "metric"]) == {"auroc"}
     assert set(rows.loc[rows["label"] == "age", "metric"]) == {"mae"}
@@ -88,7 +97,9 @@ def test_resume_with_online_probe_is_bitwise_and_keeps_references(tiny_overrides
     for k in a:
         assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k  # evaluating changes no training step
     rows = pd.read_csv(resumed / "online_eval.csv")
-    assert (rows["source"] == "init").sum() == (pd.read_csv(straight / "online_eval.csv")["source"] == "init").sum()
+    assert (rows["source"] == "init").sum() == (
+        pd.read_csv(straight / "online_eval.csv")["source"] == "init"
+    ).sum()
     assert sorted(rows.loc[rows["source"] == "teacher", "step"].unique()) == [2, 4]
 
 

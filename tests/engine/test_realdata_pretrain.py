@@ -29,7 +29,8 @@ def test_losses_go_down_on_real_scans(shared_data, tmp_path):
 
     cfg = load_config(
         ["tiny-cpu"],
-        TINY_OVERRIDES + ["optim.epochs=20", "optim.warmup_epochs=1", "optim.lr=5e-4", "optim.freeze_last_layer_epochs=0"],
+        TINY_OVERRIDES
+        + ["optim.epochs=20", "optim.warmup_epochs=1", "optim.lr=5e-4", "optim.freeze_last_layer_epochs=0"],
     )
     out = pretrain(cfg, prep, tmp_path / "run", progress=False)
     rows = MetricsCSV(out / "metrics.csv").read()

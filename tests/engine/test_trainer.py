@@ -37,7 +37,14 @@ def test_exact_resume_is_bitwise(tiny_overrides, volume_folder, tmp_path):
 
 def test_run_writes_its_outputs(tiny_overrides, volume_folder, tmp_path):
     out = _run(tiny_overrides, volume_folder, tmp_path / "run", "train.max_steps=2")
-    for name in ("config.yaml", "log.txt", "metrics.csv", "checkpoints/last.pt", "encoder.safetensors", "encoder.json"):
+    for name in (
+        "config.yaml",
+        "log.txt",
+        "metrics.csv",
+        "checkpoints/last.pt",
+        "encoder.safetensors",
+        "encoder.json",
+    ):
         assert (out / name).is_file(), name
     rows = MetricsCSV(out / "metrics.csv").read()
     assert len(rows) == 2
@@ -47,7 +54,9 @@ def test_run_writes_its_outputs(tiny_overrides, volume_folder, tmp_path):
     assert "non-finite" not in (out / "log.txt").read_text()
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_overrides, volume_folder, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    tiny_overrides, volume_folder, tmp_path, monkeypatch
+):
     real = VolTA3D.compute_losses
     calls = {"n": 0}
 
@@ -100,8 +109,15 @@ def test_collapse_alarm_fires_on_a_collapsing_configuration(tiny_overrides, volu
     rows = MetricsCSV(out / "metrics.csv").read()
     assert [int(r["collapse_alarm"]) for r in rows] == [0, 1, 1, 1]
     assert "collapse alarm at step 2: uniform" in (out / "log.txt").read_text()
-    for key in ("teacher_entropy_gap", "teacher_patch_entropy_gap", "student_cls_cosine", "teacher_cls_cosine",
-                "cls_rank", "patch_rank", "log_k"):
+    for key in (
+        "teacher_entropy_gap",
+        "teacher_patch_entropy_gap",
+        "student_cls_cosine",
+        "teacher_cls_cosine",
+        "cls_rank",
+        "patch_rank",
+        "log_k",
+    ):
         assert rows[-1][key] != "", key
 
 
@@ -118,7 +134,9 @@ def test_koleo_and_sinkhorn_options_train(tiny_overrides, volume_folder, tmp_pat
     out = _run(tiny_overrides, volume_folder, tmp_path / "run", "train.max_steps=2", "loss.koleo_weight=0.1",
                "loss.centering=sinkhorn")  # fmt: skip
     rows = MetricsCSV(out / "metrics.csv").read()
-    assert float(rows[-1]["koleo"]) > 0 and float(rows[-1]["center_norm"]) == 0.0  # Sinkhorn leaves the center unused
+    assert (
+        float(rows[-1]["koleo"]) > 0 and float(rows[-1]["center_norm"]) == 0.0
+    )  # Sinkhorn leaves the center unused
     with pytest.raises(ValueError, match="koleo_weight > 0 needs optim.batch_size >= 2"):
         _run(tiny_overrides, volume_folder, tmp_path / "b1", "train.max_steps=1", "loss.koleo_weight=0.1",
              "optim.batch_size=1")  # fmt: skip
@@ -135,7 +153,9 @@ def test_non_finite_loss_is_one_line_in_the_cli_and_in_the_log(tiny_overrides, v
 
     monkeypatch.setattr(VolTA3D, "compute_losses", poisoned)
     out = tmp_path / "nan"
-    code = main(["pretrain", "--data", str(volume_folder), "--output", str(out), "--no-progress", *tiny_overrides])
+    code = main(
+        ["pretrain", "--data", str(volume_folder), "--output", str(out), "--no-progress", *tiny_overrides]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "non-finite loss at optimiser step 0" in err[-1] and "new --output folder" in err[-1]
     assert "non-finite loss at optimiser step 0" in (out / "log.txt").read_text()
@@ -162,4 +182,8 @@ def test_a_truncated_cached_volume_is_one_line_from_the_loader_workers(tiny_over
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert [line for line in err.splitlines() if "error:" in line] == [err.strip().splitlines()[-1]]
-    assert err.strip().splitlines()[-1].startswith(f"volta3d pretrain: error: cannot read cached volume {bad} (subject s1)")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"volta3d pretrain: error: cannot read cached volume {bad} (subject s1)")
+    )

@@ -38,11 +38,20 @@ def _measure(dt: Any, session: str, report: Path, screenshot: Path) -> dict[str,
     """Load ``report`` in a WIDTH x HEIGHT viewport: the boxes of FIRST_SCREEN_IDS (an element's image
     when it holds one) in viewport pixels, and the screenshot of that viewport only."""
     dt.call("Page.enable", session)
-    dt.call("Emulation.setDeviceMetricsOverride", session, width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
+    dt.call(
+        "Emulation.setDeviceMetricsOverride",
+        session,
+        width=WIDTH,
+        height=HEIGHT,
+        deviceScaleFactor=1,
+        mobile=False,
+    )
     dt.call("Page.navigate", session, url=report.resolve().as_uri())
     dt.wait_for("Page.loadEventFired")
     expr = BOXES_JS % json.dumps(list(FIRST_SCREEN_IDS))
-    boxes = json.loads(dt.call("Runtime.evaluate", session, expression=expr, returnByValue=True)["result"]["value"])
+    boxes = json.loads(
+        dt.call("Runtime.evaluate", session, expression=expr, returnByValue=True)["result"]["value"]
+    )
     png = dt.call("Page.captureScreenshot", session, format="png")["data"]
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     screenshot.write_bytes(base64.b64decode(png))

@@ -15,8 +15,13 @@ def _fake_run(path, splits, signal, seed):
     for k, fold in enumerate(splits["folds"]):
         y = np.array([int(s[1:]) % 2 for s in fold["test"]])
         score = 1 / (1 + np.exp(-(signal * (2 * y - 1) + rng.normal(0, 1, len(y)))))
-        folds.append({"fold": k, "metrics": {"auroc": float(np.mean(score[y == 1]) - np.mean(score[y == 0]))}})
-        rows += [{"subject_id": s, "fold": k, "y_true": t, "score": p} for s, t, p in zip(fold["test"], y, score, strict=True)]
+        folds.append(
+            {"fold": k, "metrics": {"auroc": float(np.mean(score[y == 1]) - np.mean(score[y == 0]))}}
+        )
+        rows += [
+            {"subject_id": s, "fold": k, "y_true": t, "score": p}
+            for s, t, p in zip(fold["test"], y, score, strict=True)
+        ]
     results = {"kind": "binary", "model": f"m{seed}", "splits": splits, "folds": folds, "aggregate": {}}
     save_run(path, results, pd.DataFrame(rows))
 

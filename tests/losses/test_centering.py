@@ -104,7 +104,9 @@ def test_sinkhorn_matches_the_definition(iterations):
 
     logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(3))
     out = sinkhorn_knopp_probs(logits, temp=0.1, n_iterations=iterations)
-    np.testing.assert_allclose(out.numpy(), _sinkhorn_reference(logits.numpy(), 0.1, iterations), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        out.numpy(), _sinkhorn_reference(logits.numpy(), 0.1, iterations), rtol=1e-4, atol=1e-7
+    )
     torch.testing.assert_close(out.sum(-1), torch.ones(6))
 
 

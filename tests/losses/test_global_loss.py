@@ -36,7 +36,9 @@ def _reference(student: list[np.ndarray], teacher: list[np.ndarray], temp: float
 def _views(seed: int, n_views: int = 5, batch: int = 3, k: int = 7):
     gen = torch.Generator().manual_seed(seed)
     student = [torch.randn(batch, k, generator=gen, dtype=torch.float64) * 2 for _ in range(n_views)]
-    teacher = [torch.softmax(torch.randn(batch, k, generator=gen, dtype=torch.float64) / 0.5, -1) for _ in range(2)]
+    teacher = [
+        torch.softmax(torch.randn(batch, k, generator=gen, dtype=torch.float64) / 0.5, -1) for _ in range(2)
+    ]
     return student, teacher
 
 
@@ -94,8 +96,10 @@ def test_literal_value_for_uniform_logits():
 
 
 def test_extreme_bf16_logits_give_finite_loss_and_grad():
-    student = [torch.tensor([[1e4, -1e4, 0.0], [-3e4, 3e4, 1.0]], dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3)]
+    student = [
+        torch.tensor([[1e4, -1e4, 0.0], [-3e4, 3e4, 1.0]], dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    ]
     teacher = [torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])] * 2
     loss = GlobalDistillationLoss()(student, teacher, student_temp=0.1)
     loss.backward()

@@ -47,10 +47,14 @@ def test_weighted_value_matches_reference_and_skips_empty_volumes():
     student, teacher = _inputs(1)
     mask = torch.tensor([[1, 0, 1, 1, 0, 0, 0, 1], [0] * 8, [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
     loss = PatchDistillationLoss()(student, teacher, 0.1, token_weight=mask)
-    assert loss.item() == pytest.approx(_reference(student.numpy(), teacher.numpy(), 0.1, mask.numpy()), rel=1e-5)
+    assert loss.item() == pytest.approx(
+        _reference(student.numpy(), teacher.numpy(), 0.1, mask.numpy()), rel=1e-5
+    )
     fractional = torch.rand(3, 8, generator=torch.Generator().manual_seed(5))
     loss = PatchDistillationLoss()(student, teacher, 0.1, token_weight=fractional)
-    assert loss.item() == pytest.approx(_reference(student.numpy(), teacher.numpy(), 0.1, fractional.numpy()), rel=1e-5)
+    assert loss.item() == pytest.approx(
+        _reference(student.numpy(), teacher.numpy(), 0.1, fractional.numpy()), rel=1e-5
+    )
 
 
 def test_masked_tokens_only_ignore_unmasked_student_tokens():
@@ -60,7 +64,9 @@ def test_masked_tokens_only_ignore_unmasked_student_tokens():
     changed = student.clone()
     changed[:, 4:] = torch.randn(3, 4, 6) * 10
     loss = PatchDistillationLoss()
-    assert loss(student, teacher, 0.1, mask).item() == pytest.approx(loss(changed, teacher, 0.1, mask).item(), rel=1e-6)
+    assert loss(student, teacher, 0.1, mask).item() == pytest.approx(
+        loss(changed, teacher, 0.1, mask).item(), rel=1e-6
+    )
 
 
 def test_gradient_matches_analytic_form():

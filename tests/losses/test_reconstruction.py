@@ -40,7 +40,9 @@ def test_unmasked_voxels_are_ignored():
     rec, target, mask = _inputs(1)
     changed = rec.clone()
     changed[~mask.expand_as(rec)] = 100.0
-    assert masked_mse(changed, target, mask).item() == pytest.approx(masked_mse(rec, target, mask).item(), rel=1e-6)
+    assert masked_mse(changed, target, mask).item() == pytest.approx(
+        masked_mse(rec, target, mask).item(), rel=1e-6
+    )
     leaf = rec.clone().requires_grad_(True)
     masked_mse(leaf, target, mask).backward()
     assert torch.all(leaf.grad[~mask.expand_as(rec)] == 0)
@@ -90,4 +92,6 @@ def test_bf16_reconstruction_is_computed_in_float32():
 )
 def test_bad_shapes_raise(target_shape, mask_shape, message):
     with pytest.raises(ValueError, match=message):
-        masked_mse(torch.zeros(2, 2, 4, 5, 3), torch.zeros(target_shape), torch.ones(mask_shape, dtype=torch.bool))
+        masked_mse(
+            torch.zeros(2, 2, 4, 5, 3), torch.zeros(target_shape), torch.ones(mask_shape, dtype=torch.bool)
+        )

@@ -165,7 +165,10 @@ def test_loads_into_monai_vit_with_its_own_cls_token_untouched(tmp_path):
     load_vit_weights(plain, state)
     x = torch.rand(2, 1, 32, 32, 32)
     with torch.no_grad():
-        ours, theirs = enc.forward_features(x)["hidden_states"], plain(standardise(x))[1]  # MONAI ViT takes the standardised input
+        ours, theirs = (
+            enc.forward_features(x)["hidden_states"],
+            plain(standardise(x))[1],
+        )  # MONAI ViT takes the standardised input
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -270,7 +273,10 @@ def _rewrite_meta(folder, **changes) -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"num_layers": 100, "hidden_size": 8192, "mlp_dim": 32768}, "claims num_layers=100 but the weights hold 2"),
+        (
+            {"num_layers": 100, "hidden_size": 8192, "mlp_dim": 32768},
+            "claims num_layers=100 but the weights hold 2",
+        ),
         ({"hidden_size": 8192, "num_heads": 4}, "claims hidden_size=8192 but the weights have width 32"),
         ({"mlp_dim": 4096}, r"do not fit the architecture encoder.json describes: shape mismatch: .*mlp"),
         ({"hidden_size": "32"}, "hidden_size must be a positive integer, got '32'"),

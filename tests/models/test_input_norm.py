@@ -12,7 +12,9 @@ def test_standardise_per_volume():
         assert v.mean().item() == pytest.approx(0.0, abs=1e-5)
         assert v.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
     torch.testing.assert_close(standardise(x * 7 + 2), y, atol=1e-4, rtol=0)  # affine intensity invariance
-    assert torch.equal(standardise(torch.zeros(1, 1, 2, 2, 2)), torch.zeros(1, 1, 2, 2, 2))  # constant: no NaN
+    assert torch.equal(
+        standardise(torch.zeros(1, 1, 2, 2, 2)), torch.zeros(1, 1, 2, 2, 2)
+    )  # constant: no NaN
 
 
 def test_unknown_norm_is_an_error():
@@ -20,8 +22,13 @@ def test_unknown_norm_is_an_error():
         apply_input_norm(torch.zeros(1, 1, 1, 1, 1), "minmax")
 
 
-@pytest.mark.parametrize("build", [lambda: build_unet(1, 2, channels=(4, 8), strides=(2,), num_res_units=0),
-                                   lambda: build_unetr(1, 2, 32, hidden_size=32, mlp_dim=64, num_heads=2, feature_size=4)])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: build_unet(1, 2, channels=(4, 8), strides=(2,), num_res_units=0),
+        lambda: build_unetr(1, 2, 32, hidden_size=32, mlp_dim=64, num_heads=2, feature_size=4),
+    ],
+)
 def test_segmenters_are_intensity_invariant(build):
     """The baselines standardise their input too: an affine change of intensity leaves the output unchanged."""
     torch.manual_seed(0)

@@ -25,12 +25,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     p.add_argument("--no-baseline", action="store_true", help="skip the straightforward implementation")
-    p.add_argument("--matmul-size", type=int, default=2048, help="edge of the square matmul timed as the peak")
-    p.add_argument("--data", type=Path, metavar="PREP",
-                   help="a preprocessed folder: also time reading the cache and the end-to-end step (loader, views, step)")
+    p.add_argument(
+        "--matmul-size", type=int, default=2048, help="edge of the square matmul timed as the peak"
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        metavar="PREP",
+        help="a preprocessed folder: also time reading the cache and the end-to-end step (loader, views, step)",
+    )
     p.add_argument("--pipeline-volumes", type=int, default=8, help="volumes the views pipeline is timed on")
-    p.add_argument("--gpu-tflops", type=float, default=100.0,
-                   help="achieved TFLOP/s assumed for a GPU step when counting the CPU cores a pipeline needs")
+    p.add_argument(
+        "--gpu-tflops",
+        type=float,
+        default=100.0,
+        help="achieved TFLOP/s assumed for a GPU step when counting the CPU cores a pipeline needs",
+    )
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.set_defaults(func=run)
 
@@ -43,8 +53,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.device)
-    report = run_benchmark(cfg, device, steps=args.steps, warmup=args.warmup, baseline=not args.no_baseline,
-                           matmul_size=args.matmul_size)
+    report = run_benchmark(
+        cfg,
+        device,
+        steps=args.steps,
+        warmup=args.warmup,
+        baseline=not args.no_baseline,
+        matmul_size=args.matmul_size,
+    )
     print(format_table(report, device))
     pipeline = run_pipeline_benchmark(cfg, device, args.data, n_volumes=args.pipeline_volumes, steps=args.steps,
                                       warmup=args.warmup)  # fmt: skip

@@ -14,5 +14,9 @@ def add_config_arguments(p: argparse.ArgumentParser, example: str) -> None:
         "--config", action="append", default=[], metavar="FILE",
         help=f"override file(s) merged onto configs/default.yaml in order; bundled: {', '.join(bundled_configs())}",
     )  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help=f"config overrides, e.g. {example} (the key must exist in default.yaml)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help=f"config overrides, e.g. {example} (the key must exist in default.yaml)",
+    )

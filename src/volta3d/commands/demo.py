@@ -20,8 +20,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--shared-data", default="../shared/data",
                    help="folder with the bundled data (default: ../shared/data)")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a smoke run of every stage (~2 minutes on 2 cores): 30 + 30 scans, 1 epoch, 3 folds")
-    p.add_argument("--workers", type=int, default=2, help="preprocessing / data-loading processes (default 2)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of every stage (~2 minutes on 2 cores): 30 + 30 scans, 1 epoch, 3 folds",
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="preprocessing / data-loading processes (default 2)"
+    )
     p.set_defaults(func=run)
 
 

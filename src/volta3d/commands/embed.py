@@ -22,15 +22,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--raw-grid^3 grid.",
     )
     add_config_arguments(p, "probe.batch_size=4")
-    p.add_argument("--encoder", default=None,
-                   help="encoder export folder; omit to embed with a random-init encoder built from `model:`")
-    p.add_argument("--random-init", action="store_true",
-                   help="with --encoder: same architecture as the export, random weights (seeded)")
-    p.add_argument("--raw-volume", action="store_true",
-                   help="no encoder: features are the z-scored volume average-pooled to a grid (feature 'raw')")
-    p.add_argument("--raw-grid", type=int, default=None, metavar="N",
-                   help=f"with --raw-volume: cells per axis, N^3 features per channel (default {RAW_GRID})")
-    p.add_argument("--data", required=True, help="folder written by `volta3d preprocess` (holds manifest.csv)")
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder export folder; omit to embed with a random-init encoder built from `model:`",
+    )
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="with --encoder: same architecture as the export, random weights (seeded)",
+    )
+    p.add_argument(
+        "--raw-volume",
+        action="store_true",
+        help="no encoder: features are the z-scored volume average-pooled to a grid (feature 'raw')",
+    )
+    p.add_argument(
+        "--raw-grid",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"with --raw-volume: cells per axis, N^3 features per channel (default {RAW_GRID})",
+    )
+    p.add_argument(
+        "--data", required=True, help="folder written by `volta3d preprocess` (holds manifest.csv)"
+    )
     p.add_argument("--output", required=True, help="output .npz file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -51,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
 
     _check_source(args)
     raw_grid = (args.raw_grid if args.raw_grid is not None else RAW_GRID) if args.raw_volume else None
-    embed_folder(load_config(args.config, args.overrides), args.data, args.output, encoder=args.encoder,
-                 random_init=args.random_init, raw_grid=raw_grid, progress=not args.no_progress)
+    embed_folder(
+        load_config(args.config, args.overrides),
+        args.data,
+        args.output,
+        encoder=args.encoder,
+        random_init=args.random_init,
+        raw_grid=raw_grid,
+        progress=not args.no_progress,
+    )
     return 0

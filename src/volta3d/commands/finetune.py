@@ -10,17 +10,35 @@ from volta3d.commands.common import add_config_arguments
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, "classify.epochs=5")
-    p.add_argument("--data", required=True, help="folder written by `volta3d preprocess` (holds manifest.csv)")
-    p.add_argument("--output", required=True, help="run folder (created; finished folds there are not redone)")
-    p.add_argument("--encoder", default=None, help="encoder export folder (encoder.safetensors + encoder.json); "
-                   "omit to train the same architecture from scratch")
-    p.add_argument("--like", default=None, metavar="ENCODER",
-                   help="without --encoder: build the scratch baseline with this export's architecture "
-                   "(sizes only, no weights), so it matches the pretrained model it is compared with")
-    p.add_argument("--test-data", default=None, metavar="PREP",
-                   help="external test set (a `volta3d preprocess` folder): train on all of --data, report "
-                   "metrics on this set (one 'fold'; results.json marks the test as external)")
-    p.add_argument("--splits", default=None, help="splits.json of an earlier run: evaluate on exactly those folds")
+    p.add_argument(
+        "--data", required=True, help="folder written by `volta3d preprocess` (holds manifest.csv)"
+    )
+    p.add_argument(
+        "--output", required=True, help="run folder (created; finished folds there are not redone)"
+    )
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder export folder (encoder.safetensors + encoder.json); "
+        "omit to train the same architecture from scratch",
+    )
+    p.add_argument(
+        "--like",
+        default=None,
+        metavar="ENCODER",
+        help="without --encoder: build the scratch baseline with this export's architecture "
+        "(sizes only, no weights), so it matches the pretrained model it is compared with",
+    )
+    p.add_argument(
+        "--test-data",
+        default=None,
+        metavar="PREP",
+        help="external test set (a `volta3d preprocess` folder): train on all of --data, report "
+        "metrics on this set (one 'fold'; results.json marks the test as external)",
+    )
+    p.add_argument(
+        "--splits", default=None, help="splits.json of an earlier run: evaluate on exactly those folds"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 
@@ -43,9 +61,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     _common(c)
     c.add_argument("--label", required=True, help="manifest column to predict (e.g. sex, diagnosis, age)")
-    c.add_argument("--model", choices=["vit", "swin"], default=None, help="classifier (default: classify.model)")
-    c.add_argument("--fractions", default=None,
-                   help="reduced-data curve: comma-separated training fractions, e.g. 0.2,0.4,0.6,0.8,1.0")
+    c.add_argument(
+        "--model", choices=["vit", "swin"], default=None, help="classifier (default: classify.model)"
+    )
+    c.add_argument(
+        "--fractions",
+        default=None,
+        help="reduced-data curve: comma-separated training fractions, e.g. 0.2,0.4,0.6,0.8,1.0",
+    )
     c.set_defaults(func=run)
     s = tasks.add_parser(
         "segment",
@@ -55,7 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "sliding-window inference; Dice and HD95 (mm) per structure and subject.",
     )
     _common(s)
-    s.add_argument("--model", choices=["unetr", "unet"], default=None, help="segmenter (default: segment.model)")
+    s.add_argument(
+        "--model", choices=["unetr", "unet"], default=None, help="segmenter (default: segment.model)"
+    )
     s.set_defaults(func=run)
 
 

@@ -16,10 +16,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "at 0.5 and at the mean Youden threshold) or one <id>_seg.nii.gz per scan on the scan's own grid plus "
         "volumes.csv (segmentation: mm^3 per structure); rejected.csv lists scans that could not be used.",
     )
-    p.add_argument("run_dir", metavar="MODEL_RUN_DIR", help="output folder of `volta3d finetune` (holds models/)")
-    p.add_argument("scans", nargs="+", metavar="SCANS",
-                   help="NIfTI files, DICOM series folders, NIfTI / DICOM / BIDS folders or CSV manifests")
-    p.add_argument("--output", required=True, help="folder for predictions.csv / masks, volumes.csv, rejected.csv")
+    p.add_argument(
+        "run_dir", metavar="MODEL_RUN_DIR", help="output folder of `volta3d finetune` (holds models/)"
+    )
+    p.add_argument(
+        "scans",
+        nargs="+",
+        metavar="SCANS",
+        help="NIfTI files, DICOM series folders, NIfTI / DICOM / BIDS folders or CSV manifests",
+    )
+    p.add_argument(
+        "--output", required=True, help="folder for predictions.csv / masks, volumes.csv, rejected.csv"
+    )
     p.add_argument("--folds", default=None, help="comma-separated fold numbers to use (default: every fold)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda[:N]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")

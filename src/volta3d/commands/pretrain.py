@@ -24,10 +24,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder written by `volta3d preprocess` (holds manifest.csv); repeat to pretrain on "
                    "several (e.g. --data prep/ixi --data prep/msd); labels are never used")  # fmt: skip
     p.add_argument("--output", required=True, help="run folder (created; an existing run there is resumed)")
-    p.add_argument("--eval-data", default=None, metavar="PREP",
-                   help="preprocessed folder with labels for the online probe of the teacher (eval.data)")
-    p.add_argument("--eval-label", action="append", default=[], metavar="COLUMN",
-                   help="manifest column to probe every eval.every steps, e.g. sex; repeat for several (eval.labels)")
+    p.add_argument(
+        "--eval-data",
+        default=None,
+        metavar="PREP",
+        help="preprocessed folder with labels for the online probe of the teacher (eval.data)",
+    )
+    p.add_argument(
+        "--eval-label",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="manifest column to probe every eval.every steps, e.g. sex; repeat for several (eval.labels)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=run)
 

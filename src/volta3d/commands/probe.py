@@ -30,6 +30,12 @@ def run(args: argparse.Namespace) -> int:
     from volta3d.config import load_config
     from volta3d.downstream.probes import probe_folder
 
-    probe_folder(load_config(args.config, args.overrides), args.embeddings, args.data, args.label, args.output,
-                 args.splits)
+    probe_folder(
+        load_config(args.config, args.overrides),
+        args.embeddings,
+        args.data,
+        args.label,
+        args.output,
+        args.splits,
+    )
     return 0

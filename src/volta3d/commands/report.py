@@ -15,12 +15,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "OUTPUT/figures/*.png and OUTPUT/summary.md. Per task, every model is compared with the "
         "VolTA-3D-initialised one (paired over the same folds: difference, bootstrap 95 % CI, Wilcoxon, DeLong).",
     )
-    p.add_argument("inputs", nargs="+", metavar="RUN_DIR_OR_RESULTS",
-                   help="results.json files, run folders or a folder holding several runs")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="RUN_DIR_OR_RESULTS",
+        help="results.json files, run folders or a folder holding several runs",
+    )
     p.add_argument("--output", required=True, help="folder for report.html, figures/ and summary.md")
     p.add_argument("--title", default="volta3d run report", help="report title")
-    p.add_argument("--reference", default=None,
-                   help="model name to compare the others with (default: the VolTA-3D-initialised model)")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="model name to compare the others with (default: the VolTA-3D-initialised model)",
+    )
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the CIs (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.set_defaults(func=run)
@@ -29,7 +36,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from volta3d.evaluation.report import build_report
 
-    path = build_report(args.inputs, args.output, title=args.title, reference=args.reference,
-                        n_boot=args.n_boot, seed=args.seed)
+    path = build_report(
+        args.inputs,
+        args.output,
+        title=args.title,
+        reference=args.reference,
+        n_boot=args.n_boot,
+        seed=args.seed,
+    )
     print(f"wrote {path} (and summary.md, figures/)")
     return 0

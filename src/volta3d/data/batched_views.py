@@ -76,7 +76,10 @@ class BatchedMultiCrop:
         gamma_on, gamma = rng.random() < s.gamma_prob, rng.uniform(s.gamma_range[0], s.gamma_range[1])
         scale_on, factor = rng.random() < s.contrast_prob, rng.uniform(-s.intensity_scale, s.intensity_scale)
         shift_on, offset = rng.random() < s.contrast_prob, rng.uniform(-s.intensity_shift, s.intensity_shift)
-        bias_on, coeff = rng.random() < s.bias_field_prob, rng.uniform(0.0, s.bias_field_coeff, len(BIAS_TERMS))
+        bias_on, coeff = (
+            rng.random() < s.bias_field_prob,
+            rng.uniform(0.0, s.bias_field_coeff, len(BIAS_TERMS)),
+        )
         noise_on, std = rng.random() < s.noise_prob, rng.uniform(0.0, s.noise_std)
         return {
             "crop_start": np.array(s.crop_start(spatial, size, int(seeds[1])), dtype=np.int64),
@@ -90,11 +93,17 @@ class BatchedMultiCrop:
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """A collated batch of ``PretrainVolumesDataset`` items, on the device -> the views (class docstring)."""
-        volumes = [v.float() for v in batch["image"]]  # B x (C, D, H, W): one tensor, or a list when sizes differ
+        volumes = [
+            v.float() for v in batch["image"]
+        ]  # B x (C, D, H, W): one tensor, or a list when sizes differ
         if any(v.dim() != 4 for v in volumes):
-            raise ValueError(f"batch['image'] must hold (C, D, H, W) volumes, got {[tuple(v.shape) for v in volumes]}")
+            raise ValueError(
+                f"batch['image'] must hold (C, D, H, W) volumes, got {[tuple(v.shape) for v in volumes]}"
+            )
         s = self.settings
-        params = {key: batch[key].transpose(0, 1) for key in PARAM_KEYS}  # (B, V, ...) -> (V, B, ...): view-major
+        params = {
+            key: batch[key].transpose(0, 1) for key in PARAM_KEYS
+        }  # (B, V, ...) -> (V, B, ...): view-major
         out = {
             "global": self._crops(volumes, {k: v[:N_GLOBAL] for k, v in params.items()}, s.global_size),
             "local": self._crops(volumes, {k: v[N_GLOBAL:] for k, v in params.items()}, s.local_size),
@@ -115,7 +124,9 @@ class BatchedMultiCrop:
             return volumes[0].new_zeros((0, n_volumes, channels, size, size, size))
         crops = resample_boxes(volumes, params["crop_start"], params["crop_size"], params["flip"], size)
         flat = {key: value.flatten(0, 1) for key, value in params.items()}  # (V * B, ...)
-        return augment_intensity(crops.flatten(0, 1), flat).clamp_(0.0, 1.0).unflatten(0, (n_views, n_volumes))
+        return (
+            augment_intensity(crops.flatten(0, 1), flat).clamp_(0.0, 1.0).unflatten(0, (n_views, n_volumes))
+        )
 
 
 def resample_boxes(volumes: Sequence[Tensor], start: Tensor, size: Tensor, flip: Tensor, out: int) -> Tensor:
@@ -133,7 +144,9 @@ def resample_boxes(volumes: Sequence[Tensor], start: Tensor, size: Tensor, flip:
         for b in range(n_volumes):
             d0, h0, w0, d1, h1, w1 = boxes[v][b]
             box = volumes[b][None, :, d0:d1, h0:h1, w0:w1]
-            crop = torch.nn.functional.interpolate(box, size=(out,) * 3, mode="trilinear", align_corners=False)[0]
+            crop = torch.nn.functional.interpolate(
+                box, size=(out,) * 3, mode="trilinear", align_corners=False
+            )[0]
             axes = [1 + a for a in range(3) if flips[v][b][a]]
             crops[v, b] = crop.flip(axes) if axes else crop
     return crops
@@ -173,7 +186,9 @@ def augment_intensity(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
             crop.mul_(torch.exp(bias_fields(p["bias_coeff"][n : n + 1], crop.shape[1:])))
         if values["noise_std"][n] > 0:
             generator = torch.Generator(x.device).manual_seed(int(values["noise_seed"][n]))
-            crop.add_(torch.randn(crop.shape, generator=generator, device=x.device), alpha=values["noise_std"][n])
+            crop.add_(
+                torch.randn(crop.shape, generator=generator, device=x.device), alpha=values["noise_std"][n]
+            )
         x[n] = crop
     return x
 
@@ -239,11 +254,21 @@ def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     return moved
 
 
-def build_views(views_section: Mapping[str, Any], masking_section: Mapping[str, Any], patch_size: int) -> BatchedMultiCrop:
+def build_views(
+    views_section: Mapping[str, Any], masking_section: Mapping[str, Any], patch_size: int
+) -> BatchedMultiCrop:
     """Config sections ``views:`` and ``masking:`` (plain dicts) -> the batched view builder with a GMML masker."""
     masker = GMMLMasker(**dict(masking_section), patch_size=patch_size)
     return BatchedMultiCrop(ViewSettings(**dict(views_section)), masker)
 
 
-__all__ = ["BatchedMultiCrop", "PretrainVolumesDataset", "augment_intensity", "bias_fields", "build_views",
-           "collate_volumes", "move_batch", "resample_boxes"]
+__all__ = [
+    "BatchedMultiCrop",
+    "PretrainVolumesDataset",
+    "augment_intensity",
+    "bias_fields",
+    "build_views",
+    "collate_volumes",
+    "move_batch",
+    "resample_boxes",
+]

@@ -81,7 +81,9 @@ class GMMLMasker:
             filler = filler.to(device=volume.device, dtype=volume.dtype)
         else:
             filler = torch.zeros_like(volume)
-        corrupted = torch.where(mask.unsqueeze(0), filler, volume)  # (D, H, W) -> (1, D, H, W), broadcast over C
+        corrupted = torch.where(
+            mask.unsqueeze(0), filler, volume
+        )  # (D, H, W) -> (1, D, H, W), broadcast over C
         return corrupted, mask.unsqueeze(0), self.token_mask(mask)
 
     def mask_batch(self, views: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -94,11 +96,15 @@ class GMMLMasker:
         at once (``_batched_block_mask``); on a CPU one at a time.
         """
         if views.dim() != 5 or len(seeds) != views.shape[0]:
-            raise ValueError(f"views must be (N, C, D, H, W) with one seed each, got {tuple(views.shape)}, {len(seeds)} seeds")
+            raise ValueError(
+                f"views must be (N, C, D, H, W) with one seed each, got {tuple(views.shape)}, {len(seeds)} seeds"
+            )
         spatial = self._check_spatial(tuple(int(s) for s in views.shape[2:]))
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         if views.device.type == "cpu":  # one block at a time is 4x faster on a CPU
-            mask = torch.from_numpy(np.stack([self._block_mask(spatial, g) for g in generators])).view(-1, *spatial)
+            mask = torch.from_numpy(np.stack([self._block_mask(spatial, g) for g in generators])).view(
+                -1, *spatial
+            )
         else:
             mask = self._batched_block_mask(spatial, generators, views.device)  # (N, D, H, W)
         if self.fill == "noise":
@@ -112,7 +118,9 @@ class GMMLMasker:
             filler = torch.stack(fills).to(views.dtype)
         else:
             filler = torch.zeros_like(views)
-        corrupted = torch.where(mask.unsqueeze(1), filler, views)  # (N, D, H, W) -> (N, 1, D, H, W), broadcast over C
+        corrupted = torch.where(
+            mask.unsqueeze(1), filler, views
+        )  # (N, D, H, W) -> (N, 1, D, H, W), broadcast over C
         return corrupted, mask.unsqueeze(1), self.token_mask(mask)
 
     def token_mask(self, voxel_mask: Tensor) -> Tensor:
@@ -125,13 +133,19 @@ class GMMLMasker:
 
     def _check_spatial(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         if any(s % self.patch_size for s in spatial):
-            raise ValueError(f"patch_size {self.patch_size} does not divide the volume's spatial shape {spatial}")
+            raise ValueError(
+                f"patch_size {self.patch_size} does not divide the volume's spatial shape {spatial}"
+            )
         return spatial
 
     def _edge_bounds(self, sides: Tensor) -> tuple[Tensor, Tensor]:
         """Smallest and largest block edge per axis (both block_size for cubes)."""
         low = torch.clamp(torch.full((3,), self.block_size), max=sides)
-        high = low if self.block_shape == "cube" else torch.maximum(low, (self.max_block_fraction * sides).long())
+        high = (
+            low
+            if self.block_shape == "cube"
+            else torch.maximum(low, (self.max_block_fraction * sides).long())
+        )
         return low, high
 
     def _block_mask(self, spatial: tuple[int, ...], generator: torch.Generator) -> np.ndarray:
@@ -180,10 +194,14 @@ class GMMLMasker:
             return torch.zeros((n, *spatial), dtype=torch.bool, device=device)
         sides = torch.tensor(spatial)
         low, high = self._edge_bounds(sides)
-        arrival = torch.full((n, total + 1), _NEVER, dtype=torch.int32, device=device)  # last column: outside voxels
+        arrival = torch.full(
+            (n, total + 1), _NEVER, dtype=torch.int32, device=device
+        )  # last column: outside voxels
         pending, first = list(range(n)), 0
         while pending:
-            unit = torch.stack([torch.rand((_POSITIONS_PER_DRAW, 6), generator=generators[i]) for i in pending])
+            unit = torch.stack(
+                [torch.rand((_POSITIONS_PER_DRAW, 6), generator=generators[i]) for i in pending]
+            )
             corners, edges = _block_boxes(unit, sides, low, high)  # (m, P, 3) each
             rows = torch.tensor(pending, device=device)
             part = arrival if len(pending) == n else arrival[rows]
@@ -224,7 +242,13 @@ def _block_boxes(unit: Tensor, sides: Tensor, low: Tensor, high: Tensor) -> tupl
 
 
 def _paint_blocks(
-    arrival: Tensor, corners: Tensor, edges: Tensor, first: int, spatial: tuple[int, ...], high: Tensor, low: Tensor
+    arrival: Tensor,
+    corners: Tensor,
+    edges: Tensor,
+    first: int,
+    spatial: tuple[int, ...],
+    high: Tensor,
+    low: Tensor,
 ) -> Tensor:
     """Scatter-min block numbers ``first + p`` over the voxels of blocks (m, P, 3) into arrival (m, V + 1).
 
@@ -244,7 +268,9 @@ def _paint_blocks(
         lin = corner_lin[:, sl, None] + offset_lin  # (m, p, E)
         if not torch.equal(low, high):  # blocks of other sizes: voxels beyond a block's own edges go nowhere
             lin = torch.where((offsets < edges[:, sl, None, :]).all(dim=-1), lin, total)  # (m, p, E)
-        number = torch.arange(first + lo, first + lo + lin.shape[1], dtype=arrival.dtype, device=arrival.device)
+        number = torch.arange(
+            first + lo, first + lo + lin.shape[1], dtype=arrival.dtype, device=arrival.device
+        )
         number = number.view(1, -1, 1).expand_as(lin)
         arrival = arrival.scatter_reduce(1, lin.flatten(1), number.flatten(1), reduce="amin")
     return arrival

@@ -118,7 +118,10 @@ def build_transform(settings: PreprocessSettings, with_mask: bool) -> Compose:
     steps: list[Any] = [
         Orientationd(keys=keys, axcodes=settings.orientation.upper(), labels=None),
         Spacingd(
-            keys=keys, pixdim=(settings.spacing,) * 3, mode=interp, padding_mode="zeros",
+            keys=keys,
+            pixdim=(settings.spacing,) * 3,
+            mode=interp,
+            padding_mode="zeros",
             dtype=torch.float32,  # type: ignore[arg-type]  # MONAI takes torch dtypes; its hint lists numpy ones
         ),
     ]

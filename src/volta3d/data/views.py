@@ -106,7 +106,9 @@ class ViewSettings:
     def n_views(self) -> int:
         return N_GLOBAL + self.n_local
 
-    def crop_shape(self, spatial: Sequence[int], rng: np.random.Generator, scale: Sequence[float]) -> list[int]:
+    def crop_shape(
+        self, spatial: Sequence[int], rng: np.random.Generator, scale: Sequence[float]
+    ) -> list[int]:
         """Random crop edges: volume fraction ~ U(scale), per-axis aspect jitter from aspect_range.
 
         Per-axis log-factors are uniform on [log lo, log hi] / 2 and centered, so they multiply to 1
@@ -146,7 +148,9 @@ class MultiCropViews:
         self.settings = ViewSettings(**settings)
         s = self.settings
         if masker is not None and s.global_size % masker.patch_size:
-            raise ValueError(f"global_size {s.global_size} must be a multiple of the patch size {masker.patch_size}")
+            raise ValueError(
+                f"global_size {s.global_size} must be a multiple of the patch size {masker.patch_size}"
+            )
         self.masker = masker
         flip = [RandFlip(prob=s.flip_prob, spatial_axis=axis) for axis in s.flip_axes]
         intensity = [

@@ -70,7 +70,9 @@ class ViTClassifier(nn.Module):
             start = len(self.encoder.blocks) - unfreeze_last
             for name, p in self.encoder.named_parameters():
                 block = name.split(".")[1] if name.startswith("blocks.") else None
-                if (name.startswith("norm.") or (block is not None and int(block) >= start)) and name not in unused:
+                if (
+                    name.startswith("norm.") or (block is not None and int(block) >= start)
+                ) and name not in unused:
                     p.requires_grad_(True)
 
 
@@ -104,14 +106,22 @@ class SwinClassifier(nn.Module):
         # SwinTransformer returns the patch-embedding map and one map per stage; the last has
         # feature_size * 2^len(depths) channels.
         self.out_dim = feature_size * 2 ** len(depths)
-        self.architecture = {"in_channels": in_channels, "feature_size": feature_size, "depths": list(depths),
-                             "num_heads": list(num_heads), "window_size": window_size, "patch_size": patch_size,
-                             "dropout": dropout}
+        self.architecture = {
+            "in_channels": in_channels,
+            "feature_size": feature_size,
+            "depths": list(depths),
+            "num_heads": list(num_heads),
+            "window_size": window_size,
+            "patch_size": patch_size,
+            "dropout": dropout,
+        }
         self.head = nn.Linear(self.out_dim, num_outputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # the project's input standardisation, as every network gets (volta3d.models.input_norm)
-        last = self.swin(standardise(x), normalize=True)[-1]  # (B, C, D, H, W) -> (B, F, D/(16p), H/(16p), W/(16p))
+        last = self.swin(standardise(x), normalize=True)[
+            -1
+        ]  # (B, C, D, H, W) -> (B, F, D/(16p), H/(16p), W/(16p))
         return last.mean(dim=(2, 3, 4))  # (B, F)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,11 +132,17 @@ class SwinClassifier(nn.Module):
             raise InputError("the Swin baseline is trained from scratch: only mode 'full' applies")
 
 
-def swin_kwargs(*, feature_size: int, depths: Sequence[int], heads: Sequence[int], window: int,
-                patch_size: int) -> dict[str, Any]:
+def swin_kwargs(
+    *, feature_size: int, depths: Sequence[int], heads: Sequence[int], window: int, patch_size: int
+) -> dict[str, Any]:
     """The ``classify.swin:`` config section as ``SwinClassifier`` keyword arguments (MONAI SwinUNETR names)."""
-    return {"feature_size": feature_size, "depths": list(depths), "num_heads": list(heads), "window_size": window,
-            "patch_size": patch_size}
+    return {
+        "feature_size": feature_size,
+        "depths": list(depths),
+        "num_heads": list(heads),
+        "window_size": window,
+        "patch_size": patch_size,
+    }
 
 
 def build_classifier(
@@ -146,7 +162,9 @@ def build_classifier(
     edge the classifier sees (None: the input's), the export's position embedding is resampled to it."""
     if model == "swin":
         if encoder is not None:
-            raise InputError("--encoder applies to the ViT classifier; the Swin baseline is trained from scratch")
+            raise InputError(
+                "--encoder applies to the ViT classifier; the Swin baseline is trained from scratch"
+            )
         return SwinClassifier(num_outputs, **(swin_kwargs or {}))
     if model != "vit":
         raise InputError(f"unknown classifier model '{model}' (choose vit or swin)")

@@ -65,8 +65,14 @@ class Fold:
 FitFold = Callable[[Fold], dict[str, Any]]
 
 
-def plan_folds(splits: dict[str, Any], subjects: Sequence[str] | np.ndarray, *, seed: int,
-               fractions: Sequence[float] | None = None, strata: np.ndarray | None = None) -> list[Fold]:
+def plan_folds(
+    splits: dict[str, Any],
+    subjects: Sequence[str] | np.ndarray,
+    *,
+    seed: int,
+    fractions: Sequence[float] | None = None,
+    strata: np.ndarray | None = None,
+) -> list[Fold]:
     """The work items of ``splits`` over manifest rows with these ``subjects``: one per fold (key
     ``fold<k>``) or, with ``fractions``, one per fold and nested stratified fraction of its training
     side (key ``fraction<f>_fold<k>``, paper III-B); fold ``k`` runs with seed ``seed + k``."""
@@ -76,16 +82,18 @@ def plan_folds(splits: dict[str, Any], subjects: Sequence[str] | np.ndarray, *, 
         if fractions is None:
             plan.append(Fold(f"fold{k}", k, 1.0, train_all, test, seed + k))
             continue
-        subsets = nested_subsets(ids[train_all], None if strata is None else strata[train_all], fractions,
-                                 seed=seed + k)
+        subsets = nested_subsets(
+            ids[train_all], None if strata is None else strata[train_all], fractions, seed=seed + k
+        )
         for frac, chosen in subsets.items():
             train = train_all[np.isin(ids[train_all], chosen)]
             plan.append(Fold(f"fraction{frac:.2f}_fold{k}", k, frac, train, test, seed + k))
     return plan
 
 
-def run_folds(plan: Sequence[Fold], fit_fold: FitFold, *, out_dir: str | Path | None = None,
-              reseed: bool = True) -> dict[float, list[dict[str, Any]]]:
+def run_folds(
+    plan: Sequence[Fold], fit_fold: FitFold, *, out_dir: str | Path | None = None, reseed: bool = True
+) -> dict[float, list[dict[str, Any]]]:
     """Run ``fit_fold`` on every fold of ``plan``; return the payloads by training fraction.
 
     With ``out_dir``, a fold finished by an earlier run is read back from ``folds/<key>.json``
@@ -149,7 +157,9 @@ class RunResults:
 
     def predictions(self) -> pd.DataFrame:
         """Every fold's prediction rows, in the order the folds ran."""
-        return pd.DataFrame([r for folds in self.per_fraction.values() for f in folds for r in f["predictions"]])
+        return pd.DataFrame(
+            [r for folds in self.per_fraction.values() for f in folds for r in f["predictions"]]
+        )
 
     def save(self, out_dir: str | Path) -> dict[str, Any]:
         """Write results.json and predictions.csv into ``out_dir``; return the results dictionary."""
@@ -158,11 +168,30 @@ class RunResults:
         return results
 
 
-def label_results(labels: LabelSet, per_fraction: dict[float, list[dict[str, Any]]], *, task: str, model: str,
-                  encoder: str | Path | None, seed: int, config: dict[str, Any] | None, splits: dict[str, Any],
-                  **extra: Any) -> RunResults:
+def label_results(
+    labels: LabelSet,
+    per_fraction: dict[float, list[dict[str, Any]]],
+    *,
+    task: str,
+    model: str,
+    encoder: str | Path | None,
+    seed: int,
+    config: dict[str, Any] | None,
+    splits: dict[str, Any],
+    **extra: Any,
+) -> RunResults:
     """The results of a run that predicts a manifest label column (classification or a probe)."""
-    return RunResults(task=task, kind=labels.kind, label=labels.column, classes=labels.classes, model=model,
-                      encoder=encoder, seed=seed, primary_metric="mae" if labels.kind == "regression" else "auroc",
-                      config=config, splits=splits, per_fraction=per_fraction,
-                      extra={"dropped_rows": labels.dropped, **extra})
+    return RunResults(
+        task=task,
+        kind=labels.kind,
+        label=labels.column,
+        classes=labels.classes,
+        model=model,
+        encoder=encoder,
+        seed=seed,
+        primary_metric="mae" if labels.kind == "regression" else "auroc",
+        config=config,
+        splits=splits,
+        per_fraction=per_fraction,
+        extra={"dropped_rows": labels.dropped, **extra},
+    )

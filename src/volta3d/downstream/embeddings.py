@@ -79,7 +79,9 @@ def raw_volume_features(images: torch.Tensor, grid: int = 16) -> torch.Tensor:
     ``grid`` cells per axis (a side that is not a multiple of ``grid`` gets PyTorch's overlapping
     adaptive bins)."""
     if images.ndim != 5:
-        raise ValueError(f"raw_volume_features expects (B, C, D, H, W) images, got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"raw_volume_features expects (B, C, D, H, W) images, got shape {tuple(images.shape)}"
+        )
     if grid < 1:
         raise InputError(f"raw-volume grid must be a positive integer, got {grid}")
     x = standardise(images.float())
@@ -128,15 +130,20 @@ def load_embeddings(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
             data = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # not an .npz, or a damaged one
         reason = " ".join(str(err).split()) or type(err).__name__
-        raise InputError(f"cannot read embeddings file {p} (not an .npz from volta3d embed?): {reason}") from None
+        raise InputError(
+            f"cannot read embeddings file {p} (not an .npz from volta3d embed?): {reason}"
+        ) from None
     if "subject_id" not in data or not any(k in data for k in FEATURES):
-        raise InputError(f"{p} is not a volta3d embeddings file (needs subject_id and one of "
-                         f"{', '.join(FEATURES)} arrays)")
+        raise InputError(
+            f"{p} is not a volta3d embeddings file (needs subject_id and one of {', '.join(FEATURES)} arrays)"
+        )
     meta = json.loads(str(data.pop("meta"))) if "meta" in data else {}
     return data, meta
 
 
-def random_init_encoder(model: dict[str, Any], export: str | Path | None) -> tuple[VolTAEncoder, CLSSummariser | None]:
+def random_init_encoder(
+    model: dict[str, Any], export: str | Path | None
+) -> tuple[VolTAEncoder, CLSSummariser | None]:
     """The honest baseline: an untrained encoder (and summariser) with the architecture of ``export``,
     or, without one, of the ``model:`` config section (and its ``summariser:``)."""
     from volta3d.models.encoder import build_encoder
@@ -150,8 +157,9 @@ def random_init_encoder(model: dict[str, Any], export: str | Path | None) -> tup
     return encoder, CLSSummariser(**meta["summariser"]) if meta.get("summariser") else None
 
 
-def _encoder_embeddings(cfg: Any, dataset: VolumeDataset, export: str | Path | None, random_init: bool,
-                        progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _encoder_embeddings(
+    cfg: Any, dataset: VolumeDataset, export: str | Path | None, random_init: bool, progress: bool
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Embeddings from the export's weights, or from a random-init encoder of its (or ``model:``'s) sizes."""
     from volta3d.config import to_kwargs
     from volta3d.models.export import build_from_export
@@ -164,13 +172,25 @@ def _encoder_embeddings(cfg: Any, dataset: VolumeDataset, export: str | Path | N
     emb = extract_embeddings(encoder, summariser, dataset, batch_size=cfg.probe.batch_size,
                              device=resolve_device(cfg.device), progress=progress,
                              tokens="tokens" in cfg.probe.features)  # fmt: skip
-    meta = {"encoder": str(export) if export else export, "init": source, "architecture": encoder.architecture,
-            "features": [k for k in ("cls", "mean", "tokens") if k in emb]}
+    meta = {
+        "encoder": str(export) if export else export,
+        "init": source,
+        "architecture": encoder.architecture,
+        "features": [k for k in ("cls", "mean", "tokens") if k in emb],
+    }
     return emb, meta
 
 
-def embed_folder(cfg: Any, data: str | Path, output: str | Path, *, encoder: str | Path | None, random_init: bool,
-                 raw_grid: int | None, progress: bool) -> Path:
+def embed_folder(
+    cfg: Any,
+    data: str | Path,
+    output: str | Path,
+    *,
+    encoder: str | Path | None,
+    random_init: bool,
+    raw_grid: int | None,
+    progress: bool,
+) -> Path:
     """``volta3d embed``: one embedding per scan of the preprocessed folder ``data``, saved to ``output``
     (.npz). ``raw_grid``: the raw-volume floor on that grid instead of an encoder."""
     from volta3d.runtime import get_logger, seed_everything, setup_logging
@@ -185,8 +205,10 @@ def embed_folder(cfg: Any, data: str | Path, output: str | Path, *, encoder: str
         emb, meta = _encoder_embeddings(cfg, dataset, encoder, random_init, progress)
     bad = [k for k in meta["features"] if not np.isfinite(emb[k]).all()]
     if bad:  # a broken encoder must not leave NaN features for a probe to choke on later
-        raise InputError(f"non-finite '{bad[0]}' embeddings from {encoder or 'the random-init encoder'} on {data}; "
-                         "the encoder weights hold NaN/Inf or the volumes do")
+        raise InputError(
+            f"non-finite '{bad[0]}' embeddings from {encoder or 'the random-init encoder'} on {data}; "
+            "the encoder weights hold NaN/Inf or the volumes do"
+        )
     meta = {**meta, "seed": cfg.seed, "data": str(data)}
     path = save_embeddings(output, emb, meta)
     get_logger().info(f"wrote {len(emb['subject_id'])} embeddings ({', '.join(meta['features'])}) to {path}")

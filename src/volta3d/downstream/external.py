@@ -19,7 +19,9 @@ from volta3d.errors import InputError
 EXTERNAL_PREFIX = "external:"
 
 
-def combine_external(train: pd.DataFrame, test: pd.DataFrame, test_dir: str | Path) -> tuple[pd.DataFrame, dict]:
+def combine_external(
+    train: pd.DataFrame, test: pd.DataFrame, test_dir: str | Path
+) -> tuple[pd.DataFrame, dict]:
     """``(combined table, splits)``: one fold, train = ``train``'s subjects, test = ``test``'s."""
     test = test.copy()
     test["subject_id"] = EXTERNAL_PREFIX + test["subject_id"].astype(str)
@@ -39,7 +41,9 @@ def test_record(test_dir: str | Path | None) -> dict[str, Any]:
     return {"external": test_dir is not None, "data": str(test_dir) if test_dir is not None else None}
 
 
-def check_external_classes(targets: np.ndarray, subjects: pd.Series, classes: list[Any], test_dir: str | Path) -> None:
+def check_external_classes(
+    targets: np.ndarray, subjects: pd.Series, classes: list[Any], test_dir: str | Path
+) -> None:
     """Every class of the external set must occur in training, and the set must keep some rows."""
     external = subjects.astype(str).str.startswith(EXTERNAL_PREFIX).to_numpy()
     if not external.any():

@@ -41,9 +41,19 @@ class FinetuneInputs:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FinetuneInputs:
         """The inputs of a parsed ``finetune`` command line."""
-        return cls(task=args.task, data=args.data, output=args.output, encoder=args.encoder, like=args.like,
-                   test_data=args.test_data, splits=args.splits, model=args.model, progress=not args.no_progress,
-                   label=getattr(args, "label", None), fractions=getattr(args, "fractions", None))
+        return cls(
+            task=args.task,
+            data=args.data,
+            output=args.output,
+            encoder=args.encoder,
+            like=args.like,
+            test_data=args.test_data,
+            splits=args.splits,
+            model=args.model,
+            progress=not args.no_progress,
+            label=getattr(args, "label", None),
+            fractions=getattr(args, "fractions", None),
+        )
 
 
 def finetune(cfg: Any, run: FinetuneInputs) -> dict[str, Any]:
@@ -107,12 +117,22 @@ def classify(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any]
         check_external_classes(labels.targets, labels.table["subject_id"], labels.classes, run.test_data)
     if labels.dropped:
         log.info(f"dropped {labels.dropped} rows with no '{run.label}' value")
-    log.info(f"label '{run.label}': {labels.kind}, {len(labels.table)} scans"
-             + (f", classes {labels.classes}" if labels.classes else ""))
-    splits = run_splits(run, lambda: external or {
-        **make_kfold_splits(labels.table["subject_id"], labels.strata, n_splits=c["n_splits"], seed=cfg.seed),
-        "stratified_by": run.label,
-    })
+    log.info(
+        f"label '{run.label}': {labels.kind}, {len(labels.table)} scans"
+        + (f", classes {labels.classes}" if labels.classes else "")
+    )
+    splits = run_splits(
+        run,
+        lambda: (
+            external
+            or {
+                **make_kfold_splits(
+                    labels.table["subject_id"], labels.strata, n_splits=c["n_splits"], seed=cfg.seed
+                ),
+                "stratified_by": run.label,
+            }
+        ),
+    )
     fractions = [float(f) for f in run.fractions.split(",")] if run.fractions else c["fractions"]
     encoder_kwargs, summariser_kwargs = vit_sizes(to_kwargs(cfg.model), like_meta(run))
     provenance = encoder_provenance(run, labels.table)
@@ -140,10 +160,17 @@ def segment(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any],
     subjects = table["subject_id"].astype(str)
     if s["split"] not in ("holdout", "kfold"):
         raise InputError(f"segment.split must be holdout or kfold (got '{s['split']}')")
-    splits = run_splits(run, lambda: external or (
-        make_holdout_split(subjects, None, fraction=s["holdout_fraction"], seed=cfg.seed) if s["split"] == "holdout"
-        else make_kfold_splits(subjects, None, n_splits=s["n_splits"], seed=cfg.seed)
-    ))
+    splits = run_splits(
+        run,
+        lambda: (
+            external
+            or (
+                make_holdout_split(subjects, None, fraction=s["holdout_fraction"], seed=cfg.seed)
+                if s["split"] == "holdout"
+                else make_kfold_splits(subjects, None, n_splits=s["n_splits"], seed=cfg.seed)
+            )
+        ),
+    )
     provenance = encoder_provenance(run, table)
     results = run_segmentation(
         table, run.output, splits, {**s, "model": run.model or s["model"]}, encoder=run.encoder,
@@ -166,16 +193,26 @@ def vit_sizes(model: dict[str, Any], like: dict[str, Any] | None) -> tuple[dict[
     if like is None:
         return encoder_kwargs, summ
     recorded = like.get("summariser") or {}
-    return ({**encoder_kwargs, **encoder_kwargs_from_meta(like)},
-            {**summ, **{k: recorded[k] for k in ("num_heads", "mlp_ratio") if k in recorded}})
+    return (
+        {**encoder_kwargs, **encoder_kwargs_from_meta(like)},
+        {**summ, **{k: recorded[k] for k in ("num_heads", "mlp_ratio") if k in recorded}},
+    )
 
 
-def unetr_sizes(model: dict[str, Any], section: dict[str, Any], like: dict[str, Any] | None) -> dict[str, Any]:
+def unetr_sizes(
+    model: dict[str, Any], section: dict[str, Any], like: dict[str, Any] | None
+) -> dict[str, Any]:
     """UNETR keyword arguments: the ViT widths of ``model:`` (or of the ``--like`` export) and the
     decoder width ``segment.feature_size``."""
     m, _ = vit_sizes(model, like)
-    return {"hidden_size": m["hidden_size"], "mlp_dim": m["mlp_dim"], "num_heads": m["num_heads"],
-            "qkv_bias": m["qkv_bias"], "feature_size": section["feature_size"], "input_norm": m["input_norm"]}
+    return {
+        "hidden_size": m["hidden_size"],
+        "mlp_dim": m["mlp_dim"],
+        "num_heads": m["num_heads"],
+        "qkv_bias": m["qkv_bias"],
+        "feature_size": section["feature_size"],
+        "input_norm": m["input_norm"],
+    }
 
 
 def with_external(run: FinetuneInputs, table: Any) -> tuple[Any, dict | None]:

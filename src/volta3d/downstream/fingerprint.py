@@ -61,4 +61,6 @@ def check_fingerprint(out: Path, now: dict[str, Any]) -> None:
         raise InputError(f"{out} holds folds from a run that recorded no {FINGERPRINT_NAME}: nothing says what "
                          "produced them; use a new --output folder")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write((json.dumps(now, indent=1, sort_keys=True, default=str) + "\n").encode()))
+    atomic_write(
+        path, lambda f: f.write((json.dumps(now, indent=1, sort_keys=True, default=str) + "\n").encode())
+    )

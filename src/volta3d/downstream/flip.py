@@ -40,8 +40,13 @@ class RandLeftRightFlipd(RandomizableTransform, MapTransform):
     """With probability ``prob``, flip ``keys`` along RAS axis 0 (left-right) and swap each label
     pair of ``label_pairs`` in ``label_key``, so the mirrored mask names the sides correctly."""
 
-    def __init__(self, keys: Sequence[Hashable], label_key: Hashable, label_pairs: Sequence[tuple[int, int]],
-                 prob: float = 0.5) -> None:
+    def __init__(
+        self,
+        keys: Sequence[Hashable],
+        label_key: Hashable,
+        label_pairs: Sequence[tuple[int, int]],
+        prob: float = 0.5,
+    ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.flip = Flipd(keys, spatial_axis=0)

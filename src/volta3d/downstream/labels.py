@@ -48,7 +48,9 @@ def prepare_labels(table: pd.DataFrame, column: str, task: str = "auto") -> Labe
     if task not in TASKS:
         raise InputError(f"classify.task must be one of {TASKS} (got '{task}')")
     if column not in table.columns:
-        raise InputError(f"label column '{column}' is not in the manifest (columns: {', '.join(map(str, table.columns))})")
+        raise InputError(
+            f"label column '{column}' is not in the manifest (columns: {', '.join(map(str, table.columns))})"
+        )
     keep = ~table[column].map(_is_missing)
     kept = table[keep].reset_index(drop=True)
     dropped = int((~keep).sum())

@@ -49,8 +49,13 @@ def train_model(
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
-        row: dict[str, Any] = {"epoch": epoch, "loss": _train_epoch(model, loader, batch_loss, optimiser, params,
-                                                                    grad_clip, f"{desc}: ", epoch, lr), "val": None}
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": _train_epoch(
+                model, loader, batch_loss, optimiser, params, grad_clip, f"{desc}: ", epoch, lr
+            ),
+            "val": None,
+        }
         scheduler.step()
         # -- validation and best-epoch bookkeeping
         if validate is not None and (epoch % val_every == 0 or epoch == epochs):
@@ -65,8 +70,12 @@ def train_model(
         bar.set_postfix(loss=f"{row['loss']:.4f}", val="-" if row["val"] is None else f"{row['val']:.4f}")
         elapsed = time.time() - start
         eta = elapsed / epoch * (epochs - epoch)
-        val_txt = "" if row["val"] is None else f" val {row['val']:.4f} (best {best_score:.4f} @ {best_epoch})"
-        log.info(f"{desc} epoch {epoch}/{epochs} loss {row['loss']:.4f}{val_txt} [{elapsed:.0f}s, ETA {eta:.0f}s]")
+        val_txt = (
+            "" if row["val"] is None else f" val {row['val']:.4f} (best {best_score:.4f} @ {best_epoch})"
+        )
+        log.info(
+            f"{desc} epoch {epoch}/{epochs} loss {row['loss']:.4f}{val_txt} [{elapsed:.0f}s, ETA {eta:.0f}s]"
+        )
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -77,9 +86,17 @@ def train_model(
     }
 
 
-def _train_epoch(model: nn.Module, loader: Iterable[dict[str, Any]],
-                 batch_loss: Callable[[nn.Module, dict[str, Any]], torch.Tensor], optimiser: torch.optim.Optimizer,
-                 params: list[nn.Parameter], grad_clip: float, prefix: str, epoch: int, lr: float) -> float:
+def _train_epoch(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    batch_loss: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
+    optimiser: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    grad_clip: float,
+    prefix: str,
+    epoch: int,
+    lr: float,
+) -> float:
     """One pass over the training data; returns the mean batch loss. A non-finite loss stops at once:
     epochs of NaN end in an error that names nothing."""
     total, batches = 0.0, 0

@@ -50,7 +50,9 @@ def collect_scans(inputs: Sequence[str | Path]) -> tuple[list[ScanRecord], list[
     return scans, rejected
 
 
-def preprocess_for_model(scan: ScanRecord, settings: PreprocessSettings) -> tuple[dict[str, Any], Compose, dict]:
+def preprocess_for_model(
+    scan: ScanRecord, settings: PreprocessSettings
+) -> tuple[dict[str, Any], Compose, dict]:
     """Read and preprocess one scan exactly as ``volta3d preprocess`` does (``preprocess_scan``: the
     same checks and output, rounded to the cache's dtype), and replay the pipeline on a MetaTensor to
     keep the transform trace that ``Invertd`` needs. Returns ``(data, transform, input meta)``;
@@ -74,7 +76,11 @@ def ensemble_probabilities(models: list[tuple[nn.Module, dict]], x: torch.Tensor
     outs = []
     for net, meta in models:
         img = meta["build"]["img_size"]
-        xi = Resized("image", spatial_size=(img,) * 3, mode="trilinear")({"image": x[0]})["image"][None] if img else x
+        xi = (
+            Resized("image", spatial_size=(img,) * 3, mode="trilinear")({"image": x[0]})["image"][None]
+            if img
+            else x
+        )
         out = net(torch.as_tensor(xi).to(_device(net))).float().cpu()[0]
         if meta["kind"] == "regression":
             std = meta["standardisation"]
@@ -90,8 +96,9 @@ def ensemble_segmentation(models: list[tuple[nn.Module, dict]], x: torch.Tensor)
     maps = []
     for net, meta in models:
         inf = meta["inference"]
-        logits = sliding_window_inference(x.to(_device(net)), (inf["crop_size"],) * 3, inf["sw_batch_size"], net,
-                                          overlap=inf["sw_overlap"])
+        logits = sliding_window_inference(
+            x.to(_device(net)), (inf["crop_size"],) * 3, inf["sw_batch_size"], net, overlap=inf["sw_overlap"]
+        )
         maps.append(torch.softmax(torch.as_tensor(logits).float(), 1)[0].cpu())
     return torch.stack(maps).mean(0)
 
@@ -101,11 +108,14 @@ def to_input_grid(probs: torch.Tensor, data: dict[str, Any], transform: Compose)
     labels (X, Y, Z) on the scan's own voxel grid."""
     pred = MetaTensor(probs, affine=data["image"].affine, meta=dict(data["image"].meta))
     inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)(
-        {"image": data["image"], "pred": pred})["pred"]
+        {"image": data["image"], "pred": pred}
+    )["pred"]
     return torch.as_tensor(inverted).argmax(0).numpy().astype(np.uint8)
 
 
-def classification_row(scan: ScanRecord, probs: np.ndarray, meta: dict, threshold: float | None) -> dict[str, Any]:
+def classification_row(
+    scan: ScanRecord, probs: np.ndarray, meta: dict, threshold: float | None
+) -> dict[str, Any]:
     """One predictions.csv row: probability per class and the label at 0.5 and at the Youden threshold."""
     row: dict[str, Any] = {"subject_id": scan.subject_id, "path": scan.source}
     if meta["kind"] == "regression":
@@ -122,19 +132,27 @@ def classification_row(scan: ScanRecord, probs: np.ndarray, meta: dict, threshol
     return row
 
 
-def predict_scans(models: list[tuple[nn.Module, dict]], inputs: Sequence[str | Path], out_dir: str | Path,
-                  progress: bool = True) -> dict[str, pd.DataFrame]:
+def predict_scans(
+    models: list[tuple[nn.Module, dict]],
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    progress: bool = True,
+) -> dict[str, pd.DataFrame]:
     """Run the ensemble on every scan; write predictions.csv (classify) or one ``<id>_seg.nii.gz``
     per scan plus volumes.csv (segment), and rejected.csv. Returns the tables written."""
     log, out = get_logger(), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta0 = models[0][1]
     if not meta0.get("preprocessing"):
-        raise InputError(f"saved model {meta0['key']} records no preprocessing settings (its --data folder had no "
-                         "config.yaml from `volta3d preprocess`); cannot prepare raw scans for it")
+        raise InputError(
+            f"saved model {meta0['key']} records no preprocessing settings (its --data folder had no "
+            "config.yaml from `volta3d preprocess`); cannot prepare raw scans for it"
+        )
     unknown = sorted(set(meta0["preprocessing"]) - {f.name for f in fields(PreprocessSettings)})
     if unknown:
-        raise InputError(f"saved model {meta0['key']} has preprocessing setting '{unknown[0]}' unknown to this volta3d")
+        raise InputError(
+            f"saved model {meta0['key']} has preprocessing setting '{unknown[0]}' unknown to this volta3d"
+        )
     settings = PreprocessSettings(**meta0["preprocessing"])
     thresholds = [m.get("youden_threshold") for _, m in models]
     known = [float(t) for t in thresholds if t is not None]
@@ -151,11 +169,18 @@ def predict_scans(models: list[tuple[nn.Module, dict]], inputs: Sequence[str | P
         if meta0["task"] == "segment":
             stem = scan.subject_id.replace("/", "_")
             taken = {r["segmentation"] for r in rows}
-            name = next(n for i in range(1, len(rows) + 2)
-                        if (n := f"{stem}_seg.nii.gz" if i == 1 else f"{stem}_{i}_seg.nii.gz") not in taken)
+            name = next(
+                n
+                for i in range(1, len(rows) + 2)
+                if (n := f"{stem}_seg.nii.gz" if i == 1 else f"{stem}_{i}_seg.nii.gz") not in taken
+            )
             rows.append(write_segmentation(scan, models, data, transform, meta, out / name))
         else:
-            rows.append(classification_row(scan, ensemble_probabilities(models, data["model_input"]), meta0, threshold))
+            rows.append(
+                classification_row(
+                    scan, ensemble_probabilities(models, data["model_input"]), meta0, threshold
+                )
+            )
     tables = {"rejected.csv": pd.DataFrame(rejected, columns=REJECTED_COLUMNS)}
     tables["volumes.csv" if meta0["task"] == "segment" else "predictions.csv"] = pd.DataFrame(rows)
     for name, table in tables.items():
@@ -164,8 +189,14 @@ def predict_scans(models: list[tuple[nn.Module, dict]], inputs: Sequence[str | P
     return tables
 
 
-def write_segmentation(scan: ScanRecord, models: list[tuple[nn.Module, dict]], data: dict[str, Any],
-                       transform: Compose, meta: dict[str, Any], path: Path) -> dict[str, Any]:
+def write_segmentation(
+    scan: ScanRecord,
+    models: list[tuple[nn.Module, dict]],
+    data: dict[str, Any],
+    transform: Compose,
+    meta: dict[str, Any],
+    path: Path,
+) -> dict[str, Any]:
     """Segment one scan, save its label map to ``path`` (NIfTI on the input grid), return its
     volumes (mm^3) per structure."""
     labels = to_input_grid(ensemble_segmentation(models, data["model_input"]), data, transform)

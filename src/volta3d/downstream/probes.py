@@ -21,13 +21,19 @@ from volta3d.downstream.scoring import fold_metrics, prediction_rows
 from volta3d.errors import InputError
 
 
-def make_probe(name: str, kind: str, *, logreg_c: float, knn_k: int, ridge_alpha: float, n_train: int, seed: int):
+def make_probe(
+    name: str, kind: str, *, logreg_c: float, knn_k: int, ridge_alpha: float, n_train: int, seed: int
+):
     """A scikit-learn estimator. ``linear``: logistic / ridge regression on standardised features;
     ``knn``: cosine k-nearest neighbours, uniform vote (k capped at the training size). ``logreg_c``,
     ``knn_k``, ``ridge_alpha``: the ``probe:`` config section's."""
     k = max(1, min(knn_k, n_train))
     if name == "linear":
-        est = Ridge(alpha=ridge_alpha) if kind == "regression" else LogisticRegression(C=logreg_c, max_iter=5000, random_state=seed)
+        est = (
+            Ridge(alpha=ridge_alpha)
+            if kind == "regression"
+            else LogisticRegression(C=logreg_c, max_iter=5000, random_state=seed)
+        )
         return make_pipeline(StandardScaler(), est)
     if name == "knn":
         cls = KNeighborsRegressor if kind == "regression" else KNeighborsClassifier
@@ -43,9 +49,21 @@ def _outputs(est, kind: str, x: np.ndarray, num_classes: int) -> np.ndarray:
     return proba
 
 
-def run_probe(features: np.ndarray, labels: LabelSet, splits: dict[str, Any], probe: str, *,
-              feature_name: str, encoder: str | None, seed: int, fractions: Sequence[float], logreg_c: float,
-              knn_k: int, ridge_alpha: float, config: dict | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+def run_probe(
+    features: np.ndarray,
+    labels: LabelSet,
+    splits: dict[str, Any],
+    probe: str,
+    *,
+    feature_name: str,
+    encoder: str | None,
+    seed: int,
+    fractions: Sequence[float],
+    logreg_c: float,
+    knn_k: int,
+    ridge_alpha: float,
+    config: dict | None = None,
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """Fit ``probe`` on each fold's training rows of ``features`` (N, E), aligned to ``labels.table``,
     or on the same nested, stratified fractions of them that fine-tuning uses (reduced-data curve);
     return the results dictionary and predictions. ``seed`` is the config's, ``fractions`` and the
@@ -53,8 +71,15 @@ def run_probe(features: np.ndarray, labels: LabelSet, splits: dict[str, Any], pr
 
     def fit_fold(fold: Fold) -> dict[str, Any]:
         train, test = fold.train, fold.test
-        est = make_probe(probe, labels.kind, logreg_c=logreg_c, knn_k=knn_k, ridge_alpha=ridge_alpha,
-                         n_train=len(train), seed=seed)
+        est = make_probe(
+            probe,
+            labels.kind,
+            logreg_c=logreg_c,
+            knn_k=knn_k,
+            ridge_alpha=ridge_alpha,
+            n_train=len(train),
+            seed=seed,
+        )
         est.fit(features[train], labels.targets[train])
         s_test = _outputs(est, labels.kind, features[test], labels.num_outputs)
         s_train = _outputs(est, labels.kind, features[train], labels.num_outputs)
@@ -64,17 +89,31 @@ def run_probe(features: np.ndarray, labels: LabelSet, splits: dict[str, Any], pr
             "predictions": prediction_rows(labels, test, s_test, fold.index, fold.fraction),
         }  # fmt: skip
 
-    plan = plan_folds(splits, labels.table["subject_id"].astype(str).tolist(), seed=seed, fractions=fractions,
-                      strata=labels.strata)
+    plan = plan_folds(
+        splits,
+        labels.table["subject_id"].astype(str).tolist(),
+        seed=seed,
+        fractions=fractions,
+        strata=labels.strata,
+    )
     # no resume and no reseeding: a probe is cheap, and runs inside pretraining's online evaluation
     per_fraction = run_folds(plan, fit_fold, reseed=False)
-    results = label_results(labels, per_fraction, task="probe", model=f"probe-{probe}-{feature_name}",
-                            encoder=encoder, seed=seed, config=config, splits=splits)
+    results = label_results(
+        labels,
+        per_fraction,
+        task="probe",
+        model=f"probe-{probe}-{feature_name}",
+        encoder=encoder,
+        seed=seed,
+        config=config,
+        splits=splits,
+    )
     return results.to_dict(), results.predictions()
 
 
-def _probe_inputs(cfg: Any, embeddings: str | Path, data: str | Path, label: str,
-                  splits_file: str | Path | None) -> tuple[dict, dict, LabelSet, np.ndarray, dict]:
+def _probe_inputs(
+    cfg: Any, embeddings: str | Path, data: str | Path, label: str, splits_file: str | Path | None
+) -> tuple[dict, dict, LabelSet, np.ndarray, dict]:
     """The embeddings (refused when non-finite), the labels, the manifest row of each embedding and the folds."""
     from volta3d.data.dataset import read_manifest
     from volta3d.downstream.embeddings import embedding_rows, load_embeddings
@@ -84,16 +123,29 @@ def _probe_inputs(cfg: Any, embeddings: str | Path, data: str | Path, label: str
     emb, meta = load_embeddings(embeddings)
     bad = [k for k in ("cls", "mean", "tokens", "raw") if k in emb and not np.isfinite(emb[k]).all()]
     if bad:
-        raise InputError(f"{embeddings} holds non-finite '{bad[0]}' features (NaN/Inf); re-embed with a finite encoder")
+        raise InputError(
+            f"{embeddings} holds non-finite '{bad[0]}' features (NaN/Inf); re-embed with a finite encoder"
+        )
     labels = prepare_labels(read_manifest(data), label, cfg.classify.task)
     rows = embedding_rows(emb["path"].tolist(), labels.table["path"].tolist(), f"{embeddings} ({data})")
-    splits = load_splits(splits_file) if splits_file else make_kfold_splits(
-        labels.table["subject_id"], labels.strata, n_splits=cfg.probe.n_splits, seed=cfg.seed)
+    splits = (
+        load_splits(splits_file)
+        if splits_file
+        else make_kfold_splits(
+            labels.table["subject_id"], labels.strata, n_splits=cfg.probe.n_splits, seed=cfg.seed
+        )
+    )
     return emb, meta, labels, rows, splits
 
 
-def probe_folder(cfg: Any, embeddings: str | Path, data: str | Path, label: str, output: str | Path,
-                 splits_file: str | Path | None) -> dict[str, Any]:
+def probe_folder(
+    cfg: Any,
+    embeddings: str | Path,
+    data: str | Path,
+    label: str,
+    output: str | Path,
+    splits_file: str | Path | None,
+) -> dict[str, Any]:
     """``volta3d probe``: linear and kNN probes of each feature of ``embeddings`` for ``label`` of the
     preprocessed folder ``data``; one run folder per probe and feature, and ``summary.json``, in ``output``."""
     from volta3d.config import save_config, to_kwargs
@@ -112,7 +164,9 @@ def probe_folder(cfg: Any, embeddings: str | Path, data: str | Path, label: str,
     # raw-volume embeddings hold one feature, 'raw'; probe.features names the encoder's (cls / mean)
     for feat in ["raw"] if "raw" in emb else pc["features"]:
         if feat not in emb:
-            get_logger().warning(f"embeddings have no '{feat}' feature (encoder without a summariser?); skipped")
+            get_logger().warning(
+                f"embeddings have no '{feat}' feature (encoder without a summariser?); skipped"
+            )
             continue
         for probe in ("linear", "knn"):
             results, preds = run_probe(
@@ -125,7 +179,9 @@ def probe_folder(cfg: Any, embeddings: str | Path, data: str | Path, label: str,
             primary = results["primary_metric"]
             agg = results["aggregate"][primary]
             summary[f"{probe}_{feat}"] = {primary: agg}
-            print(f"{probe:>6} probe on {feat:<4} ({meta.get('init')}): {primary} {agg['mean']:.3f} +- {agg['sd']:.3f}")
+            print(
+                f"{probe:>6} probe on {feat:<4} ({meta.get('init')}): {primary} {agg['mean']:.3f} +- {agg['sd']:.3f}"
+            )
     write_json(out / "summary.json", summary)
     return summary
 

@@ -59,7 +59,9 @@ def relate_to_pretraining(
     for the test rows (``subject_id``, ``path``) of a downstream run on ``data_dir``."""
     record = encoder_meta.get("provenance")
     if not record:
-        return {"known": False}, "the encoder export records no pretraining data: transductive or not is unknown"
+        return {
+            "known": False
+        }, "the encoder export records no pretraining data: transductive or not is unknown"
     ids, hashes = set(record["subject_ids"]), set(record["volume_sha256"])
     subjects = test["subject_id"].astype(str).unique()
     n_volumes = sum(file_sha256(p) in hashes for p in test["path"])

@@ -42,7 +42,10 @@ def save_fold_model(run_dir: str | Path, key: str, net: nn.Module, meta: dict[st
     folder = Path(run_dir) / MODELS_DIR / key
     folder.mkdir(parents=True, exist_ok=True)
     save_model(net.cpu(), str(folder / MODEL_WEIGHTS), metadata={"format": MODEL_FORMAT})
-    write_json(folder / MODEL_META, {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "key": key, **meta})
+    write_json(
+        folder / MODEL_META,
+        {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "key": key, **meta},
+    )
     return folder
 
 
@@ -54,7 +57,11 @@ def read_model_meta(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"{path} is not valid JSON: {err.msg}") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT or meta.get("format_version") != MODEL_FORMAT_VERSION:
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != MODEL_FORMAT
+        or meta.get("format_version") != MODEL_FORMAT_VERSION
+    ):
         raise InputError(f"{path} is not a {MODEL_FORMAT} v{MODEL_FORMAT_VERSION} record")
     return meta
 
@@ -65,24 +72,42 @@ def build_saved(meta: dict[str, Any]) -> nn.Module:
     if meta["task"] == "segment":
         from volta3d.downstream.segmenter import build_segmenter
 
-        return build_segmenter(b["model"], b["in_channels"], b["out_channels"], b["img_size"],
-                               unetr_kwargs=b["unetr_kwargs"], unet_kwargs=b["unet_kwargs"])
+        return build_segmenter(
+            b["model"],
+            b["in_channels"],
+            b["out_channels"],
+            b["img_size"],
+            unetr_kwargs=b["unetr_kwargs"],
+            unet_kwargs=b["unet_kwargs"],
+        )
     from volta3d.downstream.classifier import build_classifier
 
-    return build_classifier(b["model"], b["num_outputs"], encoder_kwargs=b["encoder_kwargs"],
-                            summariser_kwargs=b["summariser_kwargs"], pooling=b["pooling"], img_size=b["img_size"],
-                            swin_kwargs=b["swin_kwargs"])
+    return build_classifier(
+        b["model"],
+        b["num_outputs"],
+        encoder_kwargs=b["encoder_kwargs"],
+        summariser_kwargs=b["summariser_kwargs"],
+        pooling=b["pooling"],
+        img_size=b["img_size"],
+        swin_kwargs=b["swin_kwargs"],
+    )
 
 
-def load_fold_models(run_dir: str | Path, folds: list[int] | None = None) -> list[tuple[nn.Module, dict[str, Any]]]:
+def load_fold_models(
+    run_dir: str | Path, folds: list[int] | None = None
+) -> list[tuple[nn.Module, dict[str, Any]]]:
     """Every saved fold model of a run (the largest training fraction only), in eval mode."""
     root = Path(run_dir) / MODELS_DIR
     folders = sorted(p for p in root.glob("*") if (p / MODEL_META).is_file()) if root.is_dir() else []
     if not folders:
-        raise InputFileNotFound(f"no saved fold models in {root} (run `volta3d finetune` with this version first)")
+        raise InputFileNotFound(
+            f"no saved fold models in {root} (run `volta3d finetune` with this version first)"
+        )
     metas = [(f, read_model_meta(f)) for f in folders]
     top = max(m.get("fraction", 1.0) for _, m in metas)
-    metas = [(f, m) for f, m in metas if m.get("fraction", 1.0) == top and (folds is None or m["fold"] in folds)]
+    metas = [
+        (f, m) for f, m in metas if m.get("fraction", 1.0) == top and (folds is None or m["fold"] in folds)
+    ]
     if not metas:
         raise InputError(f"{root} holds no saved model for fold(s) {folds}")
     out = []
@@ -91,7 +116,8 @@ def load_fold_models(run_dir: str | Path, folds: list[int] | None = None) -> lis
         try:
             load_model(net, str(folder / MODEL_WEIGHTS), strict=True)
         except (RuntimeError, OSError) as err:
-            raise InputError(f"{folder / MODEL_WEIGHTS} does not fit {folder / MODEL_META}: "
-                             f"{str(err).splitlines()[0]}") from None
+            raise InputError(
+                f"{folder / MODEL_WEIGHTS} does not fit {folder / MODEL_META}: {str(err).splitlines()[0]}"
+            ) from None
         out.append((net.eval(), meta))
     return out

@@ -16,8 +16,12 @@ def fold_metrics(kind: str, y_test, s_test, y_thr, s_thr, positive: int = 1) -> 
     """Metrics of the test fold; binary: class ``positive`` is the positive one, and the Youden
     threshold is fitted on ``(y_thr, s_thr)`` (the inner validation predictions)."""
     if kind == "binary":
-        return binary_metrics((np.asarray(y_test) == positive).astype(int), s_test[:, positive],
-                              (np.asarray(y_thr) == positive).astype(int), s_thr[:, positive])
+        return binary_metrics(
+            (np.asarray(y_test) == positive).astype(int),
+            s_test[:, positive],
+            (np.asarray(y_thr) == positive).astype(int),
+            s_thr[:, positive],
+        )
     if kind == "multiclass":
         return multiclass_metrics(y_test, s_test)
     return regression_metrics(y_test, s_test)
@@ -29,21 +33,30 @@ def positive_index(labels: LabelSet, positive_class: Any | None) -> int:
     if positive_class is None:
         return 1
     if labels.kind != "binary":
-        raise InputError(f"classify.positive_class applies to binary labels; '{labels.column}' is {labels.kind}")
+        raise InputError(
+            f"classify.positive_class applies to binary labels; '{labels.column}' is {labels.kind}"
+        )
     names = [str(c) for c in labels.classes]
     if str(positive_class) not in names:
-        raise InputError(f"classify.positive_class '{positive_class}' is not a class of '{labels.column}' "
-                         f"(classes: {', '.join(names)})")
+        raise InputError(
+            f"classify.positive_class '{positive_class}' is not a class of '{labels.column}' "
+            f"(classes: {', '.join(names)})"
+        )
     return names.index(str(positive_class))
 
 
-def prediction_rows(labels: LabelSet, rows: np.ndarray, scores: np.ndarray, fold: int, fraction: float,
-                    positive: int = 1) -> list[dict]:
+def prediction_rows(
+    labels: LabelSet, rows: np.ndarray, scores: np.ndarray, fold: int, fraction: float, positive: int = 1
+) -> list[dict]:
     """One ``predictions.csv`` row per test scan: truth, score(s) and the predicted class or value."""
     table = labels.table
     out = []
     for r, s in zip(rows, scores, strict=True):
-        row: dict[str, Any] = {"subject_id": str(table.at[r, "subject_id"]), "fold": fold, "fraction": fraction}
+        row: dict[str, Any] = {
+            "subject_id": str(table.at[r, "subject_id"]),
+            "fold": fold,
+            "fraction": fraction,
+        }
         if labels.kind == "regression":
             row.update(y_true=float(labels.targets[r]), prediction=float(s))
         else:

@@ -60,8 +60,15 @@ def build_unetr(
                 f"MONAI's UNETR needs patch {UNETR_PATCH} and {UNETR_LAYERS} layers"
             )
         if arch["in_channels"] != in_channels:
-            raise EncoderLoadError(f"encoder export {encoder} takes {arch['in_channels']} channels, data has {in_channels}")
-        hidden_size, mlp_dim, num_heads, qkv_bias = arch["hidden_size"], arch["mlp_dim"], arch["num_heads"], arch["qkv_bias"]
+            raise EncoderLoadError(
+                f"encoder export {encoder} takes {arch['in_channels']} channels, data has {in_channels}"
+            )
+        hidden_size, mlp_dim, num_heads, qkv_bias = (
+            arch["hidden_size"],
+            arch["mlp_dim"],
+            arch["num_heads"],
+            arch["qkv_bias"],
+        )
         input_norm = arch["input_norm"]
     if img_size % UNETR_PATCH:
         raise InputError(f"UNETR crop size must be a multiple of {UNETR_PATCH} (got {img_size})")

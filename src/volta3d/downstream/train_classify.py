@@ -35,7 +35,12 @@ from volta3d.errors import InputError
 from volta3d.evaluation.splits import make_holdout_split
 from volta3d.runtime import get_logger
 
-__all__ = ["fold_metrics", "positive_index", "prediction_rows", "run_classification"]  # scoring's, re-exported
+__all__ = [
+    "fold_metrics",
+    "positive_index",
+    "prediction_rows",
+    "run_classification",
+]  # scoring's, re-exported
 
 REGRESSION_LOSSES = {"mse": nn.MSELoss, "l1": nn.L1Loss}
 
@@ -72,7 +77,9 @@ def output_scores(kind: str, outputs: np.ndarray, mu: float, sd: float) -> np.nd
     return torch.softmax(torch.from_numpy(outputs), dim=1).numpy()
 
 
-def threshold_split(labels: LabelSet, rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def threshold_split(
+    labels: LabelSet, rows: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``(fit_rows, threshold_rows)``: a stratified, subject-grouped inner hold-out of ``rows`` whose
     predictions fit the Youden threshold (binary labels only; otherwise no rows are held out)."""
     if labels.kind != "binary":
@@ -82,8 +89,10 @@ def threshold_split(labels: LabelSet, rows: np.ndarray, fraction: float, seed: i
         raise InputError(f"classify.youden_val_fraction must be in (0, 1) (got {fraction})")
     per_class = pd.Series(subjects[rows]).groupby(labels.targets[rows]).nunique()
     if len(per_class) < 2 or per_class.min() < 2:
-        raise InputError(f"the Youden validation split needs 2 subjects of each class among {len(rows)} training "
-                         "scans; use more data or fewer folds")
+        raise InputError(
+            f"the Youden validation split needs 2 subjects of each class among {len(rows)} training "
+            "scans; use more data or fewer folds"
+        )
     # stratification needs a subject of each class in every inner fold: at most min-class-count folds
     fraction = max(fraction, 1.0 / int(per_class.min()))
     inner = make_holdout_split(subjects[rows], labels.strata[rows], fraction=fraction, seed=seed)["folds"][0]
@@ -96,25 +105,52 @@ def model_architecture(net: nn.Module, model: str, pooling: str) -> dict[str, An
     """What a comparison needs to know was the same: the network's own recorded sizes."""
     if isinstance(net, ViTClassifier):
         summ = net.summariser.architecture if net.summariser is not None else None
-        return {"model": model, "encoder": dict(net.encoder.architecture), "summariser": summ, "pooling": pooling}
+        return {
+            "model": model,
+            "encoder": dict(net.encoder.architecture),
+            "summariser": summ,
+            "pooling": pooling,
+        }
     return {"model": model, **getattr(net, "architecture", {})}
 
 
-def classifier_build(net: ViTClassifier | SwinClassifier, labels: LabelSet, model: str, pooling: str,
-                     img_size: int | None) -> dict:
+def classifier_build(
+    net: ViTClassifier | SwinClassifier, labels: LabelSet, model: str, pooling: str, img_size: int | None
+) -> dict:
     """What ``build_classifier`` needs to rebuild ``net`` without its encoder export."""
     if isinstance(net, ViTClassifier):
         summ = net.summariser.architecture if net.summariser is not None else None
-        return {"model": model, "num_outputs": labels.num_outputs, "encoder_kwargs": dict(net.encoder.architecture),
-                "summariser_kwargs": None if summ is None else {"num_heads": summ["num_heads"],
-                                                                 "mlp_ratio": summ["mlp_ratio"]},
-                "pooling": pooling, "img_size": img_size, "swin_kwargs": None}
-    return {"model": model, "num_outputs": labels.num_outputs, "encoder_kwargs": None, "summariser_kwargs": None,
-            "pooling": pooling, "img_size": img_size, "swin_kwargs": dict(net.architecture)}
+        return {
+            "model": model,
+            "num_outputs": labels.num_outputs,
+            "encoder_kwargs": dict(net.encoder.architecture),
+            "summariser_kwargs": None
+            if summ is None
+            else {"num_heads": summ["num_heads"], "mlp_ratio": summ["mlp_ratio"]},
+            "pooling": pooling,
+            "img_size": img_size,
+            "swin_kwargs": None,
+        }
+    return {
+        "model": model,
+        "num_outputs": labels.num_outputs,
+        "encoder_kwargs": None,
+        "summariser_kwargs": None,
+        "pooling": pooling,
+        "img_size": img_size,
+        "swin_kwargs": dict(net.architecture),
+    }
 
 
-def save_classifier(out_dir: str | Path, key: str, net: ViTClassifier | SwinClassifier, payload: dict[str, Any],
-                    labels: LabelSet, setup: dict[str, Any], preprocessing: dict[str, Any] | None) -> None:
+def save_classifier(
+    out_dir: str | Path,
+    key: str,
+    net: ViTClassifier | SwinClassifier,
+    payload: dict[str, Any],
+    labels: LabelSet,
+    setup: dict[str, Any],
+    preprocessing: dict[str, Any] | None,
+) -> None:
     """The fold's model and everything ``volta3d predict`` needs to apply it to new scans."""
     positive = setup["positive"]
     save_fold_model(out_dir, key, net, {
@@ -135,18 +171,36 @@ def effective_mode(mode: str, encoder: str | Path | None) -> str:
     return mode if encoder is not None else "full"
 
 
-def run_classification(labels: LabelSet, out_dir: str | Path, splits: dict[str, Any], section: Mapping[str, Any], *,
-                       seed: int, device: str | torch.device, progress: bool, encoder: str | Path | None = None,
-                       encoder_kwargs: dict[str, Any] | None = None, summariser_kwargs: dict[str, Any] | None = None,
-                       preprocessing: dict[str, Any] | None = None, test_set: dict[str, Any] | None = None,
-                       config: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_classification(
+    labels: LabelSet,
+    out_dir: str | Path,
+    splits: dict[str, Any],
+    section: Mapping[str, Any],
+    *,
+    seed: int,
+    device: str | torch.device,
+    progress: bool,
+    encoder: str | Path | None = None,
+    encoder_kwargs: dict[str, Any] | None = None,
+    summariser_kwargs: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    test_set: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run every (fraction, fold) of ``splits`` with the ``classify:`` config ``section`` (keys as in
     default.yaml), write ``results.json`` / ``predictions.csv`` into ``out_dir`` and return the results
     dictionary (layout in ``volta3d.downstream.cv``). Without ``encoder`` (an export to fine-tune) the
     model is built from scratch: a ViT from ``encoder_kwargs`` / ``summariser_kwargs`` or a Swin from
     ``section["swin"]``."""
-    setup = _setup(labels, section, encoder=encoder, encoder_kwargs=encoder_kwargs,
-                   summariser_kwargs=summariser_kwargs, device=device, progress=progress)
+    setup = _setup(
+        labels,
+        section,
+        encoder=encoder,
+        encoder_kwargs=encoder_kwargs,
+        summariser_kwargs=summariser_kwargs,
+        device=device,
+        progress=progress,
+    )
     built: dict[str, Any] = {}
 
     def fit_fold(fold: Fold) -> dict[str, Any]:
@@ -156,85 +210,176 @@ def run_classification(labels: LabelSet, out_dir: str | Path, splits: dict[str, 
         save_classifier(out_dir, fold.key, net, payload, labels, setup, preprocessing)
         return payload
 
-    plan = plan_folds(splits, labels.table["subject_id"].astype(str).tolist(), seed=seed,
-                      fractions=section["fractions"], strata=labels.strata)
+    plan = plan_folds(
+        splits,
+        labels.table["subject_id"].astype(str).tolist(),
+        seed=seed,
+        fractions=section["fractions"],
+        strata=labels.strata,
+    )
     per_fraction = run_folds(plan, fit_fold, out_dir=out_dir)
     if "architecture" not in built:  # every fold resumed: rebuild once to record the sizes
         built["architecture"] = model_architecture(_build(labels, **setup), setup["model"], setup["pooling"])
     extra = _results_extra(labels, setup, section["youden_val_fraction"], test_set, built["architecture"])
     model_name = f"{setup['model']}-{'pretrained' if encoder else 'scratch'}"
-    return label_results(labels, per_fraction, task="classify", model=model_name, encoder=encoder, seed=seed,
-                         config=config, splits=splits, **extra).save(out_dir)
+    return label_results(
+        labels,
+        per_fraction,
+        task="classify",
+        model=model_name,
+        encoder=encoder,
+        seed=seed,
+        config=config,
+        splits=splits,
+        **extra,
+    ).save(out_dir)
 
 
-def _setup(labels: LabelSet, section: Mapping[str, Any], *, encoder: str | Path | None,
-           encoder_kwargs: dict[str, Any] | None, summariser_kwargs: dict[str, Any] | None,
-           device: str | torch.device, progress: bool) -> dict[str, Any]:
+def _setup(
+    labels: LabelSet,
+    section: Mapping[str, Any],
+    *,
+    encoder: str | Path | None,
+    encoder_kwargs: dict[str, Any] | None,
+    summariser_kwargs: dict[str, Any] | None,
+    device: str | torch.device,
+    progress: bool,
+) -> dict[str, Any]:
     """What every fold needs, checked before any fold runs (a bad loss or class name fails at once)."""
     if section["regression_loss"] not in REGRESSION_LOSSES:
-        raise InputError(f"classify.regression_loss must be one of {sorted(REGRESSION_LOSSES)} "
-                         f"(got '{section['regression_loss']}')")
+        raise InputError(
+            f"classify.regression_loss must be one of {sorted(REGRESSION_LOSSES)} "
+            f"(got '{section['regression_loss']}')"
+        )
     positive = positive_index(labels, section["positive_class"])
     train_mode = effective_mode(section["mode"], encoder)
     if train_mode != section["mode"]:
-        get_logger().info(f"classify.mode={section['mode']} applies to pretrained encoders; "
-                          "the scratch baseline trains fully")
-    keys = ("model", "pooling", "unfreeze_last", "img_size", "augment", "epochs", "batch_size", "lr", "weight_decay",
-            "class_weighting", "regression_loss", "num_workers")
-    return {**{k: section[k] for k in keys}, "mode": train_mode, "positive": positive, "encoder": encoder,
-            "encoder_kwargs": encoder_kwargs, "summariser_kwargs": summariser_kwargs,
-            "swin_kwargs": swin_kwargs(**section["swin"]), "device": torch.device(device), "progress": progress}
+        get_logger().info(
+            f"classify.mode={section['mode']} applies to pretrained encoders; "
+            "the scratch baseline trains fully"
+        )
+    keys = (
+        "model",
+        "pooling",
+        "unfreeze_last",
+        "img_size",
+        "augment",
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "class_weighting",
+        "regression_loss",
+        "num_workers",
+    )
+    return {
+        **{k: section[k] for k in keys},
+        "mode": train_mode,
+        "positive": positive,
+        "encoder": encoder,
+        "encoder_kwargs": encoder_kwargs,
+        "summariser_kwargs": summariser_kwargs,
+        "swin_kwargs": swin_kwargs(**section["swin"]),
+        "device": torch.device(device),
+        "progress": progress,
+    }
 
 
 def _fold_rows(labels: LabelSet, fold: Fold, youden_val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """``(fit_rows, threshold_rows)`` of the fold's training side; a one-class training side is an error."""
     if labels.kind != "regression" and len(np.unique(labels.targets[fold.train])) < 2:
-        raise InputError(f"fold {fold.index} at fraction {fold.fraction} has one class in training; "
-                         "use more data or fewer folds")
+        raise InputError(
+            f"fold {fold.index} at fraction {fold.fraction} has one class in training; "
+            "use more data or fewer folds"
+        )
     return threshold_split(labels, fold.train, youden_val_fraction, fold.seed)
 
 
-def _results_extra(labels: LabelSet, setup: dict[str, Any], youden_val_fraction: float,
-                   test_set: dict[str, Any] | None, architecture: dict[str, Any]) -> dict[str, Any]:
+def _results_extra(
+    labels: LabelSet,
+    setup: dict[str, Any],
+    youden_val_fraction: float,
+    test_set: dict[str, Any] | None,
+    architecture: dict[str, Any],
+) -> dict[str, Any]:
     """The classification-only keys of results.json (see ``volta3d.downstream.cv``)."""
     binary = labels.kind == "binary"
-    extra: dict[str, Any] = {"test": test_set or test_record(None),
-                             "positive_class": labels.classes[setup["positive"]] if binary else None,
-                             "mode": setup["mode"]}
+    extra: dict[str, Any] = {
+        "test": test_set or test_record(None),
+        "positive_class": labels.classes[setup["positive"]] if binary else None,
+        "mode": setup["mode"],
+    }
     if binary:
-        extra["youden_fit"] = {"source": "inner_validation", "fraction": youden_val_fraction,
-                               "note": "stratified subject-grouped hold-out of each fold's training side"}
+        extra["youden_fit"] = {
+            "source": "inner_validation",
+            "fraction": youden_val_fraction,
+            "note": "stratified subject-grouped hold-out of each fold's training side",
+        }
     extra["architecture"] = architecture
     return extra
 
 
-def _build(labels: LabelSet, *, model: str, encoder: str | Path | None, encoder_kwargs: dict[str, Any] | None,
-           summariser_kwargs: dict[str, Any] | None, swin_kwargs: dict[str, Any] | None, pooling: str,
-           img_size: int | None, **_: Any) -> ViTClassifier | SwinClassifier:
+def _build(
+    labels: LabelSet,
+    *,
+    model: str,
+    encoder: str | Path | None,
+    encoder_kwargs: dict[str, Any] | None,
+    summariser_kwargs: dict[str, Any] | None,
+    swin_kwargs: dict[str, Any] | None,
+    pooling: str,
+    img_size: int | None,
+    **_: Any,
+) -> ViTClassifier | SwinClassifier:
     """A fresh classifier for one fold (``setup`` carries more keys than the builder takes)."""
-    return build_classifier(model, labels.num_outputs, encoder=encoder, encoder_kwargs=encoder_kwargs,
-                            summariser_kwargs=summariser_kwargs, pooling=pooling, img_size=img_size,
-                            swin_kwargs=swin_kwargs)
+    return build_classifier(
+        model,
+        labels.num_outputs,
+        encoder=encoder,
+        encoder_kwargs=encoder_kwargs,
+        summariser_kwargs=summariser_kwargs,
+        pooling=pooling,
+        img_size=img_size,
+        swin_kwargs=swin_kwargs,
+    )
 
 
-def _criterion(labels: LabelSet, fit_rows: np.ndarray, setup: dict[str, Any]) -> tuple[nn.Module, float, float]:
+def _criterion(
+    labels: LabelSet, fit_rows: np.ndarray, setup: dict[str, Any]
+) -> tuple[nn.Module, float, float]:
     """The loss and the target standardisation ``(mean, sd)``: standardised regression targets let
     one learning rate suit ages and volumes alike; classes may be balanced (scikit-learn's weights)."""
     if labels.kind == "regression":
         mu, sd = float(labels.targets[fit_rows].mean()), float(labels.targets[fit_rows].std() or 1.0)
         return REGRESSION_LOSSES[setup["regression_loss"]](), mu, sd
-    w = balanced_class_weights(labels.targets[fit_rows], labels.num_outputs) if setup["class_weighting"] else None
+    w = (
+        balanced_class_weights(labels.targets[fit_rows], labels.num_outputs)
+        if setup["class_weighting"]
+        else None
+    )
     return nn.CrossEntropyLoss(weight=None if w is None else torch.tensor(w, dtype=torch.float32)), 0.0, 1.0
 
 
-def _fit(net: nn.Module, labels: LabelSet, key: str, fit_rows: np.ndarray, train_tf: Compose, seed: int,
-         setup: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
+def _fit(
+    net: nn.Module,
+    labels: LabelSet,
+    key: str,
+    fit_rows: np.ndarray,
+    train_tf: Compose,
+    seed: int,
+    setup: dict[str, Any],
+) -> tuple[dict[str, Any], float, float]:
     """Train ``net`` on ``fit_rows``; return ``train_model``'s record and the target standardisation."""
     device, bs, kind = setup["device"], setup["batch_size"], labels.kind
     train_ds = VolumeDataset(labels.table, transform=train_tf)
-    loader = DataLoader(Subset(train_ds, fit_rows.tolist()), batch_size=bs, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed), num_workers=setup["num_workers"],
-                        drop_last=len(fit_rows) > bs)
+    loader = DataLoader(
+        Subset(train_ds, fit_rows.tolist()),
+        batch_size=bs,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=setup["num_workers"],
+        drop_last=len(fit_rows) > bs,
+    )
     targets = torch.from_numpy(np.array(labels.targets))  # a writable copy
     criterion, mu, sd = _criterion(labels, fit_rows, setup)
     criterion.to(device)
@@ -244,13 +389,22 @@ def _fit(net: nn.Module, labels: LabelSet, key: str, fit_rows: np.ndarray, train
         y = targets[torch.as_tensor(batch["index"])].to(device)
         return criterion(out[:, 0], (y.float() - mu) / sd) if kind == "regression" else criterion(out, y)
 
-    fit = train_model(net, loader, batch_loss, epochs=setup["epochs"], lr=setup["lr"],
-                      weight_decay=setup["weight_decay"], desc=key, progress=setup["progress"])
+    fit = train_model(
+        net,
+        loader,
+        batch_loss,
+        epochs=setup["epochs"],
+        lr=setup["lr"],
+        weight_decay=setup["weight_decay"],
+        desc=key,
+        progress=setup["progress"],
+    )
     return fit, mu, sd
 
 
-def train_fold(labels: LabelSet, fold: Fold, fit_rows: np.ndarray, thr_rows: np.ndarray,
-               setup: dict[str, Any]) -> tuple[dict[str, Any], ViTClassifier | SwinClassifier]:
+def train_fold(
+    labels: LabelSet, fold: Fold, fit_rows: np.ndarray, thr_rows: np.ndarray, setup: dict[str, Any]
+) -> tuple[dict[str, Any], ViTClassifier | SwinClassifier]:
     """Train one fold's model on ``fit_rows``, fit the threshold on ``thr_rows``, score the fold's test
     rows; return the fold payload and the trained network."""
     log, kind, k, frac = get_logger(), labels.kind, fold.index, fold.fraction
@@ -258,20 +412,25 @@ def train_fold(labels: LabelSet, fold: Fold, fit_rows: np.ndarray, thr_rows: np.
     net = _build(labels, **setup)
     net.set_trainable(setup["mode"], setup["unfreeze_last"])
     net.to(setup["device"])
-    log.info(f"{fold.key}: training on {len(fit_rows)} scans (threshold {len(thr_rows)}), "
-             f"testing on {len(fold.test)}")
+    log.info(
+        f"{fold.key}: training on {len(fit_rows)} scans (threshold {len(thr_rows)}), "
+        f"testing on {len(fold.test)}"
+    )
     fit, mu, sd = _fit(net, labels, fold.key, fit_rows, train_tf, fold.seed, setup)
     eval_ds = VolumeDataset(labels.table, transform=eval_tf)
 
     def scores(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        loader = DataLoader(Subset(eval_ds, rows.tolist()), batch_size=setup["batch_size"],
-                            num_workers=setup["num_workers"])
+        loader = DataLoader(
+            Subset(eval_ds, rows.tolist()), batch_size=setup["batch_size"], num_workers=setup["num_workers"]
+        )
         idx, out = predict(net, loader, setup["device"])
         return idx, output_scores(kind, out, mu, sd)
 
     test_idx, s_test = scores(fold.test)
     thr_idx, s_thr = scores(thr_rows) if len(thr_rows) else (thr_rows, None)
-    metrics = fold_metrics(kind, labels.targets[test_idx], s_test, labels.targets[thr_idx], s_thr, setup["positive"])
+    metrics = fold_metrics(
+        kind, labels.targets[test_idx], s_test, labels.targets[thr_idx], s_thr, setup["positive"]
+    )
     log.info(f"{fold.key}: " + ", ".join(f"{m} {v:.3f}" for m, v in metrics.items() if v is not None))
     subjects = labels.table["subject_id"].astype(str)
     payload = {

@@ -69,10 +69,14 @@ def check_mask_classes(label_paths: Sequence[str], num_classes: int | None) -> i
     return num_classes
 
 
-def _infer(model: nn.Module, image: torch.Tensor, crop: int, sw_batch_size: int, overlap: float) -> torch.Tensor:
+def _infer(
+    model: nn.Module, image: torch.Tensor, crop: int, sw_batch_size: int, overlap: float
+) -> torch.Tensor:
     """Whole-volume labels by sliding-window inference: (1, C, D, H, W) -> (1, 1, D, H, W)."""
     # declared Tensor | tuple | dict (for models with several outputs); a segmenter returns one tensor
-    logits = cast(torch.Tensor, sliding_window_inference(image, (crop,) * 3, sw_batch_size, model, overlap=overlap))
+    logits = cast(
+        torch.Tensor, sliding_window_inference(image, (crop,) * 3, sw_batch_size, model, overlap=overlap)
+    )
     return logits.argmax(1, keepdim=True)
 
 
@@ -85,9 +89,22 @@ def effective_unetr_kwargs(encoder: str | Path | None, unetr_kwargs: dict[str, A
     return arch
 
 
-def save_segmenter(out_dir: str | Path, key: str, net: nn.Module, fold: int, num_classes: int, *, model: str,
-                   encoder: str | Path | None, unetr_kwargs: dict | None, unet_kwargs: dict | None, crop_size: int,
-                   sw_batch_size: int, sw_overlap: float, preprocessing: dict[str, Any] | None) -> None:
+def save_segmenter(
+    out_dir: str | Path,
+    key: str,
+    net: nn.Module,
+    fold: int,
+    num_classes: int,
+    *,
+    model: str,
+    encoder: str | Path | None,
+    unetr_kwargs: dict | None,
+    unet_kwargs: dict | None,
+    crop_size: int,
+    sw_batch_size: int,
+    sw_overlap: float,
+    preprocessing: dict[str, Any] | None,
+) -> None:
     """The fold's model and what ``volta3d predict`` needs to segment new scans with it."""
     save_fold_model(out_dir, key, net, {
         "task": "segment", "kind": "segmentation", "classes": list(range(num_classes)), "fold": fold,
@@ -99,16 +116,33 @@ def save_segmenter(out_dir: str | Path, key: str, net: nn.Module, fold: int, num
     })  # fmt: skip
 
 
-def segmenter_architecture(net: nn.Module, model: str, encoder: str | Path | None, num_classes: int, crop_size: int,
-                           unetr_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+def segmenter_architecture(
+    net: nn.Module,
+    model: str,
+    encoder: str | Path | None,
+    num_classes: int,
+    crop_size: int,
+    unetr_kwargs: dict[str, Any] | None,
+) -> dict[str, Any]:
     """The sizes that must agree for two segmenters to be a fair comparison."""
     if model == "unet":
         unet = cast(UNet, net)
-        return {"model": "unet", "channels": list(unet.channels), "strides": list(unet.strides),
-                "num_res_units": int(unet.num_res_units), "out_channels": num_classes}
+        return {
+            "model": "unet",
+            "channels": list(unet.channels),
+            "strides": list(unet.strides),
+            "num_res_units": int(unet.num_res_units),
+            "out_channels": num_classes,
+        }
     arch = effective_unetr_kwargs(encoder, unetr_kwargs)
-    return {"model": "unetr", **arch, "patch_size": UNETR_PATCH, "num_layers": UNETR_LAYERS,
-            "img_size": crop_size, "out_channels": num_classes}
+    return {
+        "model": "unetr",
+        **arch,
+        "patch_size": UNETR_PATCH,
+        "num_layers": UNETR_LAYERS,
+        "img_size": crop_size,
+        "out_channels": num_classes,
+    }
 
 
 PREDICTIONS_DIR = "predictions"
@@ -119,7 +153,6 @@ def prediction_file(subject_id: str, row: int, n_scans: int) -> str:
     return f"{subject_id}.npy" if n_scans == 1 else f"{subject_id}_row{row}.npy"
 
 
-
 def scan_spacings(table: pd.DataFrame, explicit: Sequence[float] | None) -> np.ndarray:
     """Voxel size (mm) per manifest row, ``(N, 3)``, for HD95 in mm: read from each scan's preprocessing
     record; ``explicit`` (``segment.spacing``) serves scans without one and must agree with those that
@@ -128,13 +161,16 @@ def scan_spacings(table: pd.DataFrame, explicit: Sequence[float] | None) -> np.n
     fallback = tuple(float(v) for v in explicit) if explicit is not None else (1.0, 1.0, 1.0)
     for path, spacing in zip(table["path"], found, strict=True):
         if explicit is not None and spacing is not None and not np.allclose(spacing, fallback, rtol=1e-3):
-            raise InputError(f"segment.spacing={list(fallback)} disagrees with the preprocessed spacing "
-                             f"{[round(v, 4) for v in spacing]} of {path}; drop segment.spacing (it is read "
-                             "from the preprocessing records)")
+            raise InputError(
+                f"segment.spacing={list(fallback)} disagrees with the preprocessed spacing "
+                f"{[round(v, 4) for v in spacing]} of {path}; drop segment.spacing (it is read "
+                "from the preprocessing records)"
+            )
     missing = sum(s is None for s in found)
     if missing and explicit is None:
-        get_logger().warning(f"{missing} scan(s) have no preprocessing record: HD95 assumes 1 mm voxels "
-                             "(set segment.spacing)")
+        get_logger().warning(
+            f"{missing} scan(s) have no preprocessing record: HD95 assumes 1 mm voxels (set segment.spacing)"
+        )
     return np.array([s if s is not None else fallback for s in found], dtype=float)
 
 
@@ -161,30 +197,47 @@ class SegmentRun:
     def model_name(self) -> str:
         return f"{self.section['model']}-{'pretrained' if self.encoder else 'scratch'}"
 
-    def evaluate(self, model: nn.Module, rows: Sequence[int] | np.ndarray, save_as: dict[int, Path] | None = None) -> list[dict]:
+    def evaluate(
+        self, model: nn.Module, rows: Sequence[int] | np.ndarray, save_as: dict[int, Path] | None = None
+    ) -> list[dict]:
         """Per-subject Dice / HD95 for ``rows``; ``save_as`` maps a row to the .npy file for its prediction."""
         s = self.section
         # MONAI types a dictionary transform's input as Mapping[Hashable, ...], which a str-keyed dict does not match
-        dataset = VolumeDataset(self.table, with_mask=True,
-                                transform=Lambdad("mask", _with_channel))  # type: ignore[arg-type]
+        dataset = VolumeDataset(self.table, with_mask=True, transform=Lambdad("mask", _with_channel))  # type: ignore[arg-type]
         model.eval()
         out = []
         with torch.no_grad():
             for r in rows:
                 item = dataset[int(r)]
-                pred = _infer(model, item["image"][None].to(self.device), s["crop_size"], s["sw_batch_size"],
-                              s["sw_overlap"]).cpu()
+                pred = _infer(
+                    model,
+                    item["image"][None].to(self.device),
+                    s["crop_size"],
+                    s["sw_batch_size"],
+                    s["sw_overlap"],
+                ).cpu()
                 if save_as is not None:
                     save_as[int(r)].parent.mkdir(parents=True, exist_ok=True)
-                    np.save(save_as[int(r)], pred[0, 0].numpy().astype(np.uint8))  # (1, 1, D, H, W) -> (D, H, W)
-                m = segmentation_metrics(pred, item["mask"][None], self.num_classes, tuple(self.spacing[int(r)]))
+                    np.save(
+                        save_as[int(r)], pred[0, 0].numpy().astype(np.uint8)
+                    )  # (1, 1, D, H, W) -> (D, H, W)
+                m = segmentation_metrics(
+                    pred, item["mask"][None], self.num_classes, tuple(self.spacing[int(r)])
+                )
                 out.append(_subject_row(item["subject_id"], m, self.num_classes))
         return out
 
     def build(self, encoder: str | Path | None) -> nn.Module:
         """A fresh segmenter (from the export ``encoder``, or untrained with None)."""
-        return build_segmenter(self.section["model"], 1, self.num_classes, self.section["crop_size"], encoder=encoder,
-                               unetr_kwargs=self.unetr_kwargs, unet_kwargs=self.unet_kwargs)
+        return build_segmenter(
+            self.section["model"],
+            1,
+            self.num_classes,
+            self.section["crop_size"],
+            encoder=encoder,
+            unetr_kwargs=self.unetr_kwargs,
+            unet_kwargs=self.unet_kwargs,
+        )
 
 
 def _subject_row(subject_id: str, m: dict[str, np.ndarray], num_classes: int) -> dict[str, Any]:
@@ -203,9 +256,13 @@ def _inner_split(run: SegmentRun, fold: Fold) -> tuple[np.ndarray, np.ndarray]:
     TRAINING side, so the test subjects never choose the model."""
     subjects, train_all, val_fraction = run.subjects, fold.train, run.section["val_fraction"]
     if val_fraction > 0 and len(set(subjects[train_all])) >= 4:
-        inner = make_holdout_split(subjects[train_all], None, fraction=val_fraction, seed=fold.seed)["folds"][0]
-        return (train_all[np.isin(subjects[train_all], inner["train"])],
-                train_all[np.isin(subjects[train_all], inner["test"])])
+        inner = make_holdout_split(subjects[train_all], None, fraction=val_fraction, seed=fold.seed)["folds"][
+            0
+        ]
+        return (
+            train_all[np.isin(subjects[train_all], inner["train"])],
+            train_all[np.isin(subjects[train_all], inner["test"])],
+        )
     return train_all, np.array([], dtype=int)
 
 
@@ -222,12 +279,19 @@ def _train_loader(run: SegmentRun, rows: np.ndarray, seed: int) -> DataLoader:
     ])  # fmt: skip
     train_tf.set_random_state(seed)
     train_ds = VolumeDataset(run.table, with_mask=True, transform=train_tf)
-    return DataLoader(Subset(train_ds, rows.tolist()), batch_size=s["batch_size"], shuffle=True,
-                      generator=torch.Generator().manual_seed(seed), collate_fn=list_data_collate,
-                      num_workers=s["num_workers"])
+    return DataLoader(
+        Subset(train_ds, rows.tolist()),
+        batch_size=s["batch_size"],
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=list_data_collate,
+        num_workers=s["num_workers"],
+    )
 
 
-def _train(run: SegmentRun, fold: Fold, train_rows: np.ndarray, val_rows: np.ndarray) -> tuple[nn.Module, dict]:
+def _train(
+    run: SegmentRun, fold: Fold, train_rows: np.ndarray, val_rows: np.ndarray
+) -> tuple[nn.Module, dict]:
     """Train one fold's segmenter with Dice + cross-entropy (background out of the Dice term); the
     weights of the best validation-Dice epoch are kept (MONAI UNETR BTCV tutorial)."""
     s, device = run.section, run.device
@@ -242,11 +306,22 @@ def _train(run: SegmentRun, fold: Fold, train_rows: np.ndarray, val_rows: np.nda
     def validate(m: nn.Module) -> float:
         return float(np.nanmean([r["dice_mean"] for r in run.evaluate(m, val_rows)]))
 
-    get_logger().info(f"{fold.key}: training {run.model_name} on {len(train_rows)} scans (validation "
-                      f"{len(val_rows)}, test {len(fold.test)}), {run.num_classes} classes")
-    fit = train_model(net, loader, batch_loss, epochs=s["epochs"], lr=s["lr"], weight_decay=s["weight_decay"],
-                      validate=validate if len(val_rows) else None, val_every=s["val_every"], desc=fold.key,
-                      progress=run.progress)
+    get_logger().info(
+        f"{fold.key}: training {run.model_name} on {len(train_rows)} scans (validation "
+        f"{len(val_rows)}, test {len(fold.test)}), {run.num_classes} classes"
+    )
+    fit = train_model(
+        net,
+        loader,
+        batch_loss,
+        epochs=s["epochs"],
+        lr=s["lr"],
+        weight_decay=s["weight_decay"],
+        validate=validate if len(val_rows) else None,
+        val_every=s["val_every"],
+        desc=fold.key,
+        progress=run.progress,
+    )
     return net, fit
 
 
@@ -254,7 +329,9 @@ def _prediction_files(run: SegmentRun, fold: Fold, pred_dir: Path) -> dict[int, 
     """Where each test row's predicted label map is saved."""
     subjects = run.subjects
     n_scans = pd.Series(subjects).value_counts()
-    return {int(r): pred_dir / prediction_file(subjects[r], int(r), int(n_scans[subjects[r]])) for r in fold.test}
+    return {
+        int(r): pred_dir / prediction_file(subjects[r], int(r), int(n_scans[subjects[r]])) for r in fold.test
+    }
 
 
 def _write_prediction_index(run: SegmentRun, plan: Sequence[Fold], pred_dir: Path) -> None:
@@ -265,15 +342,28 @@ def _write_prediction_index(run: SegmentRun, plan: Sequence[Fold], pred_dir: Pat
               "label": table.at[r, "label_path"], "prediction": path.name}
              for fold in plan for r, path in _prediction_files(run, fold, pred_dir).items()]  # fmt: skip
     pred_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame([r for r in index if (pred_dir / r["prediction"]).exists()],
-                 columns=["subject_id", "fold", "image", "label", "prediction"]).to_csv(pred_dir / "index.csv", index=False)
+    pd.DataFrame(
+        [r for r in index if (pred_dir / r["prediction"]).exists()],
+        columns=["subject_id", "fold", "image", "label", "prediction"],
+    ).to_csv(pred_dir / "index.csv", index=False)
 
 
-def run_segmentation(table: pd.DataFrame, out_dir: str | Path, splits: dict[str, Any], section: Mapping[str, Any], *,
-                     seed: int, device: str | torch.device, progress: bool, encoder: str | Path | None = None,
-                     unetr_kwargs: dict[str, Any] | None = None, unet_kwargs: dict[str, Any] | None = None,
-                     preprocessing: dict[str, Any] | None = None, test_set: dict[str, Any] | None = None,
-                     config: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_segmentation(
+    table: pd.DataFrame,
+    out_dir: str | Path,
+    splits: dict[str, Any],
+    section: Mapping[str, Any],
+    *,
+    seed: int,
+    device: str | torch.device,
+    progress: bool,
+    encoder: str | Path | None = None,
+    unetr_kwargs: dict[str, Any] | None = None,
+    unet_kwargs: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    test_set: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train and evaluate every fold of ``splits`` with the ``segment:`` config ``section`` (keys as in
     default.yaml); write results.json / predictions.csv into ``out_dir``; return the results dictionary.
     ``unet_kwargs`` default to ``{"num_res_units": section["unet_res_units"]}``."""
@@ -293,15 +383,28 @@ def run_segmentation(table: pd.DataFrame, out_dir: str | Path, splits: dict[str,
         torch.save({k: v.cpu() for k, v in net.state_dict().items()}, Path(out_dir) / f"{fold.key}_best.pt")
         rows = run.evaluate(net, fold.test, save_as=_prediction_files(run, fold, pred_dir))
         s = run.section
-        save_segmenter(out_dir, fold.key, net, fold.index, num_classes, model=s["model"], encoder=encoder,
-                       unetr_kwargs=unetr_kwargs, unet_kwargs=run.unet_kwargs, crop_size=s["crop_size"],
-                       sw_batch_size=s["sw_batch_size"], sw_overlap=s["sw_overlap"], preprocessing=preprocessing)
+        save_segmenter(
+            out_dir,
+            fold.key,
+            net,
+            fold.index,
+            num_classes,
+            model=s["model"],
+            encoder=encoder,
+            unetr_kwargs=unetr_kwargs,
+            unet_kwargs=run.unet_kwargs,
+            crop_size=s["crop_size"],
+            sw_batch_size=s["sw_batch_size"],
+            sw_overlap=s["sw_overlap"],
+            preprocessing=preprocessing,
+        )
         return _fold_payload(fold, train_rows, val_rows, fit, rows)
 
     plan = plan_folds(splits, run.subjects, seed=seed)
     per_fraction = run_folds(plan, fit_fold, out_dir=out_dir)
-    architecture = segmenter_architecture(run.build(None), section["model"], encoder, num_classes,
-                                          section["crop_size"], unetr_kwargs)
+    architecture = segmenter_architecture(
+        run.build(None), section["model"], encoder, num_classes, section["crop_size"], unetr_kwargs
+    )
     results = RunResults(
         task="segment", kind="segmentation", label="label_path", classes=list(range(num_classes)),
         model=run.model_name, encoder=encoder, seed=seed, primary_metric="dice", config=config, splits=splits,
@@ -312,14 +415,24 @@ def run_segmentation(table: pd.DataFrame, out_dir: str | Path, splits: dict[str,
     return results
 
 
-def _fold_payload(fold: Fold, train_rows: np.ndarray, val_rows: np.ndarray, fit: dict[str, Any],
-                  rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _fold_payload(
+    fold: Fold, train_rows: np.ndarray, val_rows: np.ndarray, fit: dict[str, Any], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The fold's record (``folds/<key>.json``): counts, best epoch, mean metrics and per-subject rows."""
     for r in rows:
         r["fold"] = fold.index
     per_metric = pd.DataFrame(rows).drop(columns=["subject_id", "fold"]).mean(skipna=True).to_dict()
     metrics = {"dice": per_metric.pop("dice_mean"), "hd95": per_metric.pop("hd95_mean"), **per_metric}
-    get_logger().info(f"{fold.key}: Dice {metrics['dice']:.3f}, HD95 {metrics['hd95']:.2f} mm "
-                      f"(best epoch {fit['best_epoch']})")
-    return {"fold": fold.index, "n_train": int(len(train_rows)), "n_val": int(len(val_rows)),
-            "n_test": int(len(fold.test)), "best_epoch": fit["best_epoch"], "metrics": metrics, "predictions": rows}
+    get_logger().info(
+        f"{fold.key}: Dice {metrics['dice']:.3f}, HD95 {metrics['hd95']:.2f} mm "
+        f"(best epoch {fit['best_epoch']})"
+    )
+    return {
+        "fold": fold.index,
+        "n_train": int(len(train_rows)),
+        "n_val": int(len(val_rows)),
+        "n_test": int(len(fold.test)),
+        "best_epoch": fit["best_epoch"],
+        "metrics": metrics,
+        "predictions": rows,
+    }

@@ -79,7 +79,10 @@ def _synthetic_batch(cfg: DictConfig, batch_size: int, seed: int) -> dict[str, t
     """Real views (crops, augmentations, GMML) of random volumes: the tensors a step consumes."""
     views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
     volumes = synthetic_volumes(cfg, batch_size, seed)
-    items = [{"image": v, "index": torch.tensor(i), **views.draw(v.shape[1:], seed + i)} for i, v in enumerate(volumes)]
+    items = [
+        {"image": v, "index": torch.tensor(i), **views.draw(v.shape[1:], seed + i)}
+        for i, v in enumerate(volumes)
+    ]
     batch = views(collate_volumes(items))
     batch.pop("index")  # (B,): the only entry without a leading view axis
     return batch
@@ -137,13 +140,20 @@ def time_step(
 
 
 def run_benchmark(
-    cfg: DictConfig, device: torch.device, *, steps: int = 3, warmup: int = 1, baseline: bool = True,
+    cfg: DictConfig,
+    device: torch.device,
+    *,
+    steps: int = 3,
+    warmup: int = 1,
+    baseline: bool = True,
     matmul_size: int = 2048,
 ) -> dict[str, Any]:
     """Time the optimised step and (optionally) the straightforward one; returns figures and the peak."""
     torch.manual_seed(cfg.seed)
     batch_size = cfg.optim.batch_size * cfg.optim.accum_steps
-    batch = {k: v.to(device) for k, v in _synthetic_batch(cfg, batch_size, cfg.seed).items() if torch.is_tensor(v)}
+    batch = {
+        k: v.to(device) for k, v in _synthetic_batch(cfg, batch_size, cfg.seed).items() if torch.is_tensor(v)
+    }
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     peak = matmul_rate(device, torch.bfloat16 if bf16 else torch.float32, n=matmul_size)
     model = build_volta3d(to_kwargs(cfg.model), to_kwargs(cfg.head), to_kwargs(cfg.loss)).to(device)
@@ -151,13 +161,18 @@ def run_benchmark(
     if baseline:
         # The paper's way: batch 1 x accumulation B, fp32, MONAI's unfused einsum attention, and the
         # paper's losses (KoLeo compares volumes within a micro-batch: undefined at batch 1).
-        naive_cfg = cast(DictConfig, OmegaConf.merge(
-            cfg, {"optim": {"batch_size": 1, "accum_steps": batch_size}, "train": {"precision": "fp32"}}
-        ))
+        naive_cfg = cast(
+            DictConfig,
+            OmegaConf.merge(
+                cfg, {"optim": {"batch_size": 1, "accum_steps": batch_size}, "train": {"precision": "fp32"}}
+            ),
+        )
         model.koleo_weight = 0.0
         model.student.encoder.set_fused_attention(False)
         model.teacher.encoder.set_fused_attention(False)
-        results.append(time_step(naive_cfg, model, batch, device, steps=steps, warmup=warmup, name="straightforward"))
+        results.append(
+            time_step(naive_cfg, model, batch, device, steps=steps, warmup=warmup, name="straightforward")
+        )
     params = sum(p.numel() for p in model.student.parameters())
     return {
         "peak_flops": peak, "precision": "bf16" if bf16 else "fp32", "batch": batch_size, "params": params,
@@ -178,9 +193,18 @@ def format_table(report: dict[str, Any], device: torch.device) -> str:
         )
     if len(report["results"]) == 2:
         fast, naive = report["results"]
-        lines.append(f"speed-up over the straightforward step: {naive.seconds_per_step / fast.seconds_per_step:.2f}x")
+        lines.append(
+            f"speed-up over the straightforward step: {naive.seconds_per_step / fast.seconds_per_step:.2f}x"
+        )
     return "\n".join(lines)
 
 
-__all__ = ["StepFigures", "constant_schedules", "format_table", "matmul_rate", "run_benchmark", "synthetic_volumes",
-           "time_step"]
+__all__ = [
+    "StepFigures",
+    "constant_schedules",
+    "format_table",
+    "matmul_rate",
+    "run_benchmark",
+    "synthetic_volumes",
+    "time_step",
+]

@@ -131,7 +131,13 @@ class HealthTracker:
     """Adds the rolling effective ranks and the collapse alarm to each logged step's row."""
 
     def __init__(
-        self, log_k: float, logger: Any, *, rank_buffer: int, collapse_patience: int, collapse_max_cosine: float
+        self,
+        log_k: float,
+        logger: Any,
+        *,
+        rank_buffer: int,
+        collapse_patience: int,
+        collapse_max_cosine: float,
     ) -> None:  # the train.* keys of the same names
         self.ranks = {name: RollingRank(rank_buffer) for name in ("cls", "patch")}
         self.alarm = CollapseMonitor(log_k, collapse_patience, logger, collapse_max_cosine)

@@ -42,7 +42,11 @@ class Student(nn.Module):
     """
 
     def __init__(
-        self, encoder: VolTAEncoder, summariser: CLSSummariser, global_head: ProjectionHead, patch_head: ProjectionHead
+        self,
+        encoder: VolTAEncoder,
+        summariser: CLSSummariser,
+        global_head: ProjectionHead,
+        patch_head: ProjectionHead,
     ):
         super().__init__()
         self.encoder = encoder
@@ -125,7 +129,9 @@ class VolTA3D(nn.Module):
         if local_tokens not in ("all", "masked"):
             raise InputError(f"loss.local_tokens must be 'all' or 'masked', got '{local_tokens}'")
         if global_weight <= 0 and local_weight <= 0 and rec_weight <= 0:
-            raise InputError("every loss weight is 0 (loss.global_weight, loss.local_weight, loss.rec_weight)")
+            raise InputError(
+                "every loss weight is 0 (loss.global_weight, loss.local_weight, loss.rec_weight)"
+            )
         self.student = student
         self.teacher = copy.deepcopy(student)  # DINO: the teacher starts equal to the student
         self.teacher.requires_grad_(False)
@@ -135,7 +141,11 @@ class VolTA3D(nn.Module):
         self.global_loss = GlobalDistillationLoss()
         self.patch_loss = PatchDistillationLoss()
         self.weights = {"global": global_weight, "local": local_weight, "rec": rec_weight}
-        self.centering, self.sinkhorn_iterations, self.koleo_weight = centering, sinkhorn_iterations, koleo_weight
+        self.centering, self.sinkhorn_iterations, self.koleo_weight = (
+            centering,
+            sinkhorn_iterations,
+            koleo_weight,
+        )
         self.student_temp = student_temp
         self.local_tokens = local_tokens
         self.log_k = math.log(out_dim)
@@ -186,20 +196,32 @@ class VolTA3D(nn.Module):
             s_chunks, t_chunks = s_out["patch_logits"].chunk(n_global), t_probs.chunk(n_global)
             w_chunks = weight.chunk(n_global) if weight is not None else [None] * n_global
             # iBOT pairs each teacher view's tokens with the same view's (masked) student tokens.
-            per_view = [self.patch_loss(s, t, self.student_temp, w) for s, t, w in zip(s_chunks, t_chunks, w_chunks, strict=True)]
+            per_view = [
+                self.patch_loss(s, t, self.student_temp, w)
+                for s, t, w in zip(s_chunks, t_chunks, w_chunks, strict=True)
+            ]
             out["loss_local"] = torch.stack(per_view).mean()
             total = total + self.weights["local"] * out["loss_local"]
             out.update(entropy_stats(t_probs, "teacher_patch_"))
         if use_r:
             out["loss_rec"] = masked_mse(
-                s_out["reconstruction"].float(), _views_first(clean).float(), _views_first(batch["voxel_mask"])
+                s_out["reconstruction"].float(),
+                _views_first(clean).float(),
+                _views_first(batch["voxel_mask"]),
             )
             total = total + self.weights["rec"] * out["loss_rec"]
         out["loss"] = total
         return out
 
-    def _global_branch(self, s_out: Mapping[str, torch.Tensor], t_out: Mapping[str, torch.Tensor], n_global: int,
-                       n_local: int, teacher_temp: float, out: dict[str, Any]) -> torch.Tensor:
+    def _global_branch(
+        self,
+        s_out: Mapping[str, torch.Tensor],
+        t_out: Mapping[str, torch.Tensor],
+        n_global: int,
+        n_local: int,
+        teacher_temp: float,
+        out: dict[str, Any],
+    ) -> torch.Tensor:
         """L_global (eq. 3, DINO: every student view against each other teacher view) and the KoLeo
         term; records them and their statistics in ``out``; returns their weighted sum."""
         t_logits = t_out["cls_logits"].float()
@@ -216,7 +238,9 @@ class VolTA3D(nn.Module):
             total = total + self.koleo_weight * out["koleo"]
         return total
 
-    def _teacher_probs(self, branch: str, logits: torch.Tensor, temp: float, center_stats: dict[str, Any]) -> torch.Tensor:
+    def _teacher_probs(
+        self, branch: str, logits: torch.Tensor, temp: float, center_stats: dict[str, Any]
+    ) -> torch.Tensor:
         """Centered and sharpened (eq. 2, 4) or Sinkhorn-Knopp targets; records the EMA center's statistics."""
         if self.centering == "sinkhorn":
             return sinkhorn_knopp_probs(logits, temp, self.sinkhorn_iterations, reduce_sum=all_reduce_sum)
@@ -247,10 +271,14 @@ class VolTA3D(nn.Module):
         }
 
 
-def _cosines(s_out: Mapping[str, torch.Tensor], t_out: Mapping[str, torch.Tensor], n_global: int) -> dict[str, torch.Tensor]:
+def _cosines(
+    s_out: Mapping[str, torch.Tensor], t_out: Mapping[str, torch.Tensor], n_global: int
+) -> dict[str, torch.Tensor]:
     """Mean cosine between the CLS-style embeddings of different volumes, student and teacher."""
     return {
-        f"{who}_cls_cosine": cross_volume_cosine(o["cls_embed"].detach().unflatten(0, (n_global, -1)))  # (V, B, E)
+        f"{who}_cls_cosine": cross_volume_cosine(
+            o["cls_embed"].detach().unflatten(0, (n_global, -1))
+        )  # (V, B, E)
         for who, o in (("student", s_out), ("teacher", t_out))
     }
 

@@ -53,7 +53,9 @@ class OnlineProbe:
         max_volumes: int, seed: int, batch_size: int, probe_kwargs: Mapping[str, Any], features: Sequence[str],
     ) -> None:  # fmt: skip
         if not labels:
-            raise InputError("eval.labels is empty: name at least one manifest column to probe (--eval-label)")
+            raise InputError(
+                "eval.labels is empty: name at least one manifest column to probe (--eval-label)"
+            )
         table = read_manifest(data)
         if max_volumes > 0:
             table = table.head(max_volumes)
@@ -65,18 +67,27 @@ class OnlineProbe:
 
     def _task(self, label: str, splits_dir: Path, n_splits: int) -> ProbeTask:
         labels = prepare_labels(self.dataset.table, label)
-        rows = embedding_rows(self.dataset.table["path"].tolist(), labels.table["path"].tolist(), "the online set")
+        rows = embedding_rows(
+            self.dataset.table["path"].tolist(), labels.table["path"].tolist(), "the online set"
+        )
         path = splits_dir / f"{label}.json"
         if path.exists():  # a resumed run keeps its folds
             splits = load_splits(path)
         else:
-            splits = make_kfold_splits(labels.table["subject_id"], labels.strata, n_splits=n_splits, seed=self.seed)
+            splits = make_kfold_splits(
+                labels.table["subject_id"], labels.strata, n_splits=n_splits, seed=self.seed
+            )
             save_splits(splits, path)
         return ProbeTask(labels, rows, splits)
 
     @torch.no_grad()
     def evaluate(
-        self, step: int, source: str, encoder: VolTAEncoder, summariser: CLSSummariser | None, device: torch.device
+        self,
+        step: int,
+        source: str,
+        encoder: VolTAEncoder,
+        summariser: CLSSummariser | None,
+        device: torch.device,
     ) -> list[dict[str, Any]]:
         """Probe an encoder's frozen features (restores its train/eval mode afterwards)."""
         modes = [(m, m.training) for m in (encoder, summariser) if m is not None]
@@ -111,7 +122,11 @@ def summarise_online(rows: Sequence[Mapping[str, Any]]) -> str:
     frame = pd.DataFrame(rows)
     parts = []
     for (label, metric), group in frame.groupby(["label", "metric"], sort=False):
-        best = group.groupby("source")["value"].min() if metric == "mae" else group.groupby("source")["value"].max()
+        best = (
+            group.groupby("source")["value"].min()
+            if metric == "mae"
+            else group.groupby("source")["value"].max()
+        )
         parts.append(f"{label} {metric} " + " / ".join(f"{s} {v:.3f}" for s, v in best.items()))
     return "; ".join(parts)
 

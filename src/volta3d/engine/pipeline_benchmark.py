@@ -56,7 +56,9 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def time_views(cfg: DictConfig, device: torch.device, n_volumes: int, seed: int) -> tuple[float, float, float]:
+def time_views(
+    cfg: DictConfig, device: torch.device, n_volumes: int, seed: int
+) -> tuple[float, float, float]:
     """Seconds per volume of the reference views, the batched views and the parameter draw."""
     masking = GMMLMasker(**to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
     reference = MultiCropViews(masker=masking, **to_kwargs(cfg.views))
@@ -104,11 +106,15 @@ def time_end_to_end(cfg: DictConfig, data: Path, device: torch.device, *, steps:
     batches = _endless(loader, sampler, dataset)
     info = DistInfo()
     for i in range(warmup):
-        train_step(model, model.student, optimizer, schedules, i, batches, device, info, dataset.views, settings)
+        train_step(
+            model, model.student, optimizer, schedules, i, batches, device, info, dataset.views, settings
+        )
     _sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
-        train_step(model, model.student, optimizer, schedules, i, batches, device, info, dataset.views, settings)
+        train_step(
+            model, model.student, optimizer, schedules, i, batches, device, info, dataset.views, settings
+        )
     _sync(device)
     return (time.perf_counter() - t0) / steps
 
@@ -145,7 +151,9 @@ def format_pipeline(figures: PipelineFigures, step_seconds: float, step_flops: f
                     gpu_flops: float, device: torch.device) -> str:  # fmt: skip
     """The pipeline table: CPU time per volume of each path and the cores each needs to feed the step."""
     f = figures
-    loader_new = f.load_seconds if f.load_seconds is not None else f.draw_seconds  # a loaded item includes the draw
+    loader_new = (
+        f.load_seconds if f.load_seconds is not None else f.draw_seconds
+    )  # a loaded item includes the draw
     loader_old = (f.load_seconds or 0.0) + f.reference_seconds
     gpu_step = step_flops / gpu_flops
     lines = [

@@ -95,7 +95,9 @@ def build_schedules(
     """``lr`` here is already scaled for the effective batch."""
     total = steps_per_epoch * epochs
     if total <= 0:
-        raise InputError(f"the run has no optimiser steps (steps_per_epoch={steps_per_epoch}, epochs={epochs})")
+        raise InputError(
+            f"the run has no optimiser steps (steps_per_epoch={steps_per_epoch}, epochs={epochs})"
+        )
 
     def steps(e: float) -> int:
         return int(round(e * steps_per_epoch))
@@ -104,7 +106,9 @@ def build_schedules(
         lr=cosine_schedule(lr, min_lr, total, steps(warmup_epochs)),
         weight_decay=cosine_schedule(weight_decay, weight_decay_end, total),
         momentum=cosine_schedule(momentum_teacher, momentum_teacher_end, total),
-        teacher_temp=warmup_constant_schedule(warmup_teacher_temp, teacher_temp, steps(warmup_teacher_temp_epochs), total),
+        teacher_temp=warmup_constant_schedule(
+            warmup_teacher_temp, teacher_temp, steps(warmup_teacher_temp_epochs), total
+        ),
         teacher_patch_temp=warmup_constant_schedule(
             warmup_teacher_patch_temp, teacher_patch_temp, steps(warmup_teacher_temp_epochs), total
         ),

@@ -143,10 +143,14 @@ def _prepare_run(
     optimizer = build_optimizer(model.student, cfg.optim.betas)
     schedules = _schedules(cfg, steps_per_epoch, effective_batch)
     step = _maybe_resume(out / CHECKPOINT, cfg, model, optimizer, effective_batch, data_record, logger)
-    last_step = schedules.total_steps if cfg.train.max_steps <= 0 else min(cfg.train.max_steps, schedules.total_steps)
+    last_step = (
+        schedules.total_steps if cfg.train.max_steps <= 0 else min(cfg.train.max_steps, schedules.total_steps)
+    )
     if dist_info.is_main:
         save_config(cfg, out)
-        atomic_write(out / PRETRAIN_DATA_NAME, lambda f: f.write((json.dumps(data_record, indent=1) + "\n").encode()))
+        atomic_write(
+            out / PRETRAIN_DATA_NAME, lambda f: f.write((json.dumps(data_record, indent=1) + "\n").encode())
+        )
         logger.info(
             "pretraining on %d volumes: %d epochs x %d steps, effective batch %d (%d x %d accumulation x %d ranks), "
             "lr %.3g, device %s", len(dataset), cfg.optim.epochs, steps_per_epoch, effective_batch,
@@ -169,7 +173,11 @@ class _Records:
         self.health = HealthTracker(run.model.log_k, run.logger,
                                     **{k: cfg.train[k] for k in ("rank_buffer", "collapse_patience",
                                                                  "collapse_max_cosine")})  # fmt: skip
-        self.online = online_evaluation(cfg, run.out, run.step, run.model.teacher, run.device, run.logger) if main else None
+        self.online = (
+            online_evaluation(cfg, run.out, run.step, run.model.teacher, run.device, run.logger)
+            if main
+            else None
+        )
         self.bar = tqdm(total=run.last_step, initial=run.step, desc="pretrain", unit="step",
                         disable=not (progress and main))  # fmt: skip
         self.log_every = max(1, (run.last_step - run.step) // 20) if (main and not progress) else 0
@@ -218,10 +226,28 @@ def _train(run: _Run, progress: bool) -> None:
                 run.logger.error("%s", err)  # into log.txt too, beside the run's other records
                 raise
             run.step += 1
-            row.update(step=run.step, epoch=epoch, seconds_per_step=time.perf_counter() - t0, **run.model.center_norms())
+            row.update(
+                step=run.step,
+                epoch=epoch,
+                seconds_per_step=time.perf_counter() - t0,
+                **run.model.center_norms(),
+            )
             records.step_done(row, embeddings)
-            if run.step % cfg.train.checkpoint_every == 0 or run.step % run.steps_per_epoch == 0 or run.step == run.last_step:
-                _save(run.out, run.model, run.optimizer, run.step, cfg, run.effective_batch, run.data_record, run.dist_info)
+            if (
+                run.step % cfg.train.checkpoint_every == 0
+                or run.step % run.steps_per_epoch == 0
+                or run.step == run.last_step
+            ):
+                _save(
+                    run.out,
+                    run.model,
+                    run.optimizer,
+                    run.step,
+                    cfg,
+                    run.effective_batch,
+                    run.data_record,
+                    run.dist_info,
+                )
         if run.step % run.steps_per_epoch == 0 and run.dist_info.is_main:
             run.logger.info("epoch %d/%d done (step %d/%d): loss %.4f", epoch + 1, cfg.optim.epochs, run.step,
                             run.schedules.total_steps, row["loss"])  # fmt: skip
@@ -280,7 +306,9 @@ def train_step(
         cancel_gradients(model.student.last_layer_parameters())
     grad_norm = clip_gradients_per_tensor(model.student.parameters(), settings.clip_grad)
     if not torch.isfinite(grad_norm):
-        raise NonFiniteLossError(f"non-finite gradient norm at optimiser step {step}; the last good checkpoint is kept")
+        raise NonFiniteLossError(
+            f"non-finite gradient norm at optimiser step {step}; the last good checkpoint is kept"
+        )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -310,11 +338,13 @@ def _accumulate_gradients(
     for micro in range(accum):
         batch = make_views(move_batch(next(batches), device))
         ddp = student if isinstance(student, DistributedDataParallel) else None
-        with (contextlib.nullcontext() if ddp is None or micro == accum - 1 else ddp.no_sync()):
+        with contextlib.nullcontext() if ddp is None or micro == accum - 1 else ddp.no_sync():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.use_bf16):
                 out = model.compute_losses(batch, *temps, student=student)
             if not torch.isfinite(out["loss"]):
-                parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items() if k.startswith("loss_"))
+                parts = ", ".join(
+                    f"{k}={float(v.detach()):.4g}" for k, v in out.items() if k.startswith("loss_")
+                )
                 raise NonFiniteLossError(
                     f"non-finite loss at optimiser step {step} ({parts}); stopped without saving, the last good "
                     "checkpoint is kept. A resume must keep the settings: to change them (a lower optim.lr or "
@@ -339,7 +369,11 @@ def build_pretrain_loader(
     views = build_views(to_kwargs(cfg.views), to_kwargs(cfg.masking), patch_size=cfg.model.patch_size)
     dataset = PretrainVolumesDataset(VolumeDataset(manifest), views, base_seed=cfg.seed)
     sampler = ResumableSampler(
-        len(dataset), cfg.optim.batch_size, seed=cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size
+        len(dataset),
+        cfg.optim.batch_size,
+        seed=cfg.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
     )
     loader = DataLoader(
         dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
@@ -350,16 +384,24 @@ def build_pretrain_loader(
 
 def _validate(cfg: DictConfig) -> None:
     if cfg.loss.rec_weight > 0 and cfg.masking.ratio <= 0:
-        raise InputError("loss.rec_weight > 0 needs GMML masking: set masking.ratio > 0 (or loss.rec_weight=0)")
+        raise InputError(
+            "loss.rec_weight > 0 needs GMML masking: set masking.ratio > 0 (or loss.rec_weight=0)"
+        )
     if cfg.views.global_size != cfg.model.img_size:
-        raise InputError(f"views.global_size ({cfg.views.global_size}) must equal model.img_size ({cfg.model.img_size})")
+        raise InputError(
+            f"views.global_size ({cfg.views.global_size}) must equal model.img_size ({cfg.model.img_size})"
+        )
     for key in ("global_size", "local_size"):
         if cfg.views[key] % cfg.model.patch_size:
-            raise InputError(f"views.{key} ({cfg.views[key]}) must be a multiple of model.patch_size ({cfg.model.patch_size})")
+            raise InputError(
+                f"views.{key} ({cfg.views[key]}) must be a multiple of model.patch_size ({cfg.model.patch_size})"
+            )
     if cfg.optim.accum_steps < 1 or cfg.optim.batch_size < 1:
         raise InputError("optim.batch_size and optim.accum_steps must be >= 1")
     if cfg.loss.koleo_weight > 0 and cfg.optim.batch_size < 2:
-        raise InputError("loss.koleo_weight > 0 needs optim.batch_size >= 2 (KoLeo compares volumes within a batch)")
+        raise InputError(
+            "loss.koleo_weight > 0 needs optim.batch_size >= 2 (KoLeo compares volumes within a batch)"
+        )
     if cfg.eval.data and cfg.eval.every < 1:
         raise InputError(f"eval.every must be >= 1, got {cfg.eval.every}")
 
@@ -381,7 +423,9 @@ def _data_record(folders: Sequence[str | Path], manifest: pd.DataFrame) -> dict[
     """What the run pretrains on (pretrain_data.json): the report reads it to tell whether downstream test
     subjects were in the pretraining set; the hash of ids and paths guards a resume against other data."""
     ids, paths = manifest["subject_id"].astype(str).tolist(), manifest["path"].astype(str).tolist()
-    digest = hashlib.sha256("\n".join(f"{i}\t{p}" for i, p in zip(ids, paths, strict=True)).encode()).hexdigest()
+    digest = hashlib.sha256(
+        "\n".join(f"{i}\t{p}" for i, p in zip(ids, paths, strict=True)).encode()
+    ).hexdigest()
     return {"folders": [str(Path(f).resolve()) for f in folders], "n_volumes": len(ids), "sha256": digest,
             "subject_ids": ids}  # fmt: skip
 
@@ -449,7 +493,9 @@ def _wrap_student(model: VolTA3D, device: torch.device, dist_info: DistInfo) -> 
     # parameters without gradients. MONAI's unused norm_cross_attn is frozen in the encoder already.
     idle_branch = any(w <= 0 for w in model.weights.values())
     return DistributedDataParallel(
-        model.student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=idle_branch
+        model.student,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=idle_branch,
     )
 
 

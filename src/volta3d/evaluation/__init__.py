@@ -6,6 +6,16 @@ from volta3d.evaluation.splits import load_splits, make_holdout_split, make_kfol
 from volta3d.evaluation.statistics import bootstrap_ci, delong_test, paired_difference
 
 __all__ = [
-    "FoldStore", "bootstrap_ci", "compare_results", "delong_test", "format_comparison", "load_run",
-    "load_splits", "make_holdout_split", "make_kfold_splits", "paired_difference", "save_run", "save_splits",
+    "FoldStore",
+    "bootstrap_ci",
+    "compare_results",
+    "delong_test",
+    "format_comparison",
+    "load_run",
+    "load_splits",
+    "make_holdout_split",
+    "make_kfold_splits",
+    "paired_difference",
+    "save_run",
+    "save_splits",
 ]

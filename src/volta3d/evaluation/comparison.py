@@ -48,7 +48,9 @@ def positive_class_warnings(pos_a: object, pos_b: object) -> list[str]:
     """Sensitivity of one run is specificity of the other when their positive classes differ."""
     if pos_a is None or pos_b is None or str(pos_a) == str(pos_b):
         return []
-    return [f"runs A and B name different positive classes ({pos_a} vs {pos_b}): sensitivity and specificity swap"]
+    return [
+        f"runs A and B name different positive classes ({pos_a} vs {pos_b}): sensitivity and specificity swap"
+    ]
 
 
 def compare_results(
@@ -103,14 +105,17 @@ def compare_results(
         return out
     pa, pb = _top_fraction(pa), _top_fraction(pb)
     merged = pa.merge(pb, on=["subject_id", "fold"], suffixes=("_a", "_b"))
-    subject_cols = [
-        c for c in pa.columns if c.startswith(SUBJECT_METRIC_PREFIXES) and c in pb.columns
-    ]
+    subject_cols = [c for c in pa.columns if c.startswith(SUBJECT_METRIC_PREFIXES) and c in pb.columns]
     for c in subject_cols:
         out["subject_level"][c] = paired_difference(
             merged[f"{c}_a"].to_numpy(float), merged[f"{c}_b"].to_numpy(float), n_boot=n_boot, seed=seed
         )
-    if ra.get("kind") == "binary" and rb.get("kind") == "binary" and "score" in pa.columns and "score" in pb.columns:
+    if (
+        ra.get("kind") == "binary"
+        and rb.get("kind") == "binary"
+        and "score" in pa.columns
+        and "score" in pb.columns
+    ):
         y = merged["y_true_a"].to_numpy(int)
         sa, sb = merged["score_a"].to_numpy(float), merged["score_b"].to_numpy(float)
         res = delong_test(y, sa, sb)

@@ -107,7 +107,9 @@ def read_online_eval(pretrain: Path) -> pd.DataFrame | str | None:
     path = pretrain / ONLINE_EVAL_NAME
     if not path.is_file():
         return None
-    table = pd.read_csv(path, dtype={"source": str, "feature": str, "probe": str, "metric": str, "label": str})
+    table = pd.read_csv(
+        path, dtype={"source": str, "feature": str, "probe": str, "metric": str, "label": str}
+    )
     missing = [c for c in ONLINE_COLUMNS if c not in table.columns]
     if missing:
         return f"{path} has no {', '.join(missing)} column(s)"
@@ -123,15 +125,21 @@ def online_summary(table: pd.DataFrame) -> list[dict[str, Any]]:
     init reference of the same feature and probe and the raw-volume floor of the same probe."""
 
     def ref(source: str, label: str, metric: str, probe: str, feature: str | None) -> float | None:
-        rows = table[(table["source"] == source) & (table["label"] == label) & (table["metric"] == metric)
-                     & (table["probe"] == probe)]
+        rows = table[
+            (table["source"] == source)
+            & (table["label"] == label)
+            & (table["metric"] == metric)
+            & (table["probe"] == probe)
+        ]
         if feature is not None:
             rows = rows[rows["feature"] == feature]
         return float(rows.sort_values("step")["value"].iloc[0]) if len(rows) else None
 
     out = []
     teacher = table[table["source"] == "teacher"].sort_values("step")
-    for (label, metric, probe, feature), rows in teacher.groupby(["label", "metric", "probe", "feature"], sort=True):
+    for (label, metric, probe, feature), rows in teacher.groupby(
+        ["label", "metric", "probe", "feature"], sort=True
+    ):
         out.append({"label": label, "metric": metric, "probe": probe, "feature": feature,
                     "first": float(rows["value"].iloc[0]), "last": float(rows["value"].iloc[-1]),
                     "last_step": int(rows["step"].iloc[-1]), "init": ref("init", label, metric, probe, feature),
@@ -164,15 +172,21 @@ def provenance_sentence(info: Mapping[str, Any], tested: Mapping[str, Collection
     if not subjects:
         return f"{lead} No downstream test subjects to check against the pretraining subjects."
     if not isinstance(info.get("subject_ids"), list):
-        return f"{lead} The pretraining subject ids were not recorded, so transductive or external is unknown."
+        return (
+            f"{lead} The pretraining subject ids were not recorded, so transductive or external is unknown."
+        )
     seen = set(map(str, info["subject_ids"]))
     union = set().union(*subjects.values())
     inside, total = len(union & seen), len(union)
     if inside == total:
-        return (f"{lead} Transductive: the downstream test subjects were in the unlabelled pretraining set, "
-                f"labels unused (all {total} test subjects).")
+        return (
+            f"{lead} Transductive: the downstream test subjects were in the unlabelled pretraining set, "
+            f"labels unused (all {total} test subjects)."
+        )
     if inside == 0:
         return f"{lead} External: none of the {total} downstream test subjects was in the pretraining set."
     each = "; ".join(f"{task}: {len(s & seen)} of {len(s)}" for task, s in subjects.items())
-    return (f"{lead} Partly transductive: some downstream test subjects were in the unlabelled pretraining set, "
-            f"labels unused ({each}); the others are external.")
+    return (
+        f"{lead} Partly transductive: some downstream test subjects were in the unlabelled pretraining set, "
+        f"labels unused ({each}); the others are external."
+    )

@@ -78,7 +78,13 @@ from volta3d.evaluation.report_runs import (
     variant,
 )
 
-__all__ = ["Run", "build_report", "default_name", "initialisation", "pair_runs"]  # what other modules import here
+__all__ = [
+    "Run",
+    "build_report",
+    "default_name",
+    "initialisation",
+    "pair_runs",
+]  # what other modules import here
 
 REPORT_NAME, SUMMARY_NAME, FIGURES_DIR = "report.html", "summary.md", "figures"
 TABLE_METRICS = {
@@ -118,26 +124,68 @@ def comparison_rows(ref: Run, other: Run, cmp: Mapping[str, Any] | str) -> list[
         if r:
             dg = digits_for(m)
             tested = r["n"] >= 2  # one fold: a difference, but nothing to resample or rank
-            rows.append([ref.name, other.name, metric_label(m), f"folds ({r['n']})", fmt_num(r["mean_a"], dg),
-                         fmt_num(r["mean_b"], dg), fmt_signed(r["estimate"], dg),
-                         f"[{r['ci_low']:+.{dg}f}, {r['ci_high']:+.{dg}f}]" if tested else "—",
-                         "Wilcoxon" if tested else "—", fmt_p(r["wilcoxon_p"]) if tested else "—"])
+            rows.append(
+                [
+                    ref.name,
+                    other.name,
+                    metric_label(m),
+                    f"folds ({r['n']})",
+                    fmt_num(r["mean_a"], dg),
+                    fmt_num(r["mean_b"], dg),
+                    fmt_signed(r["estimate"], dg),
+                    f"[{r['ci_low']:+.{dg}f}, {r['ci_high']:+.{dg}f}]" if tested else "—",
+                    "Wilcoxon" if tested else "—",
+                    fmt_p(r["wilcoxon_p"]) if tested else "—",
+                ]
+            )
     for m, r in cmp["subject_level"].items():
         if m in ("dice_mean", "hd95_mean"):
             dg = digits_for(m)
-            rows.append([ref.name, other.name, metric_label(m), f"subjects ({r['n']})", fmt_num(r["mean_a"], dg),
-                         fmt_num(r["mean_b"], dg), fmt_signed(r["estimate"], dg),
-                         f"[{r['ci_low']:+.{dg}f}, {r['ci_high']:+.{dg}f}]", "Wilcoxon", fmt_p(r["wilcoxon_p"])])
+            rows.append(
+                [
+                    ref.name,
+                    other.name,
+                    metric_label(m),
+                    f"subjects ({r['n']})",
+                    fmt_num(r["mean_a"], dg),
+                    fmt_num(r["mean_b"], dg),
+                    fmt_signed(r["estimate"], dg),
+                    f"[{r['ci_low']:+.{dg}f}, {r['ci_high']:+.{dg}f}]",
+                    "Wilcoxon",
+                    fmt_p(r["wilcoxon_p"]),
+                ]
+            )
     d = cmp.get("delong")
     if d:
-        rows.append([ref.name, other.name, "AUROC (pooled)", f"subjects ({d['n']})", fmt_num(d["auroc_a"]),
-                     fmt_num(d["auroc_b"]), fmt_signed(d["diff"]), f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
-                     "DeLong", fmt_p(d["p"])])
+        rows.append(
+            [
+                ref.name,
+                other.name,
+                "AUROC (pooled)",
+                f"subjects ({d['n']})",
+                fmt_num(d["auroc_a"]),
+                fmt_num(d["auroc_b"]),
+                fmt_signed(d["diff"]),
+                f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
+                "DeLong",
+                fmt_p(d["p"]),
+            ]
+        )
     return rows
 
 
-COMPARISON_COLUMNS = ["reference", "compared with", "metric", "paired over", "reference value", "other value",
-                      "difference", "95 % CI", "test", "p"]
+COMPARISON_COLUMNS = [
+    "reference",
+    "compared with",
+    "metric",
+    "paired over",
+    "reference value",
+    "other value",
+    "difference",
+    "95 % CI",
+    "test",
+    "p",
+]
 
 
 # ----------------------------------------------------------------------------- per task
@@ -159,8 +207,15 @@ def _panels(group: Sequence[Run]) -> dict[str, list[Run]]:
 def metrics_blocks(key: tuple, group: list[Run], pairs: list[tuple]) -> list[Block]:
     """The metrics over folds of every model, and every paired comparison (folded when long)."""
     metrics = [m for m in TABLE_METRICS.get(key[1], []) if any(m in r.results["aggregate"] for r in group)]
-    rows = [[r.name, initialisation(r), str(len(r.results["folds"])),
-             *[mean_sd(r.results["aggregate"].get(m), digits_for(m)) for m in metrics]] for r in group]
+    rows = [
+        [
+            r.name,
+            initialisation(r),
+            str(len(r.results["folds"])),
+            *[mean_sd(r.results["aggregate"].get(m), digits_for(m)) for m in metrics],
+        ]
+        for r in group
+    ]
     blocks: list[Block] = [
         Heading("Metrics and paired comparisons"),
         Line("Mean ± SD over folds (the aggregate in each results.json). Differences in the comparison table are "
@@ -171,7 +226,9 @@ def metrics_blocks(key: tuple, group: list[Run], pairs: list[tuple]) -> list[Blo
         cmp_rows = [row for ref, other, cmp in pairs for row in comparison_rows(ref, other, cmp)]
         blocks.append(Table(COMPARISON_COLUMNS, cmp_rows, f"{task_title(key)}: paired comparisons"))
     else:
-        blocks.append(Note(f"{task_title(key)}: no VolTA-3D-initialised model (or named reference) to compare against."))
+        blocks.append(
+            Note(f"{task_title(key)}: no VolTA-3D-initialised model (or named reference) to compare against.")
+        )
     return blocks
 
 
@@ -182,11 +239,18 @@ def roc_blocks(key: tuple, group: list[Run], fig_dir: Path) -> list[Block]:
     for name, runs in _panels(group).items():
         for r in runs:
             pred = top_predictions(r)
-            if pred is not None and {"y_true", "score"} <= set(pred.columns) and pred["y_true"].nunique() == 2:
+            if (
+                pred is not None
+                and {"y_true", "score"} <= set(pred.columns)
+                and pred["y_true"].nunique() == 2
+            ):
                 curve = (_trace(r, dashes), pred["y_true"].to_numpy(int), pred["score"].to_numpy(float))
                 panels.setdefault(name, []).append(curve)
     if not panels:
-        return [Heading("ROC curves"), Note("ROC curves omitted: no run of this task saved predictions.csv with both classes.")]
+        return [
+            Heading("ROC curves"),
+            Note("ROC curves omitted: no run of this task saved predictions.csv with both classes."),
+        ]
     path = report_plots.roc_figure(panels, task_title(key), fig_dir / f"roc_{slug(task_title(key))}.png")
     return [Heading("ROC curves"),
             Figure(path, f"{task_title(key)}: ROC of out-of-fold predictions pooled over folds (largest training "
@@ -223,7 +287,9 @@ def fraction_blocks(key: tuple, group: list[Run], fig_dir: Path) -> list[Block]:
                 rows.append([r.name, f"{float(frac):g}", mean_sd(agg, dg), ci, str(agg.get("n", 0))])
             panels.setdefault(name, []).append((_trace(r, dashes), pd.DataFrame(recs, dtype=float)))
     title = task_title(key)
-    path = report_plots.fraction_figure(panels, metric_label(metric), title, fig_dir / f"fractions_{slug(title)}.png")
+    path = report_plots.fraction_figure(
+        panels, metric_label(metric), title, fig_dir / f"fractions_{slug(title)}.png"
+    )
     return [Heading("Reduced-data curves"),
             Figure(path, f"{title}: {metric_label(metric)} vs training fraction; line: mean over folds, shaded: 95 % "
                          "CI of that mean (t interval over folds)"),
@@ -234,7 +300,10 @@ def fraction_blocks(key: tuple, group: list[Run], fig_dir: Path) -> list[Block]:
 def _load_case(row: Any, pred_dir: Path, label: str) -> dict[str, Any]:
     image = np.load(row.image).astype(np.float32)
     truth, pred = np.load(row.label), np.load(pred_dir / row.prediction)
-    image, truth = image.reshape(image.shape[-3:]), truth.reshape(truth.shape[-3:])  # (1, D, H, W) -> (D, H, W)
+    image, truth = (
+        image.reshape(image.shape[-3:]),
+        truth.reshape(truth.shape[-3:]),
+    )  # (1, D, H, W) -> (D, H, W)
     if not image.shape == truth.shape == pred.shape:
         raise InputError(f"shapes differ: scan {image.shape}, mask {truth.shape}, prediction {pred.shape}")
     return {"image": image, "truth": truth, "prediction": pred, "label": label}
@@ -270,10 +339,22 @@ def segmentation_blocks(group: list[Run], fig_dir: Path) -> list[Block]:
     for r in group:
         agg = r.results["aggregate"]
         for c in [c for c in r.results.get("classes", []) if c != 0]:
-            rows.append([r.name, f"label {c}", mean_sd(agg.get(f"dice_label{c}")), mean_sd(agg.get(f"hd95_label{c}"), 2)])
-    blocks: list[Block] = [Heading("Segmentation per structure and overlays"),
-                           Table(["model", "structure", "Dice", "HD95 (mm)"], rows,
-                                 "Per structure: mean ± SD over folds (each fold: mean over its test subjects)")]
+            rows.append(
+                [
+                    r.name,
+                    f"label {c}",
+                    mean_sd(agg.get(f"dice_label{c}")),
+                    mean_sd(agg.get(f"hd95_label{c}"), 2),
+                ]
+            )
+    blocks: list[Block] = [
+        Heading("Segmentation per structure and overlays"),
+        Table(
+            ["model", "structure", "Dice", "HD95 (mm)"],
+            rows,
+            "Per structure: mean ± SD over folds (each fold: mean over its test subjects)",
+        ),
+    ]
     drawn = False
     for r in group:
         if not (r.dir / "predictions" / "index.csv").exists():
@@ -282,18 +363,29 @@ def segmentation_blocks(group: list[Run], fig_dir: Path) -> list[Block]:
         blocks.extend(map(Note, notes))
         if cases:
             path = report_plots.overlay_figure(cases, r.name, fig_dir / f"overlay_{slug(r.name)}.png")
-            blocks.append(Figure(path, f"{r.name}: test subjects with the lowest, median and highest Dice; "
-                                       "ground truth in cyan, prediction in orange"))
+            blocks.append(
+                Figure(
+                    path,
+                    f"{r.name}: test subjects with the lowest, median and highest Dice; "
+                    "ground truth in cyan, prediction in orange",
+                )
+            )
             drawn = True
     if not drawn:
-        blocks.append(Note("Overlays omitted: no segmentation run saved its test predictions (predictions/index.csv)."))
+        blocks.append(
+            Note("Overlays omitted: no segmentation run saved its test predictions (predictions/index.csv).")
+        )
     return blocks
 
 
-def task_sections(tasks: dict[tuple, list[Run]], comparisons: dict[tuple, list[tuple]], fig_dir: Path) -> list[Section]:
+def task_sections(
+    tasks: dict[tuple, list[Run]], comparisons: dict[tuple, list[tuple]], fig_dir: Path
+) -> list[Section]:
     """One section per task: its tables, then its figures."""
     if not tasks:
-        return [omitted(Section("Results per task", "results"), "no downstream results.json among the inputs")]
+        return [
+            omitted(Section("Results per task", "results"), "no downstream results.json among the inputs")
+        ]
     out = []
     for key, group in tasks.items():
         title = task_title(key)
@@ -314,34 +406,86 @@ def task_sections(tasks: dict[tuple, list[Run]], comparisons: dict[tuple, list[t
 def _curve_blocks(pretrain: Path, metrics: pd.DataFrame, logk: float | None, fig_dir: Path) -> list[Block]:
     """The training curves and the first / last logged values."""
     path = report_plots.pretraining_figure(metrics, fig_dir / "pretraining.png", logk)
-    blocks: list[Block] = [Figure(path, f"Pretraining ({pretrain.name}): losses, teacher entropies (dashed: log K, "
-                                 "the entropy of a collapsed, uniform teacher), learning rate and gradient norm")]
-    cols = [c for c in ("loss", "loss_global", "loss_local", "loss_rec", "teacher_entropy", "teacher_marginal_entropy",
-                        "teacher_patch_entropy", "lr", "grad_norm", "seconds_per_step") if c in metrics.columns]
+    blocks: list[Block] = [
+        Figure(
+            path,
+            f"Pretraining ({pretrain.name}): losses, teacher entropies (dashed: log K, "
+            "the entropy of a collapsed, uniform teacher), learning rate and gradient norm",
+        )
+    ]
+    cols = [
+        c
+        for c in (
+            "loss",
+            "loss_global",
+            "loss_local",
+            "loss_rec",
+            "teacher_entropy",
+            "teacher_marginal_entropy",
+            "teacher_patch_entropy",
+            "lr",
+            "grad_norm",
+            "seconds_per_step",
+        )
+        if c in metrics.columns
+    ]
     first, last = metrics.iloc[0], metrics.iloc[-1]
     rows = [[c, fmt_general(first[c]), fmt_general(last[c])] for c in cols]
-    blocks.append(Table(["quantity", f"step {int(first['step'])}", f"step {int(last['step'])}"], rows,
-                        "First and last logged values"))
+    blocks.append(
+        Table(
+            ["quantity", f"step {int(first['step'])}", f"step {int(last['step'])}"],
+            rows,
+            "First and last logged values",
+        )
+    )
     return blocks
 
 
-def _health_blocks(metrics: pd.DataFrame, rows: list[health.HealthRow], alarm: tuple[int, int] | None,
-                   fig_dir: Path) -> list[Block]:
+def _health_blocks(
+    metrics: pd.DataFrame, rows: list[health.HealthRow], alarm: tuple[int, int] | None, fig_dir: Path
+) -> list[Block]:
     """The health table and, when any health quantity was logged, its curves."""
     n = health.HEALTH_WINDOW
     if not rows:
-        return [Note("Pretraining health table not shown: metrics.csv logs no alignment loss or health quantity.")]
-    table = [[r.quantity, fmt_general(r.first), fmt_general(r.last), fmt_general(r.log_k),
-              r.verdict or health.HEALTH_READINGS.get(r.quantity, "")] for r in rows]
-    blocks: list[Block] = [Table(["quantity", f"mean, first {n} logged steps", f"mean, last {n} logged steps", "log K",
-                           "verdict / reading"], table,
-                          f"Pretraining health: means over the first and last {n} logged steps (an alignment loss "
-                          "below log K shows a teacher that is not uniform)")]
+        return [
+            Note("Pretraining health table not shown: metrics.csv logs no alignment loss or health quantity.")
+        ]
+    table = [
+        [
+            r.quantity,
+            fmt_general(r.first),
+            fmt_general(r.last),
+            fmt_general(r.log_k),
+            r.verdict or health.HEALTH_READINGS.get(r.quantity, ""),
+        ]
+        for r in rows
+    ]
+    blocks: list[Block] = [
+        Table(
+            [
+                "quantity",
+                f"mean, first {n} logged steps",
+                f"mean, last {n} logged steps",
+                "log K",
+                "verdict / reading",
+            ],
+            table,
+            f"Pretraining health: means over the first and last {n} logged steps (an alignment loss "
+            "below log K shows a teacher that is not uniform)",
+        )
+    ]
     health_cols = [c for _, cols in report_plots.HEALTH_PANELS for c in cols]
     if any(c in metrics.columns and metrics[c].notna().any() for c in health_cols):
-        path = report_plots.health_figure(metrics, fig_dir / "pretraining_health.png", alarm[0] if alarm else None)
-        blocks.append(Figure(path, "Pretraining health: entropy gaps (marginal minus per-sample entropy), mean pairwise "
-                                   "cosine of different volumes' CLS-style embeddings and effective ranks (RankMe)"))
+        path = report_plots.health_figure(
+            metrics, fig_dir / "pretraining_health.png", alarm[0] if alarm else None
+        )
+        blocks.append(
+            Figure(
+                path,
+                "Pretraining health: entropy gaps (marginal minus per-sample entropy), mean pairwise "
+                "cosine of different volumes' CLS-style embeddings and effective ranks (RankMe)",
+            )
+        )
     return blocks
 
 
@@ -357,13 +501,42 @@ def _online_blocks(pretrain: Path, fig_dir: Path) -> list[Block]:
         better = "lower" if better_when_lower(metric) else "higher"
         panels[f"{label + ': ' if label else ''}{metric_label(metric)} ({better} is better)"] = rows
     path = report_plots.online_probe_figure(panels, fig_dir / "online_probe.png")
-    blocks: list[Block] = [Figure(path, "Online probes during pretraining: the teacher's features (solid) against the "
-                                 "initial weights and the raw-volume floor (dashed)")]
-    rows = [[r["label"] or "—", metric_label(r["metric"]), r["probe"], r["feature"], fmt_num(r["first"]),
-             f"{fmt_num(r['last'])} (step {r['last_step']})", fmt_num(r["init"]), fmt_num(r["raw"])]
-            for r in health.online_summary(table)]
-    blocks.append(Table(["label", "metric", "probe", "feature", "teacher, first", "teacher, last", "initial weights",
-                         "raw volume"], rows, "Online probes: the teacher at its first and last evaluation"))
+    blocks: list[Block] = [
+        Figure(
+            path,
+            "Online probes during pretraining: the teacher's features (solid) against the "
+            "initial weights and the raw-volume floor (dashed)",
+        )
+    ]
+    rows = [
+        [
+            r["label"] or "—",
+            metric_label(r["metric"]),
+            r["probe"],
+            r["feature"],
+            fmt_num(r["first"]),
+            f"{fmt_num(r['last'])} (step {r['last_step']})",
+            fmt_num(r["init"]),
+            fmt_num(r["raw"]),
+        ]
+        for r in health.online_summary(table)
+    ]
+    blocks.append(
+        Table(
+            [
+                "label",
+                "metric",
+                "probe",
+                "feature",
+                "teacher, first",
+                "teacher, last",
+                "initial weights",
+                "raw volume",
+            ],
+            rows,
+            "Online probes: the teacher at its first and last evaluation",
+        )
+    )
     return blocks
 
 
@@ -378,9 +551,13 @@ def pretraining_section(pretrain: Path | None, fig_dir: Path) -> Section:
     logk = health.log_k(metrics, flatten(read_config(pretrain / "config.yaml")).get("head.out_dim"))
     rows, alarm = health.health_rows(metrics, logk), health.first_alarm(metrics)
     if alarm:
-        sec.blocks.append(Alert(f"Collapse alarm: the pretraining health check fired first at step {alarm[0]} "
-                                f"({alarm[1]} logged step(s) in all). The encoder may have collapsed; read the "
-                                "Pretraining section before trusting any result built on it."))
+        sec.blocks.append(
+            Alert(
+                f"Collapse alarm: the pretraining health check fired first at step {alarm[0]} "
+                f"({alarm[1]} logged step(s) in all). The encoder may have collapsed; read the "
+                "Pretraining section before trusting any result built on it."
+            )
+        )
     sec.blocks.append(health.health_sentence(rows, alarm, "collapse_alarm" in metrics.columns))
     sec.blocks += _curve_blocks(pretrain, metrics, logk, fig_dir)
     sec.blocks += _health_blocks(metrics, rows, alarm, fig_dir)
@@ -419,30 +596,56 @@ def settings_section(runs: list[Run], pretrain: Path | None, info: Mapping[str, 
     if pretrain is not None:
         cfg = flatten(read_config(pretrain / "config.yaml"))
         rows = [[k, str(cfg[k])] for k in PRETRAIN_HIGHLIGHTS if k in cfg]
-        sec.blocks.append(Table(["setting", "value"], rows, f"Pretraining configuration highlights ({pretrain / 'config.yaml'})"))
+        sec.blocks.append(
+            Table(
+                ["setting", "value"],
+                rows,
+                f"Pretraining configuration highlights ({pretrain / 'config.yaml'})",
+            )
+        )
     if runs:
-        sec.blocks.append(Table(["model", "task", "split (folds)", "test subjects", "settings"], _downstream_rows(runs),
-                                "Downstream runs"))
+        sec.blocks.append(
+            Table(
+                ["model", "task", "split (folds)", "test subjects", "settings"],
+                _downstream_rows(runs),
+                "Downstream runs",
+            )
+        )
     for key, caption in (("settings", "Demo settings (stages.json)"), ("data", "Data counts (stages.json)")):
         if isinstance(info.get(key), Mapping) and info[key]:
-            sec.blocks.append(Table(["item", "value"], [[k, str(v)] for k, v in flatten(info[key]).items()], caption))
+            sec.blocks.append(
+                Table(["item", "value"], [[k, str(v)] for k, v in flatten(info[key]).items()], caption)
+            )
     stages = [s for s in info.get("stages", []) if isinstance(s, Mapping)]
     if stages:
         total = sum(s.get("seconds") or 0 for s in stages)
-        rows = [[str(s.get("name", "?")), str(s.get("status", "?")), fmt_hms(s.get("seconds"))] for s in stages]
-        sec.blocks.append(Table(["stage", "status", "wall time (h:mm:ss)"], [*rows, ["total", "", fmt_hms(total)]],
-                                "Wall time per stage"))
+        rows = [
+            [str(s.get("name", "?")), str(s.get("status", "?")), fmt_hms(s.get("seconds"))] for s in stages
+        ]
+        sec.blocks.append(
+            Table(
+                ["stage", "status", "wall time (h:mm:ss)"],
+                [*rows, ["total", "", fmt_hms(total)]],
+                "Wall time per stage",
+            )
+        )
     else:
         sec.blocks.append(Note("Wall time per stage omitted: no stages.json among the inputs."))
-    sec.blocks.append(Table(["package", "version"], _versions(), "Software (the environment that built this report)"))
+    sec.blocks.append(
+        Table(["package", "version"], _versions(), "Software (the environment that built this report)")
+    )
     return sec
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def _resolve_inputs(runs: Mapping[str, Sequence[str | Path]] | Sequence[str | Path] | str | Path,
-                    pretrain: str | Path | None, stages: str | Path | None, reference: str | None) -> ReportInputs:
+def _resolve_inputs(
+    runs: Mapping[str, Sequence[str | Path]] | Sequence[str | Path] | str | Path,
+    pretrain: str | Path | None,
+    stages: str | Path | None,
+    reference: str | None,
+) -> ReportInputs:
     """Discovered or named runs, with an explicit pretraining folder / stages.json overriding discovery."""
     if isinstance(runs, Mapping):
         inputs = ReportInputs(named_inputs(runs))
@@ -457,18 +660,23 @@ def _resolve_inputs(runs: Mapping[str, Sequence[str | Path]] | Sequence[str | Pa
             raise InputFileNotFound(f"stages file not found: {stages}")
         inputs.stages = Path(stages)
     if reference is not None and reference not in {r.name for r in inputs.runs}:
-        raise InputError(f"--reference '{reference}' names no model (models: {', '.join(sorted({r.name for r in inputs.runs}))})")
+        raise InputError(
+            f"--reference '{reference}' names no model (models: {', '.join(sorted({r.name for r in inputs.runs}))})"
+        )
     return inputs
 
 
-def _compare(tasks: dict[tuple, list[Run]], reference: str | None, n_boot: int,
-             seed: int) -> dict[tuple, list[tuple]]:
+def _compare(
+    tasks: dict[tuple, list[Run]], reference: str | None, n_boot: int, seed: int
+) -> dict[tuple, list[tuple]]:
     """Per task, (reference, other, compare_results dictionary or the reason they are not comparable)."""
     comparisons: dict[tuple, list[tuple]] = {}
     for key, group in tasks.items():
         for ref, other in pair_runs(group, reference)[1]:
             try:
-                cmp: dict[str, Any] | str = compare_results(ref.results, other.results, n_boot=n_boot, seed=seed)
+                cmp: dict[str, Any] | str = compare_results(
+                    ref.results, other.results, n_boot=n_boot, seed=seed
+                )
             except ValueError as err:
                 cmp = str(err)
             comparisons.setdefault(key, []).append((ref, other, cmp))
@@ -512,14 +720,20 @@ def build_report(
     all_runs = [r for group in tasks.values() for r in group]
     who = "VolTA-3D" if all(r.pretrained for r in inputs.runs if r.name == reference) else "reference"
     sections = [
-        headline_section(headline_rows(tasks, comparisons, reference), provenance_line(inputs.pretrain, all_runs, info),
-                         fig_dir, who),
+        headline_section(
+            headline_rows(tasks, comparisons, reference),
+            provenance_line(inputs.pretrain, all_runs, info),
+            fig_dir,
+            who,
+        ),
         pretraining_section(inputs.pretrain, fig_dir),
         *task_sections(tasks, comparisons, fig_dir),
         settings_section(all_runs, inputs.pretrain, info),
     ]
-    generated = (f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by volta3d report from "
-                 f"{len(inputs.runs)} results file(s); bootstrap: {n_boot} resamples, seed {seed}.")
+    generated = (
+        f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by volta3d report from "
+        f"{len(inputs.runs)} results file(s); bootstrap: {n_boot} resamples, seed {seed}."
+    )
     (out / SUMMARY_NAME).write_text(render_markdown(title, sections, generated, out))
     path = out / REPORT_NAME
     path.write_text(render_html(title, sections, generated))

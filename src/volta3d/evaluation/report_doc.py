@@ -204,8 +204,10 @@ def _html_block(b: Block) -> str:
     if isinstance(b, Table):
         return _html_table(b)
     if isinstance(b, Figure):
-        return (f'<figure{_id(b.anchor)}><img src="{_data_uri(b.path)}" alt="{e(b.caption)}">'
-                f"<figcaption>{e(b.caption)}</figcaption></figure>")
+        return (
+            f'<figure{_id(b.anchor)}><img src="{_data_uri(b.path)}" alt="{e(b.caption)}">'
+            f"<figcaption>{e(b.caption)}</figcaption></figure>"
+        )
     if isinstance(b, Note):
         return f'<p class="note">{e(b.text)}</p>'
     if isinstance(b, Alert):
@@ -219,12 +221,16 @@ def _html_block(b: Block) -> str:
 
 def render_html(title: str, sections: list[Section], generated: str) -> str:
     e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>{e(title)}</title><style>{CSS}</style></head><body><main>",
-             f"<h1>{e(title)}</h1>", f'<div class="meta">{e(generated)}</div>',
-             *(f'<div class="alert" role="alert">{e(a.text)}</div>' for a in alerts(sections)),
-             "<nav>" + "".join(f'<a href="#{s.anchor}">{e(s.title)}</a>' for s in sections) + "</nav>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(title)}</title><style>{CSS}</style></head><body><main>",
+        f"<h1>{e(title)}</h1>",
+        f'<div class="meta">{e(generated)}</div>',
+        *(f'<div class="alert" role="alert">{e(a.text)}</div>' for a in alerts(sections)),
+        "<nav>" + "".join(f'<a href="#{s.anchor}">{e(s.title)}</a>' for s in sections) + "</nav>",
+    ]
     for s in sections:
         parts.append(f'<section id="{s.anchor}" class="{s.anchor}"><h2>{e(s.title)}</h2>')
         parts += [_html_block(b) for b in s.blocks]
@@ -247,8 +253,13 @@ def _md(text: str) -> str:
 
 def _md_block(b: Block, out_dir: Path) -> list[str]:
     if isinstance(b, Table):
-        return [f"**{_md(b.caption)}**", "", "| " + " | ".join(map(_md, b.columns)) + " |",
-                "|" + "---|" * len(b.columns), *("| " + " | ".join(map(_md, row)) + " |" for row in b.rows)]
+        return [
+            f"**{_md(b.caption)}**",
+            "",
+            "| " + " | ".join(map(_md, b.columns)) + " |",
+            "|" + "---|" * len(b.columns),
+            *("| " + " | ".join(map(_md, row)) + " |" for row in b.rows),
+        ]
     if isinstance(b, Figure):
         return [f"![{_md(b.caption)}]({b.path.relative_to(out_dir).as_posix()})"]
     if isinstance(b, Note):

@@ -54,7 +54,11 @@ HEADLINE_PROBE = "probe-linear-cls"  # the frozen-probe reference: fixed in adva
 FINE_TUNING, PROBES = "fine-tuning", "frozen probes"
 NOT_TESTED, NOT_COMPARABLE = "not tested", "not comparable"
 SMALL = {"subjects": 20, "folds": 5}  # below these, a CI that excludes 0 is indicative at best
-TABLE_ID, FOREST_ID, PROVENANCE_ID = "headline-table", "forest-plot", "provenance"  # element ids: the page test finds them
+TABLE_ID, FOREST_ID, PROVENANCE_ID = (
+    "headline-table",
+    "forest-plot",
+    "provenance",
+)  # element ids: the page test finds them
 FOREST_NAME = "forest.png"
 
 
@@ -128,8 +132,10 @@ def headline_reference(group: Sequence[Run], reference: str | None = None) -> Ru
     if named:
         return named[0]
     pretrained = sorted((r for r in group if r.pretrained), key=lambda r: r.name)
-    for wanted in (lambda r: r.results.get("model") == HEADLINE_PROBE,
-                   lambda r: str(r.results.get("model", "")).startswith("probe-linear-")):
+    for wanted in (
+        lambda r: r.results.get("model") == HEADLINE_PROBE,
+        lambda r: str(r.results.get("model", "")).startswith("probe-linear-"),
+    ):
         hits = [r for r in pretrained if is_probe(r) and wanted(r)]
         if hits:
             return hits[0]
@@ -152,13 +158,16 @@ def _row(key: tuple, ref: Run, other: Run, cmp: Mapping[str, Any] | str) -> Head
     if ev is None:
         row.reason = f"no paired {metric_label(metric)} values"
         return row
-    row.diff, row.low, row.high, row.p, row.n, row.unit = (ev[k] for k in ("diff", "low", "high", "p", "n", "unit"))
+    row.diff, row.low, row.high, row.p, row.n, row.unit = (
+        ev[k] for k in ("diff", "low", "high", "p", "n", "unit")
+    )
     row.verdict = verdict(row.low, row.high, better_when_lower(metric))
     return row
 
 
-def headline_rows(tasks: Mapping[tuple, list[Run]], comparisons: Mapping[tuple, list[tuple]],
-                  reference: str | None = None) -> list[HeadlineRow]:
+def headline_rows(
+    tasks: Mapping[tuple, list[Run]], comparisons: Mapping[tuple, list[tuple]], reference: str | None = None
+) -> list[HeadlineRow]:
     """Fine-tuning tasks first, then frozen probes; per task the reference against each of its
     baselines (a row without values when the task has no VolTA-3D model). The reference is chosen
     among the models that were compared with a baseline, so a preferred probe without one gives way."""
@@ -211,8 +220,10 @@ def headline_summary(rows: Sequence[HeadlineRow], who: str) -> str:
     same = sum(r.verdict == "no difference" for r in compared)
     rest = len(compared) - same - sum(r.verdict in ("better", "worse") for r in compared)
     tail = f", and not tested or not comparable in {rest}" if rest else ""
-    return (f"Of {len(compared)} paired comparisons, {who} is {parts[0]}, {parts[1]}, and not distinguishable "
-            f"from it in {same}{tail}.")
+    return (
+        f"Of {len(compared)} paired comparisons, {who} is {parts[0]}, {parts[1]}, and not distinguishable "
+        f"from it in {same}{tail}."
+    )
 
 
 def forest_panels(rows: Sequence[HeadlineRow], who: str) -> list[report_plots.ForestPanel]:
@@ -226,30 +237,47 @@ def forest_panels(rows: Sequence[HeadlineRow], who: str) -> list[report_plots.Fo
         lower = better_when_lower(metric)
         table = pd.DataFrame([{"label": r.label, "diff": r.diff, "low": r.low, "high": r.high, "verdict": r.verdict}
                               for r in group])  # fmt: skip
-        panels.append(report_plots.ForestPanel(
-            f"{metric_label(metric)} ({'lower' if lower else 'higher'} is better)",
-            f"{who} − baseline ({'←' if lower else '→'} {who} better)", table))
+        panels.append(
+            report_plots.ForestPanel(
+                f"{metric_label(metric)} ({'lower' if lower else 'higher'} is better)",
+                f"{who} − baseline ({'←' if lower else '→'} {who} better)",
+                table,
+            )
+        )
     return panels
 
 
 def _rule_notes(rows: Sequence[HeadlineRow], who: str) -> list[Note]:
     """How to read the table, and its caveats, generated from the rows it holds."""
-    notes = [Note(f"Difference = {who} − baseline, paired over the same folds (or, for a one-fold hold-out, the "
-                  "same test subjects); values are the means in results.json. Verdict: better / worse when the 95 % "
-                  f"bootstrap CI excludes 0 on {who}'s good / bad side (for ↓ metrics, such as MAE and HD95, a "
-                  "negative difference is the good side), no difference otherwise; p: Wilcoxon signed-rank. "
-                  f"{who} reference per task: the VolTA-3D-initialised model (fine-tuning) and the linear probe on "
-                  "the CLS-style summary (frozen probes), fixed in advance rather than the best VolTA-3D probe; "
-                  "every pair is in the per-task tables. No correction for multiple comparisons.")]
+    notes = [
+        Note(
+            f"Difference = {who} − baseline, paired over the same folds (or, for a one-fold hold-out, the "
+            "same test subjects); values are the means in results.json. Verdict: better / worse when the 95 % "
+            f"bootstrap CI excludes 0 on {who}'s good / bad side (for ↓ metrics, such as MAE and HD95, a "
+            "negative difference is the good side), no difference otherwise; p: Wilcoxon signed-rank. "
+            f"{who} reference per task: the VolTA-3D-initialised model (fine-tuning) and the linear probe on "
+            "the CLS-style summary (frozen probes), fixed in advance rather than the best VolTA-3D probe; "
+            "every pair is in the per-task tables. No correction for multiple comparisons."
+        )
+    ]
     coarse = sorted({r.n for r in rows if r.unit == "folds" and 2 <= r.n <= 5 and math.isfinite(r.p)})
     if coarse:
         floors = ", ".join(f"{2 / 2**n:.3g} with {n} folds" for n in coarse)
-        notes.append(Note(f"The smallest two-sided Wilcoxon p that few folds allow is {floors}, so p can stay above "
-                          "0.05 while the bootstrap CI excludes 0; the verdict follows the CI."))
+        notes.append(
+            Note(
+                f"The smallest two-sided Wilcoxon p that few folds allow is {floors}, so p can stay above "
+                "0.05 while the bootstrap CI excludes 0; the verdict follows the CI."
+            )
+        )
     few = [r.label for r in rows if r.verdict in ("better", "worse") and r.n < SMALL.get(r.unit, 0)]
     if few:
-        notes.append(Note(f"Indicative at best (fewer than {SMALL['folds']} folds or {SMALL['subjects']} subjects): "
-                          + "; ".join(few) + "."))
+        notes.append(
+            Note(
+                f"Indicative at best (fewer than {SMALL['folds']} folds or {SMALL['subjects']} subjects): "
+                + "; ".join(few)
+                + "."
+            )
+        )
     for r in (r for r in rows if r.reason):
         what = f"{r.label}: {r.verdict}" if r.other else f"{r.task} ({r.group}): not compared"
         notes.append(Note(f"{what} ({r.reason})."))
@@ -275,15 +303,21 @@ def _wall_time(pretrain: Path, stages: Mapping[str, Any]) -> str:
             return f"took {fmt_hms(s.get('seconds'))} (wall time)"
     metrics = pd.read_csv(pretrain / "metrics.csv", usecols=lambda c: c == "seconds_per_step")
     if "seconds_per_step" in metrics.columns and metrics["seconds_per_step"].notna().any():
-        return f"took about {fmt_hms(float(metrics['seconds_per_step'].sum()))} (sum of the logged step times)"
+        return (
+            f"took about {fmt_hms(float(metrics['seconds_per_step'].sum()))} (sum of the logged step times)"
+        )
     return "took an unrecorded time"
 
 
 def provenance_line(pretrain: Path | None, runs: Sequence[Run], stages: Mapping[str, Any]) -> Line:
     """Volumes pretrained on, transductive or external, wall time and hardware, in two sentences."""
     if pretrain is None:
-        return Line("Provenance: no pretraining run folder among the inputs, so the pretraining data, wall time and "
-                    "hardware are unknown.", "provenance", PROVENANCE_ID)
+        return Line(
+            "Provenance: no pretraining run folder among the inputs, so the pretraining data, wall time and "
+            "hardware are unknown.",
+            "provenance",
+            PROVENANCE_ID,
+        )
     info = health.read_pretrain_data(pretrain)
     if isinstance(info, dict):
         tested: dict[str, set[str]] = {}
@@ -292,12 +326,18 @@ def provenance_line(pretrain: Path | None, runs: Sequence[Run], stages: Mapping[
         data = health.provenance_sentence(info, tested)
     else:
         data = f"Pretraining data not recorded ({info or f'no {health.PRETRAIN_DATA_NAME} in {pretrain}'})."
-    machine = stages.get("settings", {}).get("machine") if isinstance(stages.get("settings"), Mapping) else None
+    machine = (
+        stages.get("settings", {}).get("machine") if isinstance(stages.get("settings"), Mapping) else None
+    )
     hardware = _pretrain_device(pretrain) + (f" ({machine})" if machine else "")
-    return Line(f"{data} Pretraining {_wall_time(pretrain, stages)} on {hardware}.", "provenance", PROVENANCE_ID)
+    return Line(
+        f"{data} Pretraining {_wall_time(pretrain, stages)} on {hardware}.", "provenance", PROVENANCE_ID
+    )
 
 
-def headline_section(rows: Sequence[HeadlineRow], provenance: Line, fig_dir: Path, who: str = "VolTA-3D") -> Section:
+def headline_section(
+    rows: Sequence[HeadlineRow], provenance: Line, fig_dir: Path, who: str = "VolTA-3D"
+) -> Section:
     """Everything the first screen shows: provenance, the table, its sentence and the forest plot."""
     sec = Section("Headline: did pretraining help?", "headline")
     if not rows:
@@ -307,7 +347,13 @@ def headline_section(rows: Sequence[HeadlineRow], provenance: Line, fig_dir: Pat
     panels = forest_panels(rows, who)
     if panels:
         path = report_plots.forest_figure(panels, fig_dir / FOREST_NAME)
-        sec.blocks.append(Figure(path, f"Paired differences ({who} − baseline) with 95 % CIs, one panel per metric; "
-                                       "zero line: no difference; filled marker: the CI excludes 0", anchor=FOREST_ID))
+        sec.blocks.append(
+            Figure(
+                path,
+                f"Paired differences ({who} − baseline) with 95 % CIs, one panel per metric; "
+                "zero line: no difference; filled marker: the CI excludes 0",
+                anchor=FOREST_ID,
+            )
+        )
     sec.blocks += _rule_notes(rows, who)
     return sec

@@ -35,7 +35,12 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 # initialisation -> colour, so a model keeps its colour in every panel: VolTA-3D blue, the baselines
 # in contrasting hues (Okabe-Ito); a second model of one initialisation differs by its dash
-SOURCE_COLOURS = {"VolTA-3D": "#0072B2", "scratch": "#D55E00", "random init": "#D55E00", "raw volume": "#009E73"}
+SOURCE_COLOURS = {
+    "VolTA-3D": "#0072B2",
+    "scratch": "#D55E00",
+    "random init": "#D55E00",
+    "raw volume": "#009E73",
+}
 OTHER_COLOUR = "#CC79A7"
 DASHES = ["-", "--", ":", "-."]
 VERDICT_COLOURS = {"better": "#0072B2", "worse": "#D55E00"}  # anything else (no difference): grey
@@ -74,7 +79,9 @@ def _grid(n: int, width: float, height: float, max_cols: int = 3) -> tuple[plt.F
     return fig, axes.ravel()[:n]
 
 
-def roc_figure(panels: Mapping[str, Sequence[tuple[Trace, np.ndarray, np.ndarray]]], title: str, path: Path) -> Path:
+def roc_figure(
+    panels: Mapping[str, Sequence[tuple[Trace, np.ndarray, np.ndarray]]], title: str, path: Path
+) -> Path:
     """ROC curves of pooled out-of-fold predictions, one panel per group of comparable models
     (``panels``: title -> (trace, y_true (N,), score (N,))): a handful of curves per panel stays legible."""
     fig, axes = _grid(len(panels), 4.3, 4.4)
@@ -82,9 +89,17 @@ def roc_figure(panels: Mapping[str, Sequence[tuple[Trace, np.ndarray, np.ndarray
         ax.plot([0, 1], [0, 1], color="#999999", lw=1, ls=(0, (1, 3)), label="chance")
         for trace, y, s in curves:
             fpr, tpr, _ = roc_curve(y, s)
-            ax.plot(fpr, tpr, color=trace.colour, ls=trace.dash, lw=2.0,
-                    label=f"{trace.label} (AUROC {roc_auc_score(y, s):.3f}, n={len(y)})")
-        ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), title=name)
+            ax.plot(
+                fpr,
+                tpr,
+                color=trace.colour,
+                ls=trace.dash,
+                lw=2.0,
+                label=f"{trace.label} (AUROC {roc_auc_score(y, s):.3f}, n={len(y)})",
+            )
+        ax.set(
+            xlabel="1 - specificity", ylabel="sensitivity", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), title=name
+        )
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=7, frameon=True, framealpha=0.9)
@@ -93,8 +108,9 @@ def roc_figure(panels: Mapping[str, Sequence[tuple[Trace, np.ndarray, np.ndarray
     return _save(fig, path)
 
 
-def fraction_figure(panels: Mapping[str, Sequence[tuple[Trace, pd.DataFrame]]], metric_label: str, title: str,
-                    path: Path) -> Path:
+def fraction_figure(
+    panels: Mapping[str, Sequence[tuple[Trace, pd.DataFrame]]], metric_label: str, title: str, path: Path
+) -> Path:
     """Metric vs training fraction, one panel per group of comparable models; each model's mean as a
     line and its 95 % CI (columns fraction, mean, low, high) as a shaded band, not error bars."""
     fig, axes = _grid(len(panels), 4.6, 3.4)
@@ -102,10 +118,21 @@ def fraction_figure(panels: Mapping[str, Sequence[tuple[Trace, pd.DataFrame]]], 
         for trace, df in lines:
             df = df.sort_values("fraction")
             x = df["fraction"] * 100
-            ax.plot(x, df["mean"], color=trace.colour, ls=trace.dash, lw=1.8, marker="o", ms=3.5, label=trace.label)
+            ax.plot(
+                x,
+                df["mean"],
+                color=trace.colour,
+                ls=trace.dash,
+                lw=1.8,
+                marker="o",
+                ms=3.5,
+                label=trace.label,
+            )
             band = df[["low", "high"]].notna().all(axis=1).to_numpy()
             if band.any():
-                ax.fill_between(x[band], df["low"][band], df["high"][band], color=trace.colour, alpha=0.13, lw=0)
+                ax.fill_between(
+                    x[band], df["low"][band], df["high"][band], color=trace.colour, alpha=0.13, lw=0
+                )
         ax.set(xlabel="training data used (% of each training fold)", ylabel=metric_label, title=name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, framealpha=0.9)
@@ -121,8 +148,15 @@ def _forest_panel(ax: plt.Axes, panel: ForestPanel) -> None:
         colour = VERDICT_COLOURS.get(r.verdict, "#555555")
         if np.isfinite(r.low) and np.isfinite(r.high):
             ax.plot([r.low, r.high], [yi, yi], color=colour, lw=2.2, solid_capstyle="butt")
-        ax.plot(r.diff, yi, marker=VERDICT_MARKERS.get(r.verdict, "D"), ms=6, color=colour,
-                mfc=colour if r.verdict in VERDICT_COLOURS else "white", mew=1.5)
+        ax.plot(
+            r.diff,
+            yi,
+            marker=VERDICT_MARKERS.get(r.verdict, "D"),
+            ms=6,
+            color=colour,
+            mfc=colour if r.verdict in VERDICT_COLOURS else "white",
+            mew=1.5,
+        )
     ax.axvline(0.0, color="#1d2330", lw=1.1)
     span = np.concatenate([rows[c].to_numpy(float) for c in ("diff", "low", "high")] + [np.zeros(1)])
     lo, hi = np.nanmin(span), np.nanmax(span)
@@ -146,7 +180,7 @@ def forest_figure(panels: Sequence[ForestPanel], path: Path, width: float = 12.4
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, nrows * (0.9 + 0.27 * most)), squeeze=False)
     for ax, panel in zip(axes.ravel(), panels, strict=False):
         _forest_panel(ax, panel)
-    for ax in axes.ravel()[len(panels):]:
+    for ax in axes.ravel()[len(panels) :]:
         ax.axis("off")
     fig.tight_layout(w_pad=1.5)
     return _save(fig, path)
@@ -186,7 +220,11 @@ def pretraining_figure(metrics: pd.DataFrame, path: Path, log_k: float | None = 
         drawn = _plot_columns(ax, metrics, cols)
         if title.startswith("teacher") and log_k is not None and drawn:
             ax.axhline(log_k, color="#999999", ls="--", lw=1, label=f"log K = {log_k:.2f} (uniform)")
-        if title == "losses" and drawn and (metrics[[c for c in cols if c in metrics.columns]] > 0).all().all():
+        if (
+            title == "losses"
+            and drawn
+            and (metrics[[c for c in cols if c in metrics.columns]] > 0).all().all()
+        ):
             ax.set_yscale("log")  # the weighted reconstruction term dwarfs the others
         _step_axis(ax, title, drawn)
         if drawn > 1 or (drawn and title.startswith("teacher")):
@@ -211,7 +249,9 @@ def health_figure(metrics: pd.DataFrame, path: Path, alarm_step: int | None = No
     for ax, (title, cols) in zip(axes, HEALTH_PANELS, strict=True):
         drawn = _plot_columns(ax, metrics, cols)
         if alarm_step is not None:
-            ax.axvline(alarm_step, color=ALARM_COLOUR, ls=":", lw=1.5, label=f"collapse alarm (step {alarm_step})")
+            ax.axvline(
+                alarm_step, color=ALARM_COLOUR, ls=":", lw=1.5, label=f"collapse alarm (step {alarm_step})"
+            )
         _step_axis(ax, title, drawn)
         if drawn:
             ax.legend(fontsize=7, loc="best", framealpha=0.85)
@@ -235,8 +275,10 @@ def online_probe_figure(panels: Mapping[str, pd.DataFrame], path: Path) -> Path:
     teacher's curve per (feature, probe), solid with markers; every other source (the initial
     weights, the raw-volume floor) a dashed horizontal line at its first logged value. A line keeps
     its colour in every panel."""
-    keys = sorted({k for df in panels.values() for k in df[["source", "feature", "probe"]].itertuples(index=False)},
-                  key=lambda k: (SOURCE_ORDER.get(k[0], 3), *k))
+    keys = sorted(
+        {k for df in panels.values() for k in df[["source", "feature", "probe"]].itertuples(index=False)},
+        key=lambda k: (SOURCE_ORDER.get(k[0], 3), *k),
+    )
     colour = {k: ONLINE_COLOURS[i % len(ONLINE_COLOURS)] for i, k in enumerate(keys)}
     ncols = min(len(panels), 3)
     nrows = -(-len(panels) // ncols)
@@ -252,12 +294,19 @@ def online_probe_figure(panels: Mapping[str, pd.DataFrame], path: Path) -> Path:
         ax.set(title=title, xlabel="optimiser step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    for ax in axes.ravel()[len(panels):]:
+    for ax in axes.ravel()[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     order = [k for k in keys if k in handles]
-    fig.legend([handles[k] for k in order], [_online_label(*k) for k in order], loc="upper center",
-               bbox_to_anchor=(0.5, 0.0), ncol=min(len(order), 3), fontsize=7.5, frameon=False)
+    fig.legend(
+        [handles[k] for k in order],
+        [_online_label(*k) for k in order],
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(len(order), 3),
+        fontsize=7.5,
+        frameon=False,
+    )
     return _save(fig, path)
 
 
@@ -278,20 +327,32 @@ def overlay_figure(cases: Sequence[dict], title: str, path: Path) -> Path:
         fg = np.argwhere(truth > 0)
         center = np.round(fg.mean(0)).astype(int) if len(fg) else np.array(truth.shape) // 2
         labels = sorted((set(np.unique(truth).tolist()) | set(np.unique(pred).tolist())) - {0})
-        for ax, img, t, p, view in zip(row, _slices(case["image"], center), _slices(truth, center),
-                                       _slices(pred, center), ("sagittal", "coronal", "axial"), strict=True):
+        for ax, img, t, p, view in zip(
+            row,
+            _slices(case["image"], center),
+            _slices(truth, center),
+            _slices(pred, center),
+            ("sagittal", "coronal", "axial"),
+            strict=True,
+        ):
             ax.imshow(img, cmap="gray", origin="lower", vmin=0.0, vmax=1.0, interpolation="nearest")
             for v in labels:
                 for mask, colour in ((t == v, TRUTH_COLOUR), (p == v, PREDICTION_COLOUR)):
                     if mask.any() and not mask.all():
-                        ax.contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=1.1, origin="lower")
+                        ax.contour(
+                            mask.astype(float), levels=[0.5], colors=colour, linewidths=1.1, origin="lower"
+                        )
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(view, fontsize=8)
         row[0].set_ylabel(case["label"], fontsize=8)
-    handles = [plt.Line2D([], [], color=TRUTH_COLOUR, lw=2, label="ground truth"),
-               plt.Line2D([], [], color=PREDICTION_COLOUR, lw=2, label="prediction")]
-    fig.legend(handles=handles, loc="upper center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, 1.0), frameon=False)
+    handles = [
+        plt.Line2D([], [], color=TRUTH_COLOUR, lw=2, label="ground truth"),
+        plt.Line2D([], [], color=PREDICTION_COLOUR, lw=2, label="prediction"),
+    ]
+    fig.legend(
+        handles=handles, loc="upper center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, 1.0), frameon=False
+    )
     fig.suptitle(title, fontsize=10, y=1.03)
     fig.tight_layout()
     return _save(fig, path)

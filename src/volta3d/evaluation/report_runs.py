@@ -162,7 +162,9 @@ def discover_inputs(paths: Sequence[str | Path]) -> ReportInputs:
                 raise InputError(f"report input {p} is neither a results.json, a stages.json nor a folder")
             continue
         results.update((f.resolve(), None) for f in sorted(p.rglob(RESULTS_NAME)))
-        pretrain += [m.parent for m in sorted(p.rglob(PRETRAIN_FILES[0])) if (m.parent / PRETRAIN_FILES[1]).exists()]
+        pretrain += [
+            m.parent for m in sorted(p.rglob(PRETRAIN_FILES[0])) if (m.parent / PRETRAIN_FILES[1]).exists()
+        ]
         stages += sorted(p.rglob(STAGES_NAME), key=lambda s: len(s.parts))
     if not (results or pretrain or stages):
         raise InputError(f"no {RESULTS_NAME}, pretraining run (metrics.csv + config.yaml) or {STAGES_NAME} found in "
@@ -181,7 +183,9 @@ def named_inputs(runs: Mapping[str, Sequence[str | Path]]) -> list[Run]:
     for r in out:
         key = (r.task_key, r.name)
         if key in seen:
-            raise InputError(f"model '{r.name}' has two results for task {'/'.join(r.task_key)}: {seen[key]} and {r.dir}")
+            raise InputError(
+                f"model '{r.name}' has two results for task {'/'.join(r.task_key)}: {seen[key]} and {r.dir}"
+            )
         seen[key] = r.dir
     return out
 
@@ -241,7 +245,10 @@ def top_predictions(run: Run) -> pd.DataFrame | None:
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists joined with commas, as the settings tables show them."""
-    return {k: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in flatten_dict(d, prefix).items()}
+    return {
+        k: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+        for k, v in flatten_dict(d, prefix).items()
+    }
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -63,7 +63,13 @@ def make_holdout_split(
     n_subjects = len({str(s) for s in subject_ids})
     n_splits = max(2, min(round(1.0 / fraction), n_subjects))
     split = make_kfold_splits(subject_ids, strata, n_splits=n_splits, seed=seed)
-    return {"method": "holdout", "fraction": fraction, "seed": seed, "n_splits": 1, "folds": split["folds"][:1]}
+    return {
+        "method": "holdout",
+        "fraction": fraction,
+        "seed": seed,
+        "n_splits": 1,
+        "folds": split["folds"][:1],
+    }
 
 
 def nested_subsets(
@@ -88,7 +94,9 @@ def nested_subsets(
     return out
 
 
-def fold_row_indices(splits: dict[str, Any], subject_ids: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+def fold_row_indices(
+    splits: dict[str, Any], subject_ids: Sequence[str]
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Map each fold's subject lists onto row indices of a manifest. Rows whose subject the split
     does not know are an error (the split was made for other data); subjects of the split missing
     from the rows (e.g. dropped for a missing label) are simply absent."""
@@ -121,8 +129,12 @@ def load_splits(path: str | Path) -> dict[str, Any]:
     if not isinstance(splits, dict) or not isinstance(splits.get("folds"), list) or not splits["folds"]:
         raise InputError(f"splits file {p} has no 'folds' list")
     for k, fold in enumerate(splits["folds"]):
-        if not isinstance(fold, dict) or not all(isinstance(fold.get(side), list) for side in ("train", "test")):
-            raise InputError(f"splits file {p}: fold {k} must be an object with 'train' and 'test' lists of subject ids")
+        if not isinstance(fold, dict) or not all(
+            isinstance(fold.get(side), list) for side in ("train", "test")
+        ):
+            raise InputError(
+                f"splits file {p}: fold {k} must be an object with 'train' and 'test' lists of subject ids"
+            )
         if not fold["test"] or not all(isinstance(s, (str, int)) for s in fold["train"] + fold["test"]):
             raise InputError(f"splits file {p}: fold {k} needs a non-empty 'test' list of subject ids")
     return splits
@@ -132,5 +144,6 @@ def same_folds(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """True when two splits assign the same subjects to the same test folds, in the same order."""
     fa, fb = a.get("folds", []), b.get("folds", [])
     return len(fa) == len(fb) and all(
-        sorted(x["test"]) == sorted(y["test"]) and sorted(x["train"]) == sorted(y["train"]) for x, y in zip(fa, fb, strict=True)
+        sorted(x["test"]) == sorted(y["test"]) and sorted(x["train"]) == sorted(y["train"])
+        for x, y in zip(fa, fb, strict=True)
     )

@@ -18,7 +18,9 @@ from scipy.stats import norm, rankdata, wilcoxon
 from volta3d.errors import InputError
 
 
-def _structural_components(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _structural_components(
+    y_true: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Midrank form of DeLong's components. ``scores``: (R, N) for R classifiers.
     Returns aucs (R,), V10 (R, m), V01 (R, n)."""
     pos, neg = y_true == 1, y_true == 0
@@ -55,7 +57,9 @@ def delong_covariance(y_true: Sequence[int], *scores: Sequence[float]) -> tuple[
     return aucs, cov
 
 
-def delong_test(y_true: Sequence[int], scores_a: Sequence[float], scores_b: Sequence[float]) -> dict[str, float]:
+def delong_test(
+    y_true: Sequence[int], scores_a: Sequence[float], scores_b: Sequence[float]
+) -> dict[str, float]:
     """Two-sided DeLong test of AUROC(a) = AUROC(b) for paired predictions on the same cases."""
     aucs, cov = delong_covariance(y_true, scores_a, scores_b)
     var = cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]
@@ -65,7 +69,14 @@ def delong_test(y_true: Sequence[int], scores_a: Sequence[float], scores_b: Sequ
     else:
         z = diff / float(np.sqrt(var))
         p = float(2.0 * norm.sf(abs(z)))
-    return {"auroc_a": float(aucs[0]), "auroc_b": float(aucs[1]), "diff": diff, "se": float(np.sqrt(max(var, 0.0))), "z": z, "p": p}
+    return {
+        "auroc_a": float(aucs[0]),
+        "auroc_b": float(aucs[1]),
+        "diff": diff,
+        "se": float(np.sqrt(max(var, 0.0))),
+        "z": z,
+        "p": p,
+    }
 
 
 def bootstrap_ci(
@@ -90,7 +101,7 @@ def bootstrap_ci(
         if np.isfinite(v):
             stats.append(v)
     alpha = (1.0 - confidence) / 2.0
-    low, high = (np.quantile(stats, [alpha, 1.0 - alpha]) if stats else (float("nan"), float("nan")))
+    low, high = np.quantile(stats, [alpha, 1.0 - alpha]) if stats else (float("nan"), float("nan"))
     return {"estimate": point, "ci_low": float(low), "ci_high": float(high), "n_boot": len(stats)}
 
 
@@ -103,7 +114,9 @@ def paired_difference(
     x, y = x[keep], y[keep]
     if len(x) == 0:
         raise InputError("no paired values to compare")
-    out = bootstrap_ci(lambda u, v: float(np.mean(u - v)), x, y, n_boot=n_boot, seed=seed, confidence=confidence)
+    out = bootstrap_ci(
+        lambda u, v: float(np.mean(u - v)), x, y, n_boot=n_boot, seed=seed, confidence=confidence
+    )
     out.update(mean_a=float(x.mean()), mean_b=float(y.mean()), n=int(len(x)))
     d = x - y
     if len(d) < 2 or np.allclose(d, 0.0):

@@ -6,4 +6,11 @@ from volta3d.losses.koleo import koleo_loss
 from volta3d.losses.local_loss import PatchDistillationLoss
 from volta3d.losses.reconstruction import masked_mse
 
-__all__ = ["Center", "GlobalDistillationLoss", "PatchDistillationLoss", "koleo_loss", "masked_mse", "sinkhorn_knopp_probs"]
+__all__ = [
+    "Center",
+    "GlobalDistillationLoss",
+    "PatchDistillationLoss",
+    "koleo_loss",
+    "masked_mse",
+    "sinkhorn_knopp_probs",
+]

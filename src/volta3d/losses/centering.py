@@ -84,7 +84,9 @@ def sinkhorn_knopp_probs(
     shape = teacher_logits.shape
     # start from each row's softmax: the same as exp(logits / temp) up to a per-row scale, which the
     # row normalisation removes anyway, and it cannot overflow at a low temperature
-    q = F.softmax(teacher_logits.detach().float().reshape(-1, shape[-1]) / temp, dim=-1).T  # (..., K) -> (K, M)
+    q = F.softmax(
+        teacher_logits.detach().float().reshape(-1, shape[-1]) / temp, dim=-1
+    ).T  # (..., K) -> (K, M)
     n_rows = torch.tensor(float(q.shape[1]), device=q.device)
     all_reduce_sum(n_rows)
     q = q / n_rows  # the whole matrix sums to 1

@@ -43,7 +43,9 @@ class PatchDistillationLoss(nn.Module):
         weight = token_weight.detach().to(token_ce.dtype)
         weight_sum = weight.sum(dim=-1)  # (B,)
         has_weight = weight_sum > 0
-        per_volume = (token_ce * weight).sum(dim=-1) / weight_sum.clamp(min=torch.finfo(weight_sum.dtype).tiny)
+        per_volume = (token_ce * weight).sum(dim=-1) / weight_sum.clamp(
+            min=torch.finfo(weight_sum.dtype).tiny
+        )
         n_volumes = has_weight.sum().clamp(min=1)
         # volumes without weight have per_volume == 0 exactly (0 / tiny); exclude them from the mean
         return torch.where(has_weight, per_volume, torch.zeros_like(per_volume)).sum() / n_volumes

@@ -21,13 +21,18 @@ def masked_mse(reconstruction: Tensor, target: Tensor, voxel_mask: Tensor) -> Te
             "must both be (B, C, D, H, W)"
         )
     b, c, *spatial = reconstruction.shape
-    if voxel_mask.dim() != 5 or voxel_mask.shape[0] != b or voxel_mask.shape[1] not in (1, c) or list(
-        voxel_mask.shape[2:]
-    ) != spatial:
+    if (
+        voxel_mask.dim() != 5
+        or voxel_mask.shape[0] != b
+        or voxel_mask.shape[1] not in (1, c)
+        or list(voxel_mask.shape[2:]) != spatial
+    ):
         raise ValueError(
             f"voxel_mask has shape {tuple(voxel_mask.shape)}, expected (B, 1, D, H, W) = {(b, 1, *spatial)}"
         )
     squared_error = (reconstruction.float() - target.detach().float()) ** 2  # (B, C, D, H, W)
-    weight = voxel_mask.to(squared_error.dtype).expand_as(squared_error)  # (B, 1|C, D, H, W) -> (B, C, D, H, W)
+    weight = voxel_mask.to(squared_error.dtype).expand_as(
+        squared_error
+    )  # (B, 1|C, D, H, W) -> (B, C, D, H, W)
     per_volume = (squared_error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1.0)  # (B,)
     return per_volume.mean()

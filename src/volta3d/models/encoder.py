@@ -30,7 +30,6 @@ from volta3d.models.input_norm import apply_input_norm
 Grid = tuple[int, int, int]
 
 
-
 def interpolate_pos_embed(
     pos_embed: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int]
 ) -> torch.Tensor:

@@ -47,7 +47,9 @@ def _cpu_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def save_encoder_export(
-    out_dir: str | Path, encoder: VolTAEncoder, summariser: CLSSummariser | None,
+    out_dir: str | Path,
+    encoder: VolTAEncoder,
+    summariser: CLSSummariser | None,
     provenance: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``encoder.safetensors`` and ``encoder.json`` into ``out_dir``; return both paths.
@@ -211,7 +213,10 @@ def _load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
 
 
 def _raise_if_unfit(
-    what: str, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], target: str = "the target"
+    what: str,
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    target: str = "the target",
 ) -> None:
     """Compare every key and shape of ``state`` (the export) with ``expected`` (the target's state
     dict) and raise one error naming what is missing, unexpected or of another shape."""
