@@ -3,7 +3,8 @@
 The student sees the corrupted global view and must reconstruct the original voxels (paper eq. 1)
 and match the teacher's patch tokens (eq. 5). Blocks are cubes of ``block_size`` voxels placed at
 random, not aligned to the patch grid (GMML's default), so a token is called masked when at least
-``token_masked_fraction`` of its voxels are (METHOD-NOTES pitfall 9).
+``token_masked_fraction`` of its voxels are: a token a block only grazes still shows the student
+most of its voxels, so its patch loss would not be a prediction.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class GMMLMasker:
     of tokens disappear, where small cubes leave almost every token partly visible.
 
     Noise is uniform on [0, 1] because the MRI is scaled to [0, 1]; N(0, 1) suits ImageNet-normalised
-    images only (pitfall 8). All randomness comes from the generator passed in, never global state.
+    images only, and would put the noise far outside the range of every real voxel. All randomness
+    comes from the generator passed in, never global state.
     """
 
     def __init__(

@@ -37,53 +37,56 @@ def train_model(
     the end (paper III-C: 'Dice was used to select the best epoch'); otherwise the last epoch's stay.
     Returns ``{"best_epoch", "best_score", "history": [{"epoch", "loss", "val"}]}``.
     """
-    log = get_logger()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs))
-    best_score, best_epoch, best_state = float("-inf"), epochs, None
-    history = []
-    start = time.time()
+    best, history, start = _BestEpoch(epochs), [], time.time()
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": _train_epoch(
-                model, loader, batch_loss, optimiser, params, grad_clip, f"{desc}: ", epoch, lr
-            ),
-            "val": None,
-        }
+        loss = _train_epoch(model, loader, batch_loss, optimiser, params, grad_clip, f"{desc}: ", epoch, lr)
+        row: dict[str, Any] = {"epoch": epoch, "loss": loss, "val": None}
         scheduler.step()
-        # -- validation and best-epoch bookkeeping
         if validate is not None and (epoch % val_every == 0 or epoch == epochs):
-            model.eval()
-            with torch.no_grad():
-                score = float(validate(model))
-            row["val"] = score
-            if score > best_score:
-                best_score, best_epoch = score, epoch
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            row["val"] = best.validate(model, validate, epoch)
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", val="-" if row["val"] is None else f"{row['val']:.4f}")
-        elapsed = time.time() - start
-        eta = elapsed / epoch * (epochs - epoch)
-        val_txt = (
-            "" if row["val"] is None else f" val {row['val']:.4f} (best {best_score:.4f} @ {best_epoch})"
-        )
-        log.info(
-            f"{desc} epoch {epoch}/{epochs} loss {row['loss']:.4f}{val_txt} [{elapsed:.0f}s, ETA {eta:.0f}s]"
-        )
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return {
-        "best_epoch": best_epoch,
-        "best_score": best_score if best_state is not None else None,
-        "history": history,
-    }
+        _log_epoch(desc, row, epochs, best, time.time() - start)
+    return {**best.restore(model), "history": history}
+
+
+class _BestEpoch:
+    """The best validated epoch's score and weights (higher is better), restored at the end."""
+
+    def __init__(self, epochs: int) -> None:
+        self.score, self.epoch = float("-inf"), epochs
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def validate(self, model: nn.Module, validate: Callable[[nn.Module], float], epoch: int) -> float:
+        model.eval()
+        with torch.no_grad():
+            score = float(validate(model))
+        if score > self.score:
+            self.score, self.epoch = score, epoch
+            self.state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        return score
+
+    def restore(self, model: nn.Module) -> dict[str, Any]:
+        """Load the best weights (if any epoch was validated); leave the model in eval mode."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
+        model.eval()
+        return {"best_epoch": self.epoch, "best_score": self.score if self.state is not None else None}
+
+
+def _log_epoch(desc: str, row: dict[str, Any], epochs: int, best: _BestEpoch, elapsed: float) -> None:
+    eta = elapsed / row["epoch"] * (epochs - row["epoch"])
+    val_txt = "" if row["val"] is None else f" val {row['val']:.4f} (best {best.score:.4f} @ {best.epoch})"
+    get_logger().info(
+        f"{desc} epoch {row['epoch']}/{epochs} loss {row['loss']:.4f}{val_txt} [{elapsed:.0f}s, ETA {eta:.0f}s]"
+    )
 
 
 def _train_epoch(

@@ -210,14 +210,7 @@ def run_classification(
         save_classifier(out_dir, fold.key, net, payload, labels, setup, preprocessing)
         return payload
 
-    plan = plan_folds(
-        splits,
-        labels.table["subject_id"].astype(str).tolist(),
-        seed=seed,
-        fractions=section["fractions"],
-        strata=labels.strata,
-    )
-    per_fraction = run_folds(plan, fit_fold, out_dir=out_dir)
+    per_fraction = run_folds(_plan(labels, splits, section, seed), fit_fold, out_dir=out_dir)
     if "architecture" not in built:  # every fold resumed: rebuild once to record the sizes
         built["architecture"] = model_architecture(_build(labels, **setup), setup["model"], setup["pooling"])
     extra = _results_extra(labels, setup, section["youden_val_fraction"], test_set, built["architecture"])
@@ -233,6 +226,12 @@ def run_classification(
         splits=splits,
         **extra,
     ).save(out_dir)
+
+
+def _plan(labels: LabelSet, splits: dict[str, Any], section: Mapping[str, Any], seed: int) -> list[Fold]:
+    """The (fraction, fold) plan of ``splits``: nested training fractions, stratified by the label."""
+    subjects = labels.table["subject_id"].astype(str).tolist()
+    return plan_folds(splits, subjects, seed=seed, fractions=section["fractions"], strata=labels.strata)
 
 
 def _setup(

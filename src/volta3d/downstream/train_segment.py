@@ -379,25 +379,8 @@ def run_segmentation(
     def fit_fold(fold: Fold) -> dict[str, Any]:
         train_rows, val_rows = _inner_split(run, fold)
         net, fit = _train(run, fold, train_rows, val_rows)
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, Path(out_dir) / f"{fold.key}_best.pt")
         rows = run.evaluate(net, fold.test, save_as=_prediction_files(run, fold, pred_dir))
-        s = run.section
-        save_segmenter(
-            out_dir,
-            fold.key,
-            net,
-            fold.index,
-            num_classes,
-            model=s["model"],
-            encoder=encoder,
-            unetr_kwargs=unetr_kwargs,
-            unet_kwargs=run.unet_kwargs,
-            crop_size=s["crop_size"],
-            sw_batch_size=s["sw_batch_size"],
-            sw_overlap=s["sw_overlap"],
-            preprocessing=preprocessing,
-        )
+        _save_fold_model(Path(out_dir), run, fold, net, unetr_kwargs, preprocessing)
         return _fold_payload(fold, train_rows, val_rows, fit, rows)
 
     plan = plan_folds(splits, run.subjects, seed=seed)
@@ -413,6 +396,21 @@ def run_segmentation(
     ).save(out_dir)  # fmt: skip
     _write_prediction_index(run, plan, pred_dir)
     return results
+
+
+def _save_fold_model(
+    out_dir: Path, run: SegmentRun, fold: Fold, net: torch.nn.Module, unetr_kwargs: dict[str, Any] | None,
+    preprocessing: dict[str, Any] | None,
+) -> None:  # fmt: skip
+    """The fold's best weights (``<fold>_best.pt``) and its saved model for ``volta3d predict``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out_dir / f"{fold.key}_best.pt")
+    s = run.section
+    save_segmenter(
+        out_dir, fold.key, net, fold.index, run.num_classes, model=s["model"], encoder=run.encoder,
+        unetr_kwargs=unetr_kwargs, unet_kwargs=run.unet_kwargs, crop_size=s["crop_size"],
+        sw_batch_size=s["sw_batch_size"], sw_overlap=s["sw_overlap"], preprocessing=preprocessing,
+    )  # fmt: skip
 
 
 def _fold_payload(
