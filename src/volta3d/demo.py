@@ -48,303 +48,144 @@ class Stage:
 
 
 RunCommand = Callable[[list[str]], int]  # a `volta3d` command line -> its exit code (``volta3d.cli.main``)
+Flag = str | Path | bool | list[str] | None
+CONFIGS = ["tiny-cpu", "demo"]
+
+
+@dataclass
+class _Planner:
+    """The demo's folders, and each stage's ``volta3d`` command line run through ``run_command``."""
+
+    out: Path
+    quick: bool
+    workers: int
+    run_command: RunCommand
+
+    def __post_init__(self) -> None:
+        self.ixi, self.msd = self.out / "prep" / "ixi", self.out / "prep" / "msd"
+        self.enc = self.out / "pretrain"
+        self.sex_splits = self.out / "classify-sex" / "vit-scratch" / "splits.json"
+        self.age_splits = self.out / "probe-age" / "random-init" / "splits.json"
+        self.seg_splits = self.out / "segment" / "unet-scratch" / "splits.json"
+
+    def quick_overrides(self, kind: str) -> list[str]:
+        return QUICK_OVERRIDES[kind] if self.quick else []
+
+    def command(
+        self, *words: str | Path, overrides: list[str] | None = None, **flags: Any
+    ) -> Callable[[], int]:
+        """``volta3d WORDS --flag value ... OVERRIDES``; each flag a ``Flag``: a list repeats the flag, True
+        is a bare flag, None and False leave it out."""
+        argv = [str(w) for w in words]
+        for name, value in flags.items():
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            elif value not in (None, False):
+                argv += [a for v in (value if isinstance(value, list) else [value]) for a in (flag, str(v))]
+        argv += overrides or []
+
+        def run() -> int:
+            get_logger().info("$ volta3d %s", " ".join(argv))
+            return self.run_command(argv)
+
+        return run
 
 
 def plan(out: Path, shared: Path, *, quick: bool, workers: int, run_command: RunCommand) -> list[Stage]:
     """The demo's stages, in order, with the ``volta3d`` command lines they run through ``run_command``."""
+    p = _Planner(out, quick, workers, run_command)
+    return [*_data_stages(p, shared), *_pretrain_and_classify_stages(p), *_probe_stages(p), *_segment_stages(p),
+            Stage("report", p.command("report", out, output=out / "report", title="volta3d demo: VolTA-3D on the "
+                                      "bundled IXI and MSD scans" + (" (quick)" if quick else "")), [], 20)]  # fmt: skip
 
-    def _command(argv: list[str]) -> Callable[[], int]:
-        def run() -> int:
-            get_logger().info("$ volta3d %s", " ".join(argv))
-            return run_command(argv)
 
-        return run
-
-    cfg = ["--config", "tiny-cpu", "--config", "demo"]
-    prep, man = out / "prep", out / "manifests"
-    quick_o = QUICK_OVERRIDES if quick else {k: [] for k in QUICK_OVERRIDES}
-    np_ = ["--no-progress"]
+def _data_stages(p: _Planner, shared: Path) -> list[Stage]:
+    """The bundled manifests (the quick demo keeps the first scans), then both preprocessing runs."""
+    man = p.out / "manifests"
 
     def manifests() -> int:
-        paths = write_bundled_manifests(shared, man)
-        for name, path in paths.items():
+        for name, path in write_bundled_manifests(shared, man).items():
             table = pd.read_csv(path)
-            if quick:
-                table = table.head(QUICK_SUBJECTS[name])
-            table.to_csv(man / f"{name}-demo.csv", index=False)
+            (table.head(QUICK_SUBJECTS[name]) if p.quick else table).to_csv(
+                man / f"{name}-demo.csv", index=False
+            )
         return 0
 
-    ixi, msd = prep / "ixi", prep / "msd"
-    sex_splits = out / "classify-sex" / "vit-scratch" / "splits.json"
-    age_splits = out / "probe-age" / "random-init" / "splits.json"
-    seg_splits = out / "segment" / "unet-scratch" / "splits.json"
-    enc = str(out / "pretrain")
-    stages = [
+    common = {"workers": str(p.workers), "no_progress": True}
+    ixi_settings = ["preprocess.size=[64,64,64]", "preprocess.crop=foreground", "preprocess.resize=true"]
+    return [
         Stage("manifests", manifests, expected_s=1),
-        Stage(
-            "preprocess-ixi",
-            _command(
-                [
-                    "preprocess",
-                    str(man / "ixi-demo.csv"),
-                    "--output",
-                    str(ixi),
-                    "--workers",
-                    str(workers),
-                    *np_,
-                    "preprocess.size=[64,64,64]",
-                    "preprocess.crop=foreground",
-                    "preprocess.resize=true",
-                ]
-            ),
-            ["manifests"],
-            80,
-        ),
-        Stage(
-            "preprocess-msd",
-            _command(
-                [
-                    "preprocess",
-                    str(man / "msd-demo.csv"),
-                    "--output",
-                    str(msd),
-                    "--workers",
-                    str(workers),
-                    *np_,
-                    "preprocess.size=[48,64,48]",
-                ]
-            ),
-            ["manifests"],
-            5,
-        ),
-        Stage(
-            "pretrain",
-            _command(
-                [
-                    "pretrain",
-                    *cfg,
-                    "--data",
-                    str(ixi),
-                    "--data",
-                    str(msd),
-                    "--output",
-                    enc,
-                    *np_,
-                    # the online probe (sex, age) of the teacher on the IXI scans it pretrains on: labels unused
-                    # by pretraining, read only to watch what it learns (transductive, as the report says)
-                    "--eval-data",
-                    str(ixi),
-                    "--eval-label",
-                    "sex",
-                    "--eval-label",
-                    "age",
-                    f"train.num_workers={workers}",
-                    *quick_o["pretrain"],
-                ]
-            ),
-            ["preprocess-ixi", "preprocess-msd"],
-            330,
-        ),
-        Stage(
-            "classify-sex-vit-scratch",
-            _command(
-                [
-                    "finetune",
-                    "classify",
-                    *cfg,
-                    "--data",
-                    str(ixi),
-                    "--label",
-                    "sex",
-                    "--model",
-                    "vit",
-                    "--output",
-                    str(sex_splits.parent),
-                    *np_,
-                    *quick_o["classify"],
-                ]
-            ),
-            ["preprocess-ixi"],
-            100,
-        ),
-        Stage(
-            "classify-sex-volta3d",
-            _command(
-                [
-                    "finetune",
-                    "classify",
-                    *cfg,
-                    "--data",
-                    str(ixi),
-                    "--label",
-                    "sex",
-                    "--model",
-                    "vit",
-                    "--encoder",
-                    enc,
-                    "--splits",
-                    str(sex_splits),
-                    "--output",
-                    str(out / "classify-sex" / "volta3d"),
-                    *np_,
-                    *quick_o["classify"],
-                ]
-            ),
-            ["pretrain", "classify-sex-vit-scratch"],
-            100,
-        ),
-        Stage(
-            "classify-sex-swin-scratch",
-            _command(
-                [
-                    "finetune",
-                    "classify",
-                    *cfg,
-                    "--data",
-                    str(ixi),
-                    "--label",
-                    "sex",
-                    "--model",
-                    "swin",
-                    "--splits",
-                    str(sex_splits),
-                    "--output",
-                    str(out / "classify-sex" / "swin-scratch"),
-                    *np_,
-                    *quick_o["classify"],
-                ]
-            ),
-            ["classify-sex-vit-scratch"],
-            230,
-        ),
-    ]
-    # Frozen-feature probes of the pretrained and of a random-init encoder, and of the raw volume
-    # (z-scored, average-pooled to 16^3: the floor), on the same folds; the sex probes' training
-    # fractions give the reduced-data curve. The random-init age probe makes the folds.
-    sources = {"random-init": [*cfg, "--random-init"], "volta3d": [*cfg, "--encoder", enc],
-               "raw-volume": [*cfg, "--raw-volume"]}  # fmt: skip
+        Stage("preprocess-ixi", p.command("preprocess", man / "ixi-demo.csv", output=p.ixi, **common,
+                                          overrides=ixi_settings), ["manifests"], 80),
+        Stage("preprocess-msd", p.command("preprocess", man / "msd-demo.csv", output=p.msd, **common,
+                                          overrides=["preprocess.size=[48,64,48]"]), ["manifests"], 5),
+    ]  # fmt: skip
+
+
+def _pretrain_and_classify_stages(p: _Planner) -> list[Stage]:
+    """Pretraining on every volume, with the online probe (sex, age) of the teacher on the IXI scans it
+    pretrains on (labels unused by pretraining: transductive, as the report says); then sex classification
+    from VolTA-3D against a ViT and a Swin from scratch, on the ViT-scratch run's folds."""
+    pretrain = p.command("pretrain", config=CONFIGS, data=[str(p.ixi), str(p.msd)], output=p.enc, no_progress=True,
+                         eval_data=p.ixi, eval_label=["sex", "age"],
+                         overrides=[f"train.num_workers={p.workers}", *p.quick_overrides("pretrain")])  # fmt: skip
+
+    def classify(model: str, output: Path, **flags: Flag) -> Callable[[], int]:
+        return p.command("finetune", "classify", config=CONFIGS, data=p.ixi, label="sex", model=model, output=output,
+                         no_progress=True, **flags, overrides=p.quick_overrides("classify"))  # fmt: skip
+
+    runs = p.out / "classify-sex"
+    return [
+        Stage("pretrain", pretrain, ["preprocess-ixi", "preprocess-msd"], 330),
+        Stage("classify-sex-vit-scratch", classify("vit", p.sex_splits.parent), ["preprocess-ixi"], 100),
+        Stage("classify-sex-volta3d", classify("vit", runs / "volta3d", encoder=p.enc, splits=p.sex_splits),
+              ["pretrain", "classify-sex-vit-scratch"], 100),
+        Stage("classify-sex-swin-scratch", classify("swin", runs / "swin-scratch", splits=p.sex_splits),
+              ["classify-sex-vit-scratch"], 230),
+    ]  # fmt: skip
+
+
+def _probe_stages(p: _Planner) -> list[Stage]:
+    """Frozen-feature probes of the pretrained and of a random-init encoder, and of the raw volume
+    (z-scored, average-pooled to 16^3: the floor), on the same folds; the sex probes' training fractions
+    give the reduced-data curve. The random-init age probe makes the age folds."""
+    sources: dict[str, dict[str, Any]] = {"random-init": {"random_init": True}, "volta3d": {"encoder": p.enc},
+                                           "raw-volume": {"raw_volume": True}}  # fmt: skip
+    stages = []
     for init, source in sources.items():
-        emb = out / "embeddings" / f"{init}.npz"
+        emb = p.out / "embeddings" / f"{init}.npz"
+        embed = p.command("embed", config=CONFIGS, **source, data=p.ixi, output=emb, no_progress=True)
         stages.append(
-            Stage(
-                f"embed-{init}",
-                _command(["embed", *source, "--data", str(ixi), "--output", str(emb), *np_]),
-                ["pretrain"] if init == "volta3d" else ["preprocess-ixi"],
-                3,
-            )
+            Stage(f"embed-{init}", embed, ["pretrain"] if init == "volta3d" else ["preprocess-ixi"], 3)
         )
         for label in ("sex", "age"):
             needs = [f"embed-{init}", "classify-sex-vit-scratch" if label == "sex" else "embed-random-init"]
             if label == "age" and init != "random-init":
                 needs.append("probe-age-random-init")
-            splits = sex_splits if label == "sex" else (age_splits if init != "random-init" else None)
-            stages.append(
-                Stage(
-                    f"probe-{label}-{init}",
-                    _command(
-                        [
-                            "probe",
-                            *cfg,
-                            "--embeddings",
-                            str(emb),
-                            "--data",
-                            str(ixi),
-                            "--label",
-                            label,
-                            *(["--splits", str(splits)] if splits else []),
-                            "--output",
-                            str(out / f"probe-{label}" / init),
-                            *quick_o["probe"],
-                        ]
-                    ),
-                    needs,
-                    3,
-                )
-            )
-    stages += [
-        Stage(
-            "segment-unet-scratch",
-            _command(
-                [
-                    "finetune",
-                    "segment",
-                    *cfg,
-                    "--data",
-                    str(msd),
-                    "--model",
-                    "unet",
-                    "--output",
-                    str(seg_splits.parent),
-                    *np_,
-                    *quick_o["segment"],
-                ]
-            ),
-            ["preprocess-msd"],
-            70,
-        ),
-        Stage(
-            "segment-unetr-scratch",
-            _command(
-                [
-                    "finetune",
-                    "segment",
-                    *cfg,
-                    "--data",
-                    str(msd),
-                    "--model",
-                    "unetr",
-                    "--splits",
-                    str(seg_splits),
-                    "--output",
-                    str(out / "segment" / "unetr-scratch"),
-                    *np_,
-                    *quick_o["segment"],
-                ]
-            ),
-            ["segment-unet-scratch"],
-            150,
-        ),
-        Stage(
-            "segment-unetr-volta3d",
-            _command(
-                [
-                    "finetune",
-                    "segment",
-                    *cfg,
-                    "--data",
-                    str(msd),
-                    "--model",
-                    "unetr",
-                    "--encoder",
-                    enc,
-                    "--splits",
-                    str(seg_splits),
-                    "--output",
-                    str(out / "segment" / "unetr-volta3d"),
-                    *np_,
-                    *quick_o["segment"],
-                ]
-            ),
-            ["pretrain", "segment-unet-scratch"],
-            150,
-        ),
-        Stage(
-            "report",
-            _command(
-                [
-                    "report",
-                    str(out),
-                    "--output",
-                    str(out / "report"),
-                    "--title",
-                    "volta3d demo: VolTA-3D on the bundled IXI and MSD scans" + (" (quick)" if quick else ""),
-                ]
-            ),
-            [],
-            20,
-        ),
-    ]
+            splits = p.sex_splits if label == "sex" else (p.age_splits if init != "random-init" else None)
+            probe = p.command("probe", config=CONFIGS, embeddings=emb, data=p.ixi, label=label, splits=splits,
+                              output=p.out / f"probe-{label}" / init, overrides=p.quick_overrides("probe"))  # fmt: skip
+            stages.append(Stage(f"probe-{label}-{init}", probe, needs, 3))
     return stages
+
+
+def _segment_stages(p: _Planner) -> list[Stage]:
+    """Hippocampus segmentation: a 3D U-Net from scratch (it makes the hold-out split), UNETR from
+    scratch and UNETR from the VolTA-3D encoder on the same split."""
+
+    def segment(model: str, output: Path, **flags: Flag) -> Callable[[], int]:
+        return p.command("finetune", "segment", config=CONFIGS, data=p.msd, model=model, output=output,
+                         no_progress=True, **flags, overrides=p.quick_overrides("segment"))  # fmt: skip
+
+    runs = p.out / "segment"
+    return [
+        Stage("segment-unet-scratch", segment("unet", p.seg_splits.parent), ["preprocess-msd"], 70),
+        Stage("segment-unetr-scratch", segment("unetr", runs / "unetr-scratch", splits=p.seg_splits),
+              ["segment-unet-scratch"], 150),
+        Stage("segment-unetr-volta3d", segment("unetr", runs / "unetr-volta3d", encoder=p.enc, splits=p.seg_splits),
+              ["pretrain", "segment-unet-scratch"], 150),
+    ]  # fmt: skip
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -398,19 +239,8 @@ def run_demo(
         pace = (time.perf_counter() - t_start) / ran_expected if ran_expected >= 60 else 1.0
         eta = sum(s.expected_s for s in stages[k - 1 :] if status.get(s.name) != "done") * pace
         log.info("stage %d/%d %s (demo ETA %.0f min)", k, len(stages), stage.name, eta / 60)
-        t0 = time.perf_counter()
-        try:
-            code = stage.run()
-        except Exception as err:  # a failed stage is recorded; the independent ones go on
-            log.error(
-                "stage %s failed: %s",
-                stage.name,
-                str(err).splitlines()[0] if str(err) else type(err).__name__,
-            )
-            code = 1
-        seconds = time.perf_counter() - t0
+        code, seconds = _run_stage(stage, out)
         ran_expected += stage.expected_s
-        setup_logging(out, "demo.log")  # the command logged into its own folder; back to the demo's log
         status[stage.name] = "done" if code == 0 else "failed"
         done[stage.name] = {"name": stage.name, "status": status[stage.name], "seconds": round(seconds, 1)}
         state["stages"] = [done[s.name] for s in stages if s.name in done]
@@ -426,6 +256,20 @@ def run_demo(
     if failed:
         log.error("not done: %s (see %s)", ", ".join(failed), path)
     return 1 if failed else 0
+
+
+def _run_stage(stage: Stage, out: Path) -> tuple[int, float]:
+    """Run one stage; return its exit code (1 for an exception, which is logged: the independent stages go
+    on) and its seconds."""
+    t0 = time.perf_counter()
+    try:
+        code = stage.run()
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        get_logger().error("stage %s failed: %s", stage.name, reason)
+        code = 1
+    setup_logging(out, "demo.log")  # the command logged into its own folder; back to the demo's log
+    return code, time.perf_counter() - t0
 
 
 def _data_counts(out: Path) -> dict[str, int]:
