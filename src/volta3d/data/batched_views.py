@@ -76,10 +76,8 @@ class BatchedMultiCrop:
         gamma_on, gamma = rng.random() < s.gamma_prob, rng.uniform(s.gamma_range[0], s.gamma_range[1])
         scale_on, factor = rng.random() < s.contrast_prob, rng.uniform(-s.intensity_scale, s.intensity_scale)
         shift_on, offset = rng.random() < s.contrast_prob, rng.uniform(-s.intensity_shift, s.intensity_shift)
-        bias_on, coeff = (
-            rng.random() < s.bias_field_prob,
-            rng.uniform(0.0, s.bias_field_coeff, len(BIAS_TERMS)),
-        )
+        bias_on = rng.random() < s.bias_field_prob
+        coeff = rng.uniform(0.0, s.bias_field_coeff, len(BIAS_TERMS))
         noise_on, std = rng.random() < s.noise_prob, rng.uniform(0.0, s.noise_std)
         return {
             "crop_start": np.array(s.crop_start(spatial, size, int(seeds[1])), dtype=np.int64),
@@ -93,17 +91,14 @@ class BatchedMultiCrop:
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """A collated batch of ``PretrainVolumesDataset`` items, on the device -> the views (class docstring)."""
-        volumes = [
-            v.float() for v in batch["image"]
-        ]  # B x (C, D, H, W): one tensor, or a list when sizes differ
+        # B x (C, D, H, W): one tensor, or a list when the volumes' sizes differ
+        volumes = [v.float() for v in batch["image"]]
         if any(v.dim() != 4 for v in volumes):
             raise ValueError(
                 f"batch['image'] must hold (C, D, H, W) volumes, got {[tuple(v.shape) for v in volumes]}"
             )
         s = self.settings
-        params = {
-            key: batch[key].transpose(0, 1) for key in PARAM_KEYS
-        }  # (B, V, ...) -> (V, B, ...): view-major
+        params = {key: batch[key].transpose(0, 1) for key in PARAM_KEYS}  # (B, V, ...) -> (V, B, ...)
         out = {
             "global": self._crops(volumes, {k: v[:N_GLOBAL] for k, v in params.items()}, s.global_size),
             "local": self._crops(volumes, {k: v[N_GLOBAL:] for k, v in params.items()}, s.local_size),
@@ -124,9 +119,8 @@ class BatchedMultiCrop:
             return volumes[0].new_zeros((0, n_volumes, channels, size, size, size))
         crops = resample_boxes(volumes, params["crop_start"], params["crop_size"], params["flip"], size)
         flat = {key: value.flatten(0, 1) for key, value in params.items()}  # (V * B, ...)
-        return (
-            augment_intensity(crops.flatten(0, 1), flat).clamp_(0.0, 1.0).unflatten(0, (n_views, n_volumes))
-        )
+        augmented = augment_intensity(crops.flatten(0, 1), flat).clamp_(0.0, 1.0)
+        return augmented.unflatten(0, (n_views, n_volumes))
 
 
 def resample_boxes(volumes: Sequence[Tensor], start: Tensor, size: Tensor, flip: Tensor, out: int) -> Tensor:
@@ -134,8 +128,8 @@ def resample_boxes(volumes: Sequence[Tensor], start: Tensor, size: Tensor, flip:
 
     Each box is cut as a view and resized with ``interpolate(mode="trilinear", align_corners=False)``,
     the call inside MONAI's ``Resize``, so the voxels equal the reference path's. One call per crop:
-    on a CPU that is 5x faster than one batched ``grid_sample`` or three batched separable matmuls over
-    the whole batch, which must touch every voxel of the volume for every crop (README, "Performance")."""
+    on a CPU that was 5x faster than one batched ``grid_sample`` or three batched separable matmuls over
+    the whole batch, which read every voxel of the volume for every crop (README, "Performance")."""
     n_views, n_volumes = start.shape[:2]
     crops = volumes[0].new_empty((n_views, n_volumes, volumes[0].shape[0], out, out, out))
     boxes = torch.cat([start, start + size], dim=-1).tolist()  # one transfer: (V, B, 6) corners

@@ -83,9 +83,8 @@ class GMMLMasker:
             filler = filler.to(device=volume.device, dtype=volume.dtype)
         else:
             filler = torch.zeros_like(volume)
-        corrupted = torch.where(
-            mask.unsqueeze(0), filler, volume
-        )  # (D, H, W) -> (1, D, H, W), broadcast over C
+        # the (D, H, W) mask as (1, D, H, W), broadcast over C
+        corrupted = torch.where(mask.unsqueeze(0), filler, volume)
         return corrupted, mask.unsqueeze(0), self.token_mask(mask)
 
     def mask_batch(self, views: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -120,9 +119,8 @@ class GMMLMasker:
             filler = torch.stack(fills).to(views.dtype)
         else:
             filler = torch.zeros_like(views)
-        corrupted = torch.where(
-            mask.unsqueeze(1), filler, views
-        )  # (N, D, H, W) -> (N, 1, D, H, W), broadcast over C
+        # the (N, D, H, W) mask as (N, 1, D, H, W), broadcast over C
+        corrupted = torch.where(mask.unsqueeze(1), filler, views)
         return corrupted, mask.unsqueeze(1), self.token_mask(mask)
 
     def token_mask(self, voxel_mask: Tensor) -> Tensor:
@@ -196,9 +194,8 @@ class GMMLMasker:
             return torch.zeros((n, *spatial), dtype=torch.bool, device=device)
         sides = torch.tensor(spatial)
         low, high = self._edge_bounds(sides)
-        arrival = torch.full(
-            (n, total + 1), _NEVER, dtype=torch.int32, device=device
-        )  # last column: outside voxels
+        # each voxel's first covering block; the last column collects the voxels outside a smaller block
+        arrival = torch.full((n, total + 1), _NEVER, dtype=torch.int32, device=device)
         pending, first = list(range(n)), 0
         while pending:
             unit = torch.stack(

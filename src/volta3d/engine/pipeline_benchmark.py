@@ -151,9 +151,8 @@ def format_pipeline(figures: PipelineFigures, step_seconds: float, step_flops: f
                     gpu_flops: float, device: torch.device) -> str:  # fmt: skip
     """The pipeline table: CPU time per volume of each path and the cores each needs to feed the step."""
     f = figures
-    loader_new = (
-        f.load_seconds if f.load_seconds is not None else f.draw_seconds
-    )  # a loaded item includes the draw
+    # the loader's share now: a loaded item includes its draw
+    loader_new = f.load_seconds if f.load_seconds is not None else f.draw_seconds
     loader_old = (f.load_seconds or 0.0) + f.reference_seconds
     gpu_step = step_flops / gpu_flops
     lines = [
