@@ -74,15 +74,19 @@ def _last(metrics: pd.DataFrame, key: str, digits: int = 2) -> str:
     return f"{metrics[key].dropna().tail(10).mean():.{digits}f}"
 
 
-def _probe(online: pd.DataFrame, label: str) -> str:
-    """Best of the four probes (cls/mean x linear/kNN) of the final teacher, init and raw-volume features."""
-    rows = online[online["label"] == label]
+def _probe(online: pd.DataFrame, label: str, features: tuple[str, ...], sources: tuple[str, ...]) -> str:
+    """Best of the linear and kNN probes on ``features`` (the same optimistic choice for every arm) of
+    the final teacher, the initial weights and, for the pooled features, the raw volume."""
+    rows = online[(online["label"] == label) & online["feature"].isin([*features, "raw"])]
     if rows.empty:
         return "-"
     lower = rows["metric"].iloc[0] == "mae"
     final = rows[(rows["source"] != "teacher") | (rows["step"] == rows["step"].max())]
     best = final.groupby("source")["value"].min() if lower else final.groupby("source")["value"].max()
-    return " / ".join(f"{best.get(s, math.nan):.3f}" for s in ("teacher", "init", "raw"))
+    return " / ".join(f"{best.get(s, math.nan):.3f}" for s in sources)
+
+
+POOLED, TOKENS = ("cls", "mean"), ("tokens",)
 
 
 def summarise(out: Path, names: list[str]) -> pd.DataFrame:
@@ -100,7 +104,10 @@ def summarise(out: Path, names: list[str]) -> pd.DataFrame:
             "student cos": _last(metrics, "student_cls_cosine", 3), "teacher cos": _last(metrics, "teacher_cls_cosine", 3),
             "CLS rank": _last(metrics, "cls_rank", 1), "patch rank": _last(metrics, "patch_rank", 1),
             "alarm": f"step {int(alarm.iloc[0])}" if len(alarm) else "no",
-            "sex AUROC t/i/r": _probe(online, "sex"), "age MAE t/i/r": _probe(online, "age"),
+            "sex AUROC t/i/r": _probe(online, "sex", POOLED, ("teacher", "init", "raw")),
+            "age MAE t/i/r": _probe(online, "age", POOLED, ("teacher", "init", "raw")),
+            "sex AUROC tokens t/i": _probe(online, "sex", TOKENS, ("teacher", "init")),
+            "age MAE tokens t/i": _probe(online, "age", TOKENS, ("teacher", "init")),
         })  # fmt: skip
     return pd.DataFrame(table)
 
