@@ -175,3 +175,39 @@ def test_bad_block_shape():
         GMMLMasker(block_shape="sphere")
     with pytest.raises(ValueError, match="max_block_fraction"):
         GMMLMasker(block_shape="random", max_block_fraction=0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "spatial"),
+    [
+        ({"ratio": 0.5, "block_size": 8, "patch_size": 16}, (64, 48, 32)),
+        ({"ratio": 0.5, "block_size": 8, "patch_size": 16, "block_shape": "random"}, (48, 48, 48)),
+        ({"ratio": 0.3, "block_size": 5, "patch_size": 8}, (24, 32, 16)),
+        ({"ratio": 0.5, "block_size": 64, "patch_size": 4}, (8, 12, 4)),  # blocks larger than the volume
+        ({"ratio": 0.0, "patch_size": 8}, (16, 16, 16)),
+    ],
+)
+def test_batched_block_mask_equals_one_block_at_a_time(kwargs, spatial):
+    """The GPU algorithm (each voxel's first covering block by a scatter-min, then the first `target`
+    voxels in (block, raster) order), run here on a CPU, gives exactly the sequential masks."""
+    masker = GMMLMasker(**kwargs)
+    seeds = [3, 11, 12, 40]
+    batched = masker._batched_block_mask(
+        spatial, [torch.Generator().manual_seed(s) for s in seeds], torch.device("cpu")
+    )
+    for view, seed in zip(batched, seeds, strict=True):
+        expected = masker._block_mask(spatial, torch.Generator().manual_seed(seed))
+        assert torch.equal(view, torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("fill", ["noise", "zeros"])
+def test_mask_batch_equals_the_per_view_masker(fill):
+    masker = GMMLMasker(ratio=0.5, block_size=4, fill=fill, patch_size=8)
+    views = torch.rand(3, 2, 16, 24, 8)
+    corrupted, voxel_mask, token_mask = masker.mask_batch(views, [5, 6, 7])
+    for n, seed in enumerate((5, 6, 7)):
+        expected = _mask(masker, views[n], seed)
+        assert torch.equal(corrupted[n], expected[0]) and torch.equal(voxel_mask[n], expected[1])
+        assert torch.equal(token_mask[n], expected[2])
+    with pytest.raises(ValueError, match="one seed each"):
+        masker.mask_batch(views, [1, 2])
