@@ -4,6 +4,7 @@ without ``torch.distributed`` being initialised (DINO's ``main_dino.py`` and iBO
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -54,5 +55,12 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Destroy the process group while the interpreter is fully alive. The DDP wrapper and its reducer
+    hold the group and sit in reference cycles, so they are collected first: otherwise the group (and
+    gloo's worker threads) can outlive ``destroy_process_group`` and be torn down during interpreter
+    finalization, which intermittently aborts the process ("terminate called without an active
+    exception") after a finished run."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
