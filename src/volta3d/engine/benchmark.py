@@ -50,15 +50,16 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer reads the work done, not the work launched."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -129,11 +130,11 @@ def time_step(
         one(i)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         one(i)
-    _sync(device)
+    sync(device)
     seconds = (time.perf_counter() - t0) / steps
     volumes = batch["global"].shape[1]
     return StepFigures(name, seconds, volumes / seconds, flops, flops / seconds, _peak_memory_gb(device))

@@ -28,7 +28,7 @@ from volta3d.data.batched_views import PretrainVolumesDataset, build_views, coll
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.data.masking import GMMLMasker
 from volta3d.data.views import MultiCropViews
-from volta3d.engine.benchmark import constant_schedules, synthetic_volumes
+from volta3d.engine.benchmark import constant_schedules, sync, synthetic_volumes
 from volta3d.engine.distributed import DistInfo
 from volta3d.engine.meta_arch import build_volta3d
 from volta3d.engine.optim import build_optimizer
@@ -75,10 +75,10 @@ def time_views(
         t_draw = time.perf_counter() - t0
         batch = move_batch(collate_volumes(items), device)
         batched(batch)  # warm-up
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         batched(batch)
-        _sync(device)
+        sync(device)
         t_batched = time.perf_counter() - t0
     return t_reference / n_volumes, t_batched / n_volumes, t_draw / n_volumes
 
@@ -109,13 +109,13 @@ def time_end_to_end(cfg: DictConfig, data: Path, device: torch.device, *, steps:
         train_step(
             model, model.student, optimizer, schedules, i, batches, device, info, dataset.views, settings
         )
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         train_step(
             model, model.student, optimizer, schedules, i, batches, device, info, dataset.views, settings
         )
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t0) / steps
 
 
@@ -126,11 +126,6 @@ def _endless(loader: Any, sampler: Any, dataset: PretrainVolumesDataset) -> Iter
         dataset.set_epoch(epoch)
         yield from loader
         epoch += 1
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_pipeline_benchmark(
