@@ -128,7 +128,7 @@ def resample_boxes(volumes: Sequence[Tensor], start: Tensor, size: Tensor, flip:
 
     Each box is cut as a view and resized with ``interpolate(mode="trilinear", align_corners=False)``,
     the call inside MONAI's ``Resize``, so the voxels equal the reference path's. One call per crop:
-    on a CPU that was 5x faster than one batched ``grid_sample`` or three batched separable matmuls over
+    on a CPU that was faster than one batched ``grid_sample`` or three batched separable matmuls over
     the whole batch, which read every voxel of the volume for every crop (README, "Performance")."""
     n_views, n_volumes = start.shape[:2]
     crops = volumes[0].new_empty((n_views, n_volumes, volumes[0].shape[0], out, out, out))

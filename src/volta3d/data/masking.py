@@ -102,7 +102,7 @@ class GMMLMasker:
             )
         spatial = self._check_spatial(tuple(int(s) for s in views.shape[2:]))
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        if views.device.type == "cpu":  # one block at a time is 4x faster on a CPU
+        if views.device.type == "cpu":  # one block at a time is faster on a CPU
             mask = torch.from_numpy(np.stack([self._block_mask(spatial, g) for g in generators])).view(
                 -1, *spatial
             )
