@@ -49,10 +49,7 @@ class BatchedMultiCrop:
     """
 
     def __init__(self, settings: ViewSettings, masker: GMMLMasker | None = None) -> None:
-        if masker is not None and settings.global_size % masker.patch_size:
-            raise ValueError(
-                f"global_size {settings.global_size} must be a multiple of the patch size {masker.patch_size}"
-            )
+        settings.check_masker(masker)
         self.settings = settings
         self.masker = masker
 
@@ -167,6 +164,9 @@ def augment_intensity(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
     values = {key: p[key].tolist() for key in ("gamma_on", "gamma", "scale", "shift", "bias_on", "noise_std",
                                                "noise_seed")}  # fmt: skip
     for n in range(x.shape[0]):
+        changed = values["gamma_on"][n] or values["bias_on"][n] or values["noise_std"][n] > 0
+        if not (changed or values["scale"][n] != 1.0 or values["shift"][n] != 0.0):
+            continue
         # a fresh tensor per crop: vectorised kernels then round alike wherever the crop sits in the batch
         crop = x[n].clone()
         if values["gamma_on"][n]:  # MONAI AdjustContrast: ((x - min) / (range + eps)) ** gamma * range + min

@@ -103,9 +103,7 @@ class GMMLMasker:
         spatial = self._check_spatial(tuple(int(s) for s in views.shape[2:]))
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         if views.device.type == "cpu":  # one block at a time is faster on a CPU
-            mask = torch.from_numpy(np.stack([self._block_mask(spatial, g) for g in generators])).view(
-                -1, *spatial
-            )
+            mask = torch.from_numpy(np.stack([self._block_mask(spatial, g) for g in generators]))
         else:
             mask = self._batched_block_mask(spatial, generators, views.device)  # (N, D, H, W)
         if self.fill == "noise":

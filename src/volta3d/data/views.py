@@ -123,6 +123,13 @@ class ViewSettings:
         edge_scale = fraction ** (1.0 / 3.0) * np.exp(log_aspect)
         return [int(min(max(round(s * e), 1), s)) for s, e in zip(spatial, edge_scale, strict=True)]
 
+    def check_masker(self, masker: GMMLMasker | None) -> None:
+        """The GMML token mask follows the patch grid, so the global crops must tile into patches."""
+        if masker is not None and self.global_size % masker.patch_size:
+            raise ValueError(
+                f"global_size {self.global_size} must be a multiple of the patch size {masker.patch_size}"
+            )
+
     def crop_start(self, spatial: Sequence[int], size: Sequence[int], seed: int) -> list[int]:
         """Uniform crop corner, drawn exactly as MONAI's RandSpatialCrop(random_center=True) seeded with
         ``seed`` draws it (``monai.data.utils.get_random_patch``), so both view paths cut the same box."""
@@ -147,10 +154,7 @@ class MultiCropViews:
     def __init__(self, masker: GMMLMasker | None = None, **settings: Any) -> None:
         self.settings = ViewSettings(**settings)
         s = self.settings
-        if masker is not None and s.global_size % masker.patch_size:
-            raise ValueError(
-                f"global_size {s.global_size} must be a multiple of the patch size {masker.patch_size}"
-            )
+        s.check_masker(masker)
         self.masker = masker
         flip = [RandFlip(prob=s.flip_prob, spatial_axis=axis) for axis in s.flip_axes]
         intensity = [
