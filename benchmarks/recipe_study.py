@@ -1,115 +1,165 @@
-"""The VolTA-3D recipe study: every remedy for representation collapse, trained for the same budget.
+"""The VolTA-3D recipe study, chosen without peeking: every arm over several seeds, judged on a saved
+selection split by one probe fixed in advance, with paired CIs.
 
-Each arm is one ``volta3d pretrain`` run on the bundled scans (tiny-cpu + demo, the same schedule of
-``--epochs`` epochs, 2 by default, the online probe on the IXI sex and age labels) that differs from the current recipe
-by the overrides listed in ARMS. The table compares what each arm learns, not its total loss: the
-alignment losses against log K, the teacher's entropy gap, the cross-volume cosine of the CLS-style
-embeddings, effective ranks, the collapse alarm, and the online probe of the teacher against the
-initial weights and the raw volume. Arms already finished are read back, not re-run.
+Each arm is ``volta3d pretrain`` on the bundled scans (tiny-cpu + demo, ``--epochs`` epochs, 2 by default
+= 172 steps on IXI + MSD) that differs from today's recipe (``chosen``) by the overrides in ARMS. Every
+arm and seed is then judged the same way, on the subjects of ``volta3d select``'s selection.csv only
+(never on the subjects the demo reports on):
 
-    python benchmarks/recipe_study.py                       # after `bash scripts/demo.sh` (or its prep stage)
-    python benchmarks/recipe_study.py --arms current koleo --epochs 2 --output runs/recipe-study
+* the probe fixed in advance: logistic regression (sex, AUROC) and ridge (age, MAE) on the teacher's
+  CLS-style summary, regularisation chosen by inner CV on each training fold (``probe.logreg_cs``,
+  ``probe.ridge_alphas``), on folds made once for the study; the raw volume pooled to 16^3 gets the same
+  probe on the same folds (the floor);
+* representation health from metrics.csv (last 10 steps): L_global / log K, entropy gaps, spread, ranks,
+  the alarm, the views' overlap and the teacher's remaining share of its initial weights.
+
+Differences (arm - raw floor, arm - ``chosen``) are paired by (seed, fold), with a bootstrap 95 % CI over
+those pairs (``volta3d.evaluation.statistics.paired_difference``). Runs already finished are read back.
+
+    .venv/bin/volta3d select runs/study/prep/ixi --label sex --output runs/study/selection
+    python benchmarks/recipe_study.py --prep runs/study/prep --selection runs/study/selection/selection.csv
+    python benchmarks/recipe_study.py --arms chosen --epochs 16 --output runs/scaling/x2   # the budget curve
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-# The recipe before the study (what tiny-cpu.yaml said then), restored on top of today's tiny-cpu + demo,
-# so every single-remedy arm below changes one thing against it.
-BEFORE = ["loss.koleo_weight=0.0", "views.flip_axes=[0,1,2]", "loss.teacher_patch_temp=0.07",
-          "loss.warmup_teacher_patch_temp=0.04"]  # fmt: skip
-TEMP_001 = ["loss.teacher_patch_temp=0.01", "loss.warmup_teacher_patch_temp=0.01"]
-# arm -> (config files on top of tiny-cpu + demo, overrides)
-ARMS: dict[str, tuple[list[str], list[str]]] = {
-    "current": ([], BEFORE),
-    "koleo": ([], [*BEFORE, "loss.koleo_weight=0.1"]),
-    "sinkhorn-k256": ([], [*BEFORE, "loss.centering=sinkhorn", "head.out_dim=256"]),
-    "lr-sqrt-warmup1": ([], [*BEFORE, "optim.lr=4e-3", "optim.lr_scaling=sqrt", "optim.warmup_epochs=1"]),
-    "momentum-0.9995": ([], [*BEFORE, "optim.momentum_teacher=0.9995"]),
-    "flip-lr-only": ([], [*BEFORE, "views.flip_axes=[0]"]),
-    "one-temp-0.01": ([], [*BEFORE, *TEMP_001]),
-    "gmml-random-blocks": ([], [*BEFORE, "masking.block_shape=random"]),
-    "k256": ([], [*BEFORE, "head.out_dim=256"]),
-    # combinations of the remedies that helped alone; "combo" won and is today's tiny-cpu recipe
-    "combo": ([], []),
-    "combo-k256": ([], ["head.out_dim=256"]),
-    "combo-koleo0.5": ([], ["loss.koleo_weight=0.5"]),
-    "combo-sinkhorn": ([], ["loss.centering=sinkhorn", "head.out_dim=256"]),
-    "baseline-mae": (["baseline-mae"], []),
-    "baseline-dino": (["baseline-dino"], []),
-    "baseline-ibot": (["baseline-ibot"], []),
+from volta3d.evaluation.statistics import paired_difference
+
+EDGES_BEFORE = [
+    "views.global_edge_scale=[0.737,1.0]",
+    "views.local_edge_scale=[0.368,0.737]",
+]  # volume 0.4-1 / 0.05-0.4
+TEMPS = ("teacher_temp", "warmup_teacher_temp", "teacher_patch_temp", "warmup_teacher_patch_temp")
+EMA = ["loss.centering=ema", "head.out_dim=1024"]  # the recipe before this study: DINO's EMA center, K 1024
+# arm -> (config files on top of tiny-cpu + demo, overrides, pretrain on MSD too)
+ARMS: dict[str, tuple[list[str], list[str], bool]] = {
+    "chosen": ([], [], True),
+    "ema-centering": ([], EMA, True),
+    "ema-centering-dino-momentum": ([], [*EMA, "optim.teacher_max_init_share=1.0"], True),
+    "ema-centering-views-before": ([], [*EMA, *EDGES_BEFORE], True),
+    "ema-centering-koleo-0.5": ([], [*EMA, "loss.koleo_weight=0.5"], True),
+    "ema-centering-temp-0.04": ([], [*EMA, *(f"loss.{k}=0.04" for k in TEMPS)], True),
+    "dino-momentum": ([], ["optim.teacher_max_init_share=1.0"], True),
+    "views-before": ([], EDGES_BEFORE, True),
+    "views-dino": ([], ["views.global_edge_scale=[0.63,1.0]", "views.local_edge_scale=[0.22,0.63]"], True),
+    "views-wide": ([], ["views.global_edge_scale=[0.5,1.0]", "views.local_edge_scale=[0.25,0.5]"], True),
+    "bias-0.15": ([], ["views.bias_field_coeff=0.15"], True),
+    "ixi-only": ([], [], False),
+    "patch-8": ([], ["model.patch_size=8"], True),
+    "no-koleo": ([], ["loss.koleo_weight=0.0"], True),
+    "baseline-mae": (["baseline-mae"], [], True),
+    "baseline-dino": (["baseline-dino"], [], True),
+    "baseline-ibot": (["baseline-ibot"], [], True),
 }
+LABELS = {"sex": "auroc", "age": "mae"}
+PRIMARY = "linear_cls"  # the probe fixed in advance
 
 
-def run_arm(name: str, out: Path, prep: Path, epochs: int, extra: list[str]) -> None:
-    configs, overrides = ARMS[name]
-    volta3d = Path(sys.executable).with_name("volta3d")  # the command installed beside this interpreter
-    argv = [str(volta3d), "pretrain", "--config", "tiny-cpu", "--config", "demo"]
-    for c in configs:
-        argv += ["--config", c]
-    argv += ["--data", str(prep / "ixi"), "--data", str(prep / "msd"), "--output", str(out / name), "--no-progress",
-             "--eval-data", str(prep / "ixi"), "--eval-label", "sex", "--eval-label", "age",
-             f"optim.epochs={epochs}", *overrides, *extra]  # fmt: skip
-    print("$", " ".join(argv[1:]), flush=True)
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+def volta3d(*argv: str) -> None:
+    command = [str(Path(sys.executable).with_name("volta3d")), *argv]
+    print("$", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
-def _trend(metrics: pd.DataFrame, key: str) -> str:
-    if key not in metrics or metrics[key].isna().all():
-        return "-"
-    values = metrics[key].dropna()
-    return f"{values.head(10).mean():.2f} -> {values.tail(10).mean():.2f}"
+def pretrain(arm: str, seed: int, run: Path, prep: Path, epochs: int, extra: list[str]) -> None:
+    configs, overrides, with_msd = ARMS[arm]
+    if _finished(run):
+        return
+    data = ["--data", str(prep / "ixi"), *(["--data", str(prep / "msd")] if with_msd else [])]
+    argv = [
+        "pretrain",
+        "--config",
+        "tiny-cpu",
+        "--config",
+        "demo",
+        *[a for c in configs for a in ("--config", c)],
+    ]
+    volta3d(*argv, *data, "--output", str(run), "--no-progress", f"optim.epochs={epochs}", f"seed={seed}",
+            "train.tensorboard=false", *overrides, *extra)  # fmt: skip
 
 
-def _last(metrics: pd.DataFrame, key: str, digits: int = 2) -> str:
-    if key not in metrics or metrics[key].isna().all():
-        return "-"
-    return f"{metrics[key].dropna().tail(10).mean():.{digits}f}"
+def probe(embeddings: Path, selection: Path, label: str, splits: Path | None, out: Path) -> None:
+    if not (out / "summary.json").exists():
+        volta3d("probe", "--config", "tiny-cpu", "--config", "demo", "--embeddings", str(embeddings), "--data",
+                str(selection), "--label", label, "--output", str(out), *(["--splits", str(splits)] if splits else []),
+                "probe.fractions=[1.0]", "probe.features=[cls]")  # fmt: skip
 
 
-def _probe(online: pd.DataFrame, label: str, features: tuple[str, ...], sources: tuple[str, ...]) -> str:
-    """Best of the linear and kNN probes on ``features`` (the same optimistic choice for every arm) of
-    the final teacher, the initial weights and, for the pooled features, the raw volume."""
-    rows = online[(online["label"] == label) & online["feature"].isin([*features, "raw"])]
-    if rows.empty:
-        return "-"
-    lower = rows["metric"].iloc[0] == "mae"
-    final = rows[(rows["source"] != "teacher") | (rows["step"] == rows["step"].max())]
-    best = final.groupby("source")["value"].min() if lower else final.groupby("source")["value"].max()
-    return " / ".join(f"{best.get(s, math.nan):.3f}" for s in sources)
+def judge(source: Path, selection: Path, out: Path, floor: Path | None, raw: bool = False) -> None:
+    """Embed ``source`` (an export, or the raw volumes) on the selection subjects and probe every label on
+    the floor's folds (the floor itself makes them)."""
+    emb = out / "embeddings.npz"
+    if not emb.exists():
+        flags = ["--raw-volume"] if raw else ["--encoder", str(source)]
+        volta3d("embed", "--config", "tiny-cpu", "--config", "demo", *flags, "--data", str(selection), "--output",
+                str(emb), "--no-progress")  # fmt: skip
+    for label in LABELS:
+        splits = floor / f"probe-{label}" / "splits.json" if floor is not None else None
+        probe(emb, selection, label, splits, out / f"probe-{label}")
 
 
-POOLED, TOKENS = ("cls", "mean"), ("tokens",)
+def fold_values(run: Path, label: str, feature: str) -> np.ndarray:
+    results = json.loads((run / f"probe-{label}" / feature / "results.json").read_text())
+    return np.array([f["metrics"][LABELS[label]] for f in results["folds"]], dtype=float)
 
 
-def summarise(out: Path, names: list[str]) -> pd.DataFrame:
-    table = []
-    for name in names:
-        run = out / name
-        metrics = pd.read_csv(run / "metrics.csv").apply(pd.to_numeric, errors="coerce")
-        online = pd.read_csv(run / "online_eval.csv")
-        alarm = metrics.loc[metrics["collapse_alarm"] == 1, "step"]
-        table.append({
-            "arm": name, "log K": f"{metrics['log_k'].iloc[0]:.2f}",
-            "L_global": _trend(metrics, "loss_global"), "L_local": _trend(metrics, "loss_local"),
-            "L_rec": _trend(metrics, "loss_rec"), "CLS gap": _last(metrics, "teacher_entropy_gap"),
-            "patch gap": _last(metrics, "teacher_patch_entropy_gap"),
-            "student cos": _last(metrics, "student_cls_cosine", 3), "teacher cos": _last(metrics, "teacher_cls_cosine", 3),
-            "CLS rank": _last(metrics, "cls_rank", 1), "patch rank": _last(metrics, "patch_rank", 1),
-            "alarm": f"step {int(alarm.iloc[0])}" if len(alarm) else "no",
-            "sex AUROC t/i/r": _probe(online, "sex", POOLED, ("teacher", "init", "raw")),
-            "age MAE t/i/r": _probe(online, "age", POOLED, ("teacher", "init", "raw")),
-            "sex AUROC tokens t/i": _probe(online, "sex", TOKENS, ("teacher", "init")),
-            "age MAE tokens t/i": _probe(online, "age", TOKENS, ("teacher", "init")),
-        })  # fmt: skip
-    return pd.DataFrame(table)
+def _finished(run: Path) -> bool:
+    log = run / "log.txt"
+    return log.exists() and "finished at step" in log.read_text()
+
+
+def health(run: Path) -> dict[str, float]:
+    """Last-10-step means of the health columns (NaN where a column is absent)."""
+    metrics = pd.read_csv(run / "metrics.csv").apply(pd.to_numeric, errors="coerce")
+    tail = metrics.tail(10).mean(numeric_only=True)
+    columns = ["teacher_entropy_gap", "teacher_patch_entropy_gap", "teacher_cls_spread", "cls_rank", "patch_rank",
+               "view_global_overlap", "view_local_in_global"]  # fmt: skip
+    out = {c: float(tail.get(c, np.nan)) for c in columns}
+    out["L_global/logK"] = float(tail.get("loss_global", np.nan) / metrics["log_k"].iloc[0])
+    out["init share"] = (
+        float(metrics["teacher_init_share"].iloc[-1]) if "teacher_init_share" in metrics else np.nan
+    )
+    out["alarm"] = float(metrics["collapse_alarm"].max())
+    out["s/step"] = float(metrics["seconds_per_step"].median())
+    out["pretrain s"] = float(metrics["seconds_per_step"].sum())
+    return out
+
+
+def _ci(d: dict[str, float], digits: int) -> str:
+    return f"{d['estimate']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]"
+
+
+def summarise(out: Path, arms: list[str], seeds: list[int]) -> pd.DataFrame:
+    floor = out / "raw-floor"
+    rows = []
+    reference = {label: np.concatenate([fold_values(out / "chosen" / f"seed-{s}", label, PRIMARY) for s in seeds])
+                 for label in LABELS} if "chosen" in arms else None  # fmt: skip
+    for arm in arms:
+        row: dict[str, object] = {"arm": arm, "seeds": len(seeds)}
+        for label, metric in LABELS.items():
+            digits = 3 if metric == "auroc" else 2
+            values = [fold_values(out / arm / f"seed-{s}", label, PRIMARY) for s in seeds]
+            per_seed = [v.mean() for v in values]
+            pooled, raw = np.concatenate(values), np.tile(fold_values(floor, label, "linear_raw"), len(seeds))
+            row[f"{label} {metric}"] = (
+                f"{np.mean(per_seed):.{digits}f} +- {np.std(per_seed, ddof=1):.{digits}f}"
+            )
+            row[f"{label} - raw"] = _ci(paired_difference(pooled, raw), digits)
+            if reference is not None and arm != "chosen":
+                row[f"{label} - chosen"] = _ci(paired_difference(pooled, reference[label]), digits)
+        seed_health = pd.DataFrame([health(out / arm / f"seed-{s}") for s in seeds]).mean()
+        row.update({k: round(float(v), 3) for k, v in seed_health.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -123,24 +173,28 @@ def main() -> int:
     p.add_argument(
         "--arms", nargs="*", default=list(ARMS), choices=list(ARMS), help="arms to run (default: all)"
     )
+    p.add_argument(
+        "--seeds", nargs="*", type=int, default=[0, 1, 2], help="pretraining seeds per arm (0 1 2)"
+    )
     p.add_argument("--epochs", type=int, default=2, help="epochs per arm, the whole schedule (2 = 172 steps)")
     p.add_argument(
-        "--prep", type=Path, default=Path("runs/demo/prep"), help="folder with the ixi/ and msd/ caches"
+        "--prep", type=Path, default=Path("runs/study/prep"), help="folder with the ixi/ and msd/ caches"
     )
+    p.add_argument("--selection", type=Path, default=Path("runs/study/selection/selection.csv"),
+                   help="selection.csv of `volta3d select` (the only labelled subjects the study sees)")  # fmt: skip
     p.add_argument("--output", type=Path, default=Path("runs/recipe-study"))
-    p.add_argument("overrides", nargs="*", help="extra overrides applied to every arm (e.g. eval.every=43)")
+    p.add_argument("overrides", nargs="*", help="extra overrides applied to every arm")
     args = p.parse_args()
-    for name in args.arms:
-        if not (args.output / name / "online_eval.csv").exists() or not _finished(args.output / name):
-            run_arm(name, args.output, args.prep, args.epochs, args.overrides)
-    table = summarise(args.output, args.arms)
+    judge(Path(), args.selection, args.output / "raw-floor", None, raw=True)
+    for arm in args.arms:
+        for seed in args.seeds:
+            run = args.output / arm / f"seed-{seed}"
+            pretrain(arm, seed, run, args.prep, args.epochs, args.overrides)
+            judge(run, args.selection, run, args.output / "raw-floor")
+    table = summarise(args.output, args.arms, args.seeds)
     print(markdown(table))
     table.to_csv(args.output / "summary.csv", index=False)
     return 0
-
-
-def _finished(run: Path) -> bool:
-    return "finished at step" in (run / "log.txt").read_text()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from volta3d.errors import InputError
 COMMANDS = [
     "demo",
     "preprocess",
+    "select",
     "pretrain",
     "bench",
     "finetune",

@@ -21,11 +21,11 @@ from volta3d.runtime import flatten_dict
 
 POSITIVE = ("optim.lr", "classify.lr", "segment.lr", "loss.student_temp", "loss.teacher_temp",
             "loss.warmup_teacher_temp", "loss.teacher_patch_temp", "loss.warmup_teacher_patch_temp",
-            "preprocess.spacing", "probe.logreg_c", "model.summariser.mlp_ratio")  # fmt: skip
+            "preprocess.spacing", "model.summariser.mlp_ratio")  # fmt: skip
 NON_NEGATIVE = ("optim.min_lr", "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad",
                 "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "loss.global_weight", "loss.local_weight",
                 "loss.rec_weight", "loss.koleo_weight", "loss.warmup_teacher_temp_epochs", "classify.weight_decay",
-                "segment.weight_decay", "probe.ridge_alpha", "views.noise_std", "views.bias_field_coeff",
+                "segment.weight_decay", "views.noise_std", "views.bias_field_coeff",
                 "views.intensity_scale", "views.intensity_shift", "model.dropout", "train.max_steps",
                 "eval.max_volumes", "train.num_workers", "classify.num_workers", "segment.num_workers",
                 "classify.unfreeze_last")  # fmt: skip
@@ -44,8 +44,9 @@ AT_LEAST = {  # integer counts and their smallest sensible value
     "segment.batch_size": 1, "segment.samples_per_volume": 1, "segment.val_every": 1, "segment.n_splits": 2,
     "segment.sw_batch_size": 1, "segment.crop_size": 1, "classify.swin.feature_size": 1, "classify.swin.window": 1,
     "classify.swin.patch_size": 1, "probe.batch_size": 1, "probe.knn_k": 1, "probe.n_splits": 2,
-    "preprocess.max_voxels": 1,
+    "preprocess.max_voxels": 1, "probe.inner_folds": 2,
 }  # fmt: skip
+POSITIVE_LISTS = ("probe.logreg_cs", "probe.ridge_alphas")  # non-empty lists of numbers > 0
 CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"), "loss.centering": ("ema", "sinkhorn"),
     "loss.local_tokens": ("all", "masked"), "masking.fill": ("noise", "zeros"), "masking.block_shape": ("cube", "random"),
@@ -90,6 +91,8 @@ def _range_error(key: str, value: Any) -> str | None:
         return "must be >= 0"
     if key in UNIT_INTERVAL and not 0 <= value <= 1:
         return "must be in [0, 1]"
+    if key in POSITIVE_LISTS and not (value and all(_is_number(v) and v > 0 for v in value)):
+        return "must be a non-empty list of numbers > 0"
     if key in CHOICES and value not in CHOICES[key]:
         return f"must be one of {', '.join(CHOICES[key])}"
     if key == "device" and not DEVICE.match(str(value)):

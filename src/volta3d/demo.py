@@ -63,6 +63,9 @@ class _Planner:
 
     def __post_init__(self) -> None:
         self.ixi, self.msd = self.out / "prep" / "ixi", self.out / "prep" / "msd"
+        # `volta3d select`: the online probe sees only the selection subjects; every reported IXI result the others
+        self.selection = self.out / "selection"
+        self.ixi_select, self.ixi_eval = self.selection / "selection.csv", self.selection / "evaluation.csv"
         self.enc = self.out / "pretrain"
         self.sex_splits = self.out / "classify-sex" / "vit-scratch" / "splits.json"
         self.age_splits = self.out / "probe-age" / "random-init" / "splits.json"
@@ -120,25 +123,29 @@ def _data_stages(p: _Planner, shared: Path) -> list[Stage]:
                                           overrides=ixi_settings), ["manifests"], 80),
         Stage("preprocess-msd", p.command("preprocess", man / "msd-demo.csv", output=p.msd, **common,
                                           overrides=["preprocess.size=[48,64,48]"]), ["manifests"], 5),
+        # quick: half of 30 subjects, so age has more than 10 values and is probed as a number
+        Stage("select", p.command("select", p.ixi, label="sex", output=p.selection, fraction="0.5" if p.quick else None),
+              ["preprocess-ixi"], 1),
     ]  # fmt: skip
 
 
 def _pretrain_and_classify_stages(p: _Planner) -> list[Stage]:
-    """Pretraining on every volume, with the online probe (sex, age) of the teacher on the IXI scans it
-    pretrains on (labels unused by pretraining: transductive, as the report says); then sex classification
-    from VolTA-3D against a ViT and a Swin from scratch, on the ViT-scratch run's folds."""
+    """Pretraining on every volume, with the online probe (sex, age) of the teacher and the student on the
+    selection subjects only; then sex classification from VolTA-3D against a ViT and a Swin from scratch, on
+    the ViT-scratch run's folds of the other IXI subjects (pretrained on without their labels: transductive,
+    as the report says)."""
     pretrain = p.command("pretrain", config=CONFIGS, data=[str(p.ixi), str(p.msd)], output=p.enc, no_progress=True,
-                         eval_data=p.ixi, eval_label=["sex", "age"],
+                         eval_data=p.ixi_select, eval_label=["sex", "age"],
                          overrides=[f"train.num_workers={p.workers}", *p.quick_overrides("pretrain")])  # fmt: skip
 
     def classify(model: str, output: Path, **flags: Flag) -> Callable[[], int]:
-        return p.command("finetune", "classify", config=CONFIGS, data=p.ixi, label="sex", model=model, output=output,
+        return p.command("finetune", "classify", config=CONFIGS, data=p.ixi_eval, label="sex", model=model, output=output,
                          no_progress=True, **flags, overrides=p.quick_overrides("classify"))  # fmt: skip
 
     runs = p.out / "classify-sex"
     return [
-        Stage("pretrain", pretrain, ["preprocess-ixi", "preprocess-msd"], 330),
-        Stage("classify-sex-vit-scratch", classify("vit", p.sex_splits.parent), ["preprocess-ixi"], 100),
+        Stage("pretrain", pretrain, ["preprocess-ixi", "preprocess-msd", "select"], 330),
+        Stage("classify-sex-vit-scratch", classify("vit", p.sex_splits.parent), ["select"], 100),
         Stage("classify-sex-volta3d", classify("vit", runs / "volta3d", encoder=p.enc, splits=p.sex_splits),
               ["pretrain", "classify-sex-vit-scratch"], 100),
         Stage("classify-sex-swin-scratch", classify("swin", runs / "swin-scratch", splits=p.sex_splits),
@@ -155,16 +162,14 @@ def _probe_stages(p: _Planner) -> list[Stage]:
     stages = []
     for init, source in sources.items():
         emb = p.out / "embeddings" / f"{init}.npz"
-        embed = p.command("embed", config=CONFIGS, **source, data=p.ixi, output=emb, no_progress=True)
-        stages.append(
-            Stage(f"embed-{init}", embed, ["pretrain"] if init == "volta3d" else ["preprocess-ixi"], 3)
-        )
+        embed = p.command("embed", config=CONFIGS, **source, data=p.ixi_eval, output=emb, no_progress=True)
+        stages.append(Stage(f"embed-{init}", embed, ["pretrain"] if init == "volta3d" else ["select"], 3))
         for label in ("sex", "age"):
             needs = [f"embed-{init}", "classify-sex-vit-scratch" if label == "sex" else "embed-random-init"]
             if label == "age" and init != "random-init":
                 needs.append("probe-age-random-init")
             splits = p.sex_splits if label == "sex" else (p.age_splits if init != "random-init" else None)
-            probe = p.command("probe", config=CONFIGS, embeddings=emb, data=p.ixi, label=label, splits=splits,
+            probe = p.command("probe", config=CONFIGS, embeddings=emb, data=p.ixi_eval, label=label, splits=splits,
                               output=p.out / f"probe-{label}" / init, overrides=p.quick_overrides("probe"))  # fmt: skip
             stages.append(Stage(f"probe-{label}-{init}", probe, needs, 3))
     return stages

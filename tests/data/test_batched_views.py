@@ -3,6 +3,8 @@ its determinism (seed, batch split, DataLoader workers) and the pretraining data
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from volta3d.data.batched_views import (
     build_views,
     collate_volumes,
     move_batch,
+    view_overlaps,
 )
 from volta3d.data.masking import GMMLMasker
 from volta3d.data.views import MultiCropViews, ViewSettings
@@ -55,7 +58,7 @@ def test_same_boxes_flips_and_masks_as_the_reference_path(flip_prob):
     out = _batch(batched, volumes, seeds)
     for b, (volume, seed) in enumerate(zip(volumes, seeds, strict=True)):
         expected = reference(volume, seed)
-        assert set(expected) | {"index"} == set(out)
+        assert set(expected) | {"index", "view_global_overlap", "view_local_in_global"} == set(out)
         for key, value in expected.items():
             torch.testing.assert_close(out[key][:, b], value, atol=1e-6, rtol=0)
 
@@ -108,7 +111,7 @@ CHANGES = {
 
 def _both_paths(settings: dict, n_draws: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Whole-volume crops (no geometry) of one smooth volume, batched and reference: (2 * n_draws, 1, G, G, G)."""
-    kwargs = _settings(n_local=0, global_scale=(1.0, 1.0), aspect_range=(1.0, 1.0), flip_prob=0.0,
+    kwargs = _settings(n_local=0, global_edge_scale=(1.0, 1.0), aspect_range=(1.0, 1.0), flip_prob=0.0,
                        **{**NO_INTENSITY, **settings})  # fmt: skip
     smooth = torch.nn.functional.avg_pool3d(_volume(7, shape=(1, 1, G + 2, G + 2, G + 2)), 3, stride=1)[0]
     volume = smooth * 0.6 + 0.2  # away from the clamp at 0 and 1
@@ -259,3 +262,40 @@ def test_bad_inputs_raise():
         PretrainVolumesDataset(_Flat(), batched)[2]
     with pytest.raises(ValueError, match="base_seed must be >= 0"):
         PretrainVolumesDataset(_TinyVolumes(), batched, base_seed=-1)
+
+
+def test_view_overlaps_from_boxes():
+    """IoU of the two global boxes and the share of each local box inside the global box holding most of it,
+    checked on boxes whose overlaps are known by hand."""
+    # (V=3, B=2, 3): volume 0: globals [0,4)^3 and [2,6)x[0,4)x[0,4) (IoU 32 / 96), local [3,5)x[0,2)x[0,2)
+    start = torch.tensor([[[0, 0, 0], [0, 0, 0]], [[2, 0, 0], [0, 0, 0]], [[3, 0, 0], [8, 8, 8]]])
+    size = torch.tensor([[[4, 4, 4], [4, 4, 4]], [[4, 4, 4], [4, 4, 4]], [[2, 2, 2], [2, 2, 2]]])
+    out = view_overlaps(start, size)
+    # volume 1: identical globals (IoU 1), its local crop outside both (0)
+    assert float(out["view_global_overlap"]) == pytest.approx(np.median([32 / 96, 1.0]))
+    assert float(out["view_local_in_global"]) == pytest.approx(
+        np.median([1.0, 0.0])
+    )  # volume 0's local: inside
+    no_local = view_overlaps(start[:2], size[:2])
+    assert math.isnan(float(no_local["view_local_in_global"]))
+
+
+def test_scales_are_edge_fractions():
+    settings = ViewSettings(**_settings(global_edge_scale=(0.5, 0.5), aspect_range=(1.0, 1.0)))
+    shape = settings.crop_shape((40, 60, 20), np.random.default_rng(0), settings.global_edge_scale)
+    assert shape == [20, 30, 10]  # half of each edge, an eighth of the volume
+
+
+def test_default_bias_field_stays_within_mri_non_uniformity():
+    """With the default coefficient (U(-0.05, 0.05) per Legendre term) a crop's brightest / darkest bias
+    ratio has a median near 1.5 (about +-20 %, the non-uniformity of clinical scans), never the 20x of
+    non-negative 0.3 coefficients."""
+    settings = ViewSettings(**_settings(bias_field_prob=1.0))
+    views = BatchedMultiCrop(settings)
+    coeff = torch.stack([views.draw((24, 24, 24), seed)["bias_coeff"][0] for seed in range(200)])
+    assert (
+        float(coeff.min()) < 0 < float(coeff.max())
+    )  # symmetric, as MONAI RandBiasField(coeff_range=(-c, c))
+    field = torch.exp(bias_fields(coeff, (16, 16, 16))).flatten(1)
+    ratio = (field.max(dim=1).values / field.min(dim=1).values).median()
+    assert 1.2 < float(ratio) < 2.0

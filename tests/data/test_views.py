@@ -76,7 +76,7 @@ def test_full_crop_with_all_flips_is_the_flipped_volume():
     volume = _volume(3, shape=(1, G, G, G))
     views = _views(
         n_local=0,
-        global_scale=(1.0, 1.0),
+        global_edge_scale=(1.0, 1.0),
         aspect_range=(1.0, 1.0),
         flip_prob=1.0,
         gamma_prob=0.0,
@@ -93,7 +93,7 @@ def test_intensity_changes_happen_when_forced():
     volume = _volume(3, shape=(1, G, G, G))
     plain = dict(
         n_local=0,
-        global_scale=(1.0, 1.0),
+        global_edge_scale=(1.0, 1.0),
         aspect_range=(1.0, 1.0),
         flip_prob=0.0,
         gamma_prob=0.0,
@@ -112,14 +112,14 @@ def test_intensity_changes_happen_when_forced():
         assert not torch.allclose(changed, volume), change
 
 
-def test_crop_shape_keeps_volume_fraction_and_aspect_bounds():
+def test_crop_shape_keeps_edge_fraction_and_aspect_bounds():
     views = _views(aspect_range=(0.8, 1.25))
     rng = np.random.default_rng(0)
     spatial = (90, 100, 110)
     for _ in range(50):
-        edges = views.settings.crop_shape(spatial, rng, (0.05, 0.4))
-        fraction = math.prod(edges) / math.prod(spatial)
-        assert 0.05 * 0.9 <= fraction <= 0.4 * 1.1
+        edges = views.settings.crop_shape(spatial, rng, (0.2, 0.6))
+        edge_fraction = (math.prod(edges) / math.prod(spatial)) ** (1 / 3)  # geometric-mean edge share
+        assert 0.2 * 0.97 <= edge_fraction <= 0.6 * 1.03
         ratios = [e / s for e, s in zip(edges, spatial, strict=True)]
         assert max(ratios) / min(ratios) <= 1.25 * 1.02  # sqrt(hi / lo), plus rounding to whole voxels
 
@@ -138,8 +138,8 @@ def test_no_local_crops():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"global_scale": (0.0, 1.0)}, "global_scale must satisfy"),
-        ({"local_scale": (0.5, 0.2)}, "local_scale must satisfy"),
+        ({"global_edge_scale": (0.0, 1.0)}, "global_edge_scale must satisfy"),
+        ({"local_edge_scale": (0.5, 0.2)}, "local_edge_scale must satisfy"),
         ({"n_local": -1}, "n_local must be an integer >= 0"),
         ({"flip_prob": 1.5}, "flip_prob must be a probability"),
         ({"noise_std": -0.1}, "noise_std must be >= 0"),
@@ -160,7 +160,7 @@ def test_flip_axes_restricts_flips_to_left_right():
     volume = _volume(3, shape=(1, G, G, G))
     views = _views(
         n_local=0,
-        global_scale=(1.0, 1.0),
+        global_edge_scale=(1.0, 1.0),
         aspect_range=(1.0, 1.0),
         flip_prob=1.0,
         flip_axes=(0,),

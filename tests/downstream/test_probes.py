@@ -9,7 +9,7 @@ from volta3d.cli import main
 from volta3d.config import load_config
 from volta3d.downstream.embeddings import load_embeddings
 from volta3d.downstream.labels import prepare_labels
-from volta3d.downstream.probes import run_probe
+from volta3d.downstream.probes import make_probe, run_probe
 from volta3d.evaluation.splits import make_kfold_splits
 
 from .conftest import TINY_OVERRIDES, config_section
@@ -21,9 +21,10 @@ def _probe_settings(**changes) -> dict:
     return {
         "seed": load_config().seed,
         "fractions": probe["fractions"],
-        "logreg_c": probe["logreg_c"],
+        "logreg_cs": probe["logreg_cs"],
         "knn_k": probe["knn_k"],
-        "ridge_alpha": probe["ridge_alpha"],
+        "ridge_alphas": probe["ridge_alphas"],
+        "inner_folds": probe["inner_folds"],
         **changes,
     }
 
@@ -156,3 +157,64 @@ def test_embed_probe_compare_cli(blob_data, tmp_path, capsys):
     assert main(["compare", str(out / "linear_mean"), str(tmp_path / "other" / "linear_mean")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "were not evaluated on the same folds" in err[0]
+
+
+def test_linear_probe_chooses_its_regularisation_inside_the_training_rows():
+    """Ridge picks a large alpha of the grid on pure noise (p >> n) and the smallest on an exact linear
+    signal; a one-value grid is that fixed value; logistic regression with a class of one training subject
+    falls back to the middle of the grid instead of failing."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 200))
+    grid = [0.01, 1.0, 100.0, 10000.0]
+
+    def fitted_alpha(y: np.ndarray) -> float:
+        est = make_probe(
+            "linear",
+            "regression",
+            logreg_cs=[1.0],
+            knn_k=5,
+            ridge_alphas=grid,
+            inner_folds=5,
+            train_targets=y,
+            seed=0,
+        )
+        return est.fit(x, y)[-1].alpha_
+
+    assert fitted_alpha(rng.normal(size=30)) >= 100.0  # noise: strong shrinkage
+    assert fitted_alpha(x[:, :3] @ np.array([1.0, -2.0, 0.5])) == 0.01
+    fixed = make_probe(
+        "linear",
+        "regression",
+        logreg_cs=[1.0],
+        knn_k=5,
+        ridge_alphas=[3.0],
+        inner_folds=5,
+        train_targets=x[:, 0],
+        seed=0,
+    )
+    assert fixed.fit(x, x[:, 0])[-1].alpha == 3.0
+    y = np.array([0] * 29 + [1])
+    lone = make_probe(
+        "linear",
+        "binary",
+        logreg_cs=grid,
+        knn_k=5,
+        ridge_alphas=[1.0],
+        inner_folds=5,
+        train_targets=y,
+        seed=0,
+    )
+    assert grid[len(grid) // 2] == lone.fit(x, y)[-1].C  # the middle of the grid
+
+
+def test_logistic_probe_inner_folds_never_exceed_the_smallest_class():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 6))
+    y = np.array([0] * 9 + [1] * 3)
+    x[y == 1, 0] += 3.0
+    est = make_probe(
+        "linear", "binary", logreg_cs=[0.01, 1.0, 100.0], knn_k=5, ridge_alphas=[1.0], inner_folds=5,
+        train_targets=y, seed=0,
+    )  # fmt: skip
+    est.fit(x, y)  # 5 inner folds on a class of 3 would raise in scikit-learn
+    assert est[-1].cv.get_n_splits() == 3 and est[-1].C_ in (0.01, 1.0, 100.0)

@@ -19,7 +19,7 @@ EVAL = [
     "eval.every=2",
     "eval.n_splits=3",
     "probe.knn_k=3",
-    "probe.features=[cls,mean,tokens]",
+    "eval.features=[cls,mean,tokens]",
 ]
 
 
@@ -37,20 +37,22 @@ def _pretrain(tiny_overrides, data, eval_data, out, *extra):
     return pretrain(cfg, data, out, progress=False)
 
 
-def test_online_rows_have_references_and_teacher_steps(tiny_overrides, volume_folder, tmp_path):
+def test_online_rows_have_references_and_teacher_and_student_steps(tiny_overrides, volume_folder, tmp_path):
     eval_data = _labelled_folder(tmp_path / "eval")
     out = _pretrain(tiny_overrides, volume_folder, eval_data, tmp_path / "run", "train.max_steps=3")
     rows = pd.read_csv(out / "online_eval.csv")
-    assert set(rows["source"]) == {"init", "raw", "teacher"}
-    assert sorted(rows.loc[rows["source"] == "teacher", "step"].unique()) == [
-        2,
-        3,
-    ]  # every 2 steps + the last
-    assert (rows.loc[rows["source"] != "teacher", "step"] == 0).all()
+    assert set(rows["source"]) == {"init", "raw", "teacher", "student"}
+    for network in ("teacher", "student"):  # every 2 steps + the last
+        assert sorted(rows.loc[rows["source"] == network, "step"].unique()) == [2, 3]
+    assert (rows.loc[rows["source"].isin(["init", "raw"]), "step"] == 0).all()
     assert set(rows.loc[rows["label"] == "sex", "metric"]) == {"auroc"}
     assert set(rows.loc[rows["label"] == "age", "metric"]) == {"mae"}
     assert set(rows.loc[rows["source"] == "raw", "feature"]) == {"raw"}
     assert set(rows.loc[rows["source"] == "teacher", "feature"]) == {"cls", "mean", "tokens"}
+    final = rows[rows["step"] == 3].pivot_table(
+        index=["label", "feature", "probe"], columns="source", values="value"
+    )
+    assert not np.allclose(final["teacher"], final["student"])  # two networks, probed apart
     assert rows["value"].notna().all()
     assert (out / "online_eval_splits" / "sex.json").is_file()
     assert "online probe at step 3" in (out / "log.txt").read_text()

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -51,6 +53,13 @@ def test_run_writes_its_outputs(tiny_overrides, volume_folder, tmp_path):
     for key in ("loss_global", "loss_local", "loss_rec", "teacher_entropy", "center_norm", "lr", "momentum"):
         assert rows[-1][key] != "", key
     assert float(rows[0]["lr"]) == 0.0  # warm-up starts at 0
+    # the teacher's remaining share of its initial weights: the product of the momenta so far, also in encoder.json
+    momenta = [float(r["momentum"]) for r in rows]
+    assert float(rows[-1]["teacher_init_share"]) == pytest.approx(momenta[0] * momenta[1])
+    export = json.loads((out / "encoder.json").read_text())["training"]
+    assert export == {"step": 2, "teacher_init_share": pytest.approx(float(rows[-1]["teacher_init_share"]))}
+    for key in ("view_global_overlap", "view_local_in_global"):
+        assert 0.0 <= float(rows[-1][key]) <= 1.0, key
     assert "non-finite" not in (out / "log.txt").read_text()
 
 

@@ -284,7 +284,7 @@ def write_regressor(run: Path, *, errors: list[float]) -> Path:
         "encoder": None,
         "seed": 0,
         "primary_metric": "mae",
-        "config": {"probe": {"ridge_alpha": 1.0}},
+        "config": {"probe": {"ridge_alphas": [1.0]}},
         "splits": SPLITS,
         "folds": folds,
         "aggregate": _aggregate(folds),

@@ -1,12 +1,20 @@
-"""Center EMA (DINO) against the formula center <- m * center + (1 - m) * mean(teacher logits)."""
+"""Center EMA (DINO) against center <- m * center + (1 - m) * mean(teacher logits), and Sinkhorn-Knopp
+against DINOv2's ``sinkhorn_knopp_teacher`` formula."""
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from volta3d.losses import Center
+from volta3d.engine.distributed import all_reduce_max, all_reduce_sum
+from volta3d.losses import Center, sinkhorn_knopp_probs
 
 
 def _np_softmax(x: np.ndarray) -> np.ndarray:
@@ -86,33 +94,124 @@ def test_bad_momentum_raises():
         Center(out_dim=3, momentum=1.5)
 
 
-def _sinkhorn_reference(logits: np.ndarray, temp: float, iterations: int) -> np.ndarray:
-    """Written from the definition: start from each row's softmax, then alternately give every prototype
-    (column) the mass 1/K and every row the mass 1/M; return rows scaled to sum to 1."""
-    q = _np_softmax(logits.astype(np.float64) / temp)
-    m, k = q.shape
-    q = q / m
+def _sinkhorn_reference(
+    logits: np.ndarray, temp: float, iterations: int, row_softmax_start: bool = False
+) -> np.ndarray:
+    """DINOv2's ``sinkhorn_knopp_teacher`` from its formula, float64 and no max subtraction: Q = exp(L / T)
+    scaled to total mass 1, then alternately every prototype (column) gets mass 1/K and every row 1/B;
+    returns Q * B. ``row_softmax_start`` is the old convention: each row's softmax instead of exp(L / T)."""
+    q = np.exp(logits.astype(np.float64) / temp)
+    if row_softmax_start:
+        q = q / q.sum(axis=1, keepdims=True)
+    b, k = q.shape
+    q = q / q.sum()
     for _ in range(iterations):
-        q = q / (q.sum(axis=0, keepdims=True) * k)
-        q = q / (q.sum(axis=1, keepdims=True) * m)
-    return q * m
+        q = q / q.sum(axis=0, keepdims=True)
+        q = q / k
+        q = q / q.sum(axis=1, keepdims=True)
+        q = q / b
+    return q * b
 
 
-@pytest.mark.parametrize("iterations", [1, 3])
-def test_sinkhorn_matches_the_definition(iterations):
-    from volta3d.losses import sinkhorn_knopp_probs
+def _uniform_logits(*shape: int, seed: int) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1  # in [-1, 1]
 
-    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(3))
+
+@pytest.mark.parametrize("iterations", [1, 3, 10])
+def test_sinkhorn_matches_the_dinov2_formula(iterations):
+    logits = _uniform_logits(6, 10, seed=3)
     out = sinkhorn_knopp_probs(logits, temp=0.1, n_iterations=iterations)
+    assert out.dtype == torch.float32
     np.testing.assert_allclose(
-        out.numpy(), _sinkhorn_reference(logits.numpy(), 0.1, iterations), rtol=1e-4, atol=1e-7
+        out.numpy(), _sinkhorn_reference(logits.numpy(), 0.1, iterations), rtol=0, atol=1e-5
     )
     torch.testing.assert_close(out.sum(-1), torch.ones(6))
 
 
-def test_sinkhorn_spreads_a_batch_that_points_at_one_prototype():
-    from volta3d.losses import sinkhorn_knopp_probs
+def test_a_per_row_softmax_start_is_not_the_dinov2_convention():
+    # the row normaliser of a softmax start acts before the first prototype normalisation, so the
+    # targets differ after a finite number of iterations: why the function starts from exp(L / T)
+    logits = _uniform_logits(6, 10, seed=3).numpy()
+    dinov2 = _sinkhorn_reference(logits, 0.1, 3)
+    softmax_start = _sinkhorn_reference(logits, 0.1, 3, row_softmax_start=True)
+    total_variation = 0.5 * np.abs(dinov2 - softmax_start).sum(axis=1).mean()
+    assert total_variation > 1e-3
 
+
+def test_sinkhorn_is_finite_at_temperature_0_01():
+    # exp(1 / 0.01) overflows float32; a row 2 below the global maximum gives exp(-200), 0 in float32
+    logits = _uniform_logits(2, 5, 16, seed=1)  # (B, N, K) patch logits
+    logits[0, 0] = -1.0
+    logits[1, 0, 0] = 1.0
+    out = sinkhorn_knopp_probs(logits, temp=0.01)
+    assert out.shape == logits.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 5))
+    with pytest.raises(ValueError, match="temperature"):
+        sinkhorn_knopp_probs(logits, temp=0.0)
+
+
+class _Lockstep:
+    """Threads standing in for data-parallel ranks: a collective waits for every rank, then combines."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier = threading.Barrier(world, timeout=30)
+        self.slots: list[torch.Tensor] = [torch.empty(0)] * world
+
+    def reducer(self, rank: int, combine: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., None]:
+        def reduce(*tensors: torch.Tensor) -> None:
+            for t in tensors:
+                self.slots[rank] = t.clone()
+                self.barrier.wait()
+                combined = combine(torch.stack(self.slots))
+                self.barrier.wait()  # every rank has read the slots before any overwrites its own
+                t.copy_(combined)
+
+        return reduce
+
+
+def test_two_ranks_in_lockstep_equal_one_process_on_the_whole_batch():
+    logits = _uniform_logits(8, 12, seed=4)
+    logits[5:] -= 0.5  # the second rank's rows never hold the global maximum: a local shift would be wrong
+    halves = logits.chunk(2)
+    group = _Lockstep(world=2)
+
+    def rank(r: int) -> torch.Tensor:
+        return sinkhorn_knopp_probs(
+            halves[r],
+            temp=0.05,
+            reduce_sum=group.reducer(r, lambda s: s.sum(dim=0)),
+            reduce_max=group.reducer(r, lambda s: s.amax(dim=0)),
+        )
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        per_rank = [f.result() for f in [pool.submit(rank, r) for r in range(2)]]
+    torch.testing.assert_close(
+        torch.cat(per_rank), sinkhorn_knopp_probs(logits, temp=0.05), rtol=1e-5, atol=1e-7
+    )
+
+
+def _sinkhorn_on_a_gloo_rank(rank: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        element_wise = torch.tensor([float(rank), -float(rank)])
+        all_reduce_max(element_wise)
+        assert element_wise.tolist() == [1.0, 0.0]
+        logits = _uniform_logits(8, 12, seed=4)
+        logits[5:] -= 0.5
+        out = sinkhorn_knopp_probs(
+            logits.chunk(2)[rank], temp=0.05, reduce_sum=all_reduce_sum, reduce_max=all_reduce_max
+        )
+        expected = sinkhorn_knopp_probs(logits, temp=0.05).chunk(2)[rank]
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sinkhorn_on_two_gloo_ranks_equals_one_process(tmp_path):
+    mp.spawn(_sinkhorn_on_a_gloo_rank, args=(str(tmp_path / "rendezvous"),), nprocs=2)
+
+
+def test_sinkhorn_spreads_a_batch_that_points_at_one_prototype():
     # every row prefers prototype 0 (a collapsed teacher): plain softmax gives every row the same target
     logits = torch.zeros(8, 8)
     logits[:, 0] = 1.0
@@ -122,12 +221,7 @@ def test_sinkhorn_spreads_a_batch_that_points_at_one_prototype():
     assert out[:, 0].max() < 0.5  # no longer everyone's first choice
 
 
-def test_sinkhorn_keeps_leading_dims_and_survives_a_low_temperature():
-    from volta3d.losses import sinkhorn_knopp_probs
-
-    logits = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)) * 5  # (B, N, K) patch logits
-    out = sinkhorn_knopp_probs(logits, temp=0.001)
-    assert out.shape == logits.shape and torch.isfinite(out).all()
-    torch.testing.assert_close(out.sum(-1), torch.ones(2, 5))
-    with pytest.raises(ValueError, match="temperature"):
-        sinkhorn_knopp_probs(logits, temp=0.0)
+def test_all_reduce_max_is_a_no_op_in_a_single_process():
+    t = torch.tensor([1.0, -2.0])
+    all_reduce_max(t)
+    assert torch.equal(t, torch.tensor([1.0, -2.0]))

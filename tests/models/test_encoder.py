@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.networks.nets import ViTAutoEnc
+from monai.networks.nets import ViT, ViTAutoEnc
 
 from volta3d.config import load_config, to_kwargs
+from volta3d.errors import InputError
 from volta3d.models import VolTAEncoder, build_encoder
+from volta3d.models.encoder import decoder_strides
 from volta3d.models.input_norm import standardise
 
 
@@ -24,6 +26,10 @@ def tiny_encoder(**overrides) -> VolTAEncoder:
         (32, 16, (48, 32, 16)),  # box
         (16, 4, (16, 16, 16)),  # patch 4, native
         (16, 4, (8, 12, 20)),  # patch 4, box
+        (32, 8, (32, 32, 32)),  # patch 8 (not a square: decoder strides 2 then 4), native
+        (32, 8, (64, 32, 32)),  # patch 8, box: an (8, 4, 4) token grid
+        (24, 12, (24, 36, 12)),  # patch 12 (strides 3 then 4)
+        (12, 6, (12, 12, 12)),  # patch 6 (strides 2 then 3)
     ],
 )
 def test_shapes_on_any_grid(img_size, patch_size, shape):
@@ -67,15 +73,79 @@ def test_native_grid_matches_monai_vitautoenc_exactly(input_norm):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_state_dict_keys_are_vitautoenc_keys():
-    enc = tiny_encoder()
+@pytest.mark.parametrize("patch_size", [16, 4])
+def test_square_patch_is_monai_vitautoenc_bit_for_bit(patch_size):
+    """Square patches keep MONAI's own build: same keys, shapes and (same seed) initial weights."""
+    enc = tiny_encoder(patch_size=patch_size)
+    torch.manual_seed(0)
     monai_net = ViTAutoEnc(
-        in_channels=1, img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4
+        in_channels=1,
+        img_size=32,
+        patch_size=patch_size,
+        hidden_size=32,
+        mlp_dim=64,
+        num_layers=2,
+        num_heads=4,
     )
     assert list(enc.state_dict()) == list(monai_net.state_dict())
     assert {k: v.shape for k, v in enc.state_dict().items()} == {
         k: v.shape for k, v in monai_net.state_dict().items()
     }
+    for k, v in monai_net.state_dict().items():
+        assert torch.equal(enc.state_dict()[k], v), k
+    root = int(patch_size**0.5)
+    assert enc.decoder_strides == (root, root)
+
+
+def test_non_square_patch_keeps_monai_names_with_its_own_decoder_kernels():
+    """MONAI's ViTAutoEnc refuses patch 8; the encoder builds MONAI ViT's trunk and a (2, 4) decoder."""
+    with pytest.raises(ValueError, match="square number"):
+        ViTAutoEnc(
+            in_channels=1, img_size=32, patch_size=8, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4
+        )
+    enc = tiny_encoder(patch_size=8)
+    square = ViTAutoEnc(
+        in_channels=1, img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4
+    )
+    assert list(enc.state_dict()) == list(square.state_dict())
+    vit = ViT(in_channels=1, img_size=32, patch_size=8, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4)
+    decoder = {k: v.shape for k, v in enc.state_dict().items() if k.startswith("conv3d_transpose")}
+    assert {k: v.shape for k, v in enc.state_dict().items() if k not in decoder} == {
+        k: v.shape for k, v in vit.state_dict().items()
+    }
+    assert enc.decoder_strides == (2, 4)
+    assert decoder == {
+        "conv3d_transpose.weight": (32, 16, 2, 2, 2),
+        "conv3d_transpose.bias": (16,),
+        "conv3d_transpose_1.weight": (16, 1, 4, 4, 4),
+        "conv3d_transpose_1.bias": (1,),
+    }
+    assert enc.patch_size == (8, 8, 8) and enc.img_size == (32, 32, 32) and enc.native_grid == (4, 4, 4)
+
+
+@pytest.mark.parametrize(
+    ("patch_size", "strides"),
+    [(1, (1, 1)), (7, (1, 7)), (8, (2, 4)), (9, (3, 3)), (12, (3, 4)), (16, (4, 4))],
+)
+def test_decoder_strides_multiply_to_the_patch(patch_size, strides):
+    assert decoder_strides(patch_size) == strides
+
+
+@pytest.mark.parametrize(
+    ("img_size", "patch_size", "message"),
+    [
+        (32, 0, "patch_size must be an integer >= 1, got 0"),
+        (32, -8, "patch_size must be an integer >= 1, got -8"),
+        (32, 2.5, "patch_size must be an integer >= 1, got 2.5"),
+        (32, 12, r"patch_size 12 does not divide img_size 32 \(the encoder's cube edge\)"),
+        (32, 64, "patch_size 64 does not divide img_size 32"),
+        (0, 8, "img_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_unusable_patch_size_is_a_one_line_input_error(img_size, patch_size, message):
+    with pytest.raises(InputError, match=message) as err:
+        tiny_encoder(img_size=img_size, patch_size=patch_size)
+    assert "\n" not in str(err.value)
 
 
 def test_local_crop_through_96_cube_model():
@@ -107,8 +177,9 @@ def test_wrong_channels_or_rank_is_rejected():
         enc.decode(torch.rand(1, 7, 32), (2, 2, 2))
 
 
-def test_every_used_parameter_gets_a_gradient_and_unused_ones_are_exactly_norm_cross_attn():
-    enc = tiny_encoder().train()
+@pytest.mark.parametrize("patch_size", [16, 8])
+def test_every_used_parameter_gets_a_gradient_and_unused_ones_are_exactly_norm_cross_attn(patch_size):
+    enc = tiny_encoder(patch_size=patch_size).train()
     recon, hidden = enc(torch.rand(2, 1, 16, 32, 16))  # off the native grid: pos-embed interpolation path
     (recon.pow(2).mean() + hidden[0].mean()).backward()
     without_grad = {n for n, p in enc.named_parameters() if p.grad is None}

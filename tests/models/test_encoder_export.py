@@ -52,7 +52,7 @@ def test_round_trip_restores_weights_metadata_and_outputs(tmp_path):
 
     meta = json.loads(meta_path.read_text())
     assert meta["format"] == "volta3d-encoder" and meta["format_version"] == 1
-    assert meta["architecture"] == "monai.ViTAutoEnc"
+    assert meta["architecture"] == "monai.ViTAutoEnc" and meta["decoder_strides"] == [4, 4]
     assert {k: meta[k] for k in TINY} == TINY
     assert meta["in_channels"] == 1 and meta["qkv_bias"] is False and meta["deconv_chns"] == 16
     assert meta["dropout"] == 0.0
@@ -111,6 +111,37 @@ def test_loads_strictly_into_monai_vitautoenc(tmp_path):
     load_vit_weights(fresh, state, drop_decoder=False)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_patch_8_round_trips_and_its_vit_part_loads_into_monai_vit(tmp_path):
+    """Patch 8 is not a square: the export says monai.ViT, keeps every key (decoder too) and rebuilds."""
+    enc = perturbed_encoder(**{**TINY, "patch_size": 8}).eval()
+    summ = CLSSummariser(32, **SUMMARISER).eval()
+    save_encoder_export(tmp_path, enc, summ)
+    state, meta = read_encoder_export(tmp_path)
+    assert (
+        meta["architecture"] == "monai.ViT" and meta["patch_size"] == 8 and meta["decoder_strides"] == [2, 4]
+    )
+    assert set(state) == set(enc.state_dict()) | {f"summariser.{k}" for k in summ.state_dict()}
+    assert state["conv3d_transpose_1.weight"].shape == (16, 1, 4, 4, 4)
+
+    enc2, summ2 = build_from_export(tmp_path)
+    assert summ2 is not None
+    for k, v in enc.state_dict().items():
+        assert torch.equal(enc2.state_dict()[k], v), k
+    x = torch.rand(2, 1, 32, 64, 32)
+    with torch.no_grad():
+        ours, theirs = enc.forward_features(x), enc2.eval().forward_features(x)
+        torch.testing.assert_close(theirs["patch_tokens"], ours["patch_tokens"])
+        assert enc2.decode(theirs["patch_tokens"], theirs["grid"]).shape == x.shape
+        torch.testing.assert_close(summ2.eval()(theirs["patch_tokens"]), summ(ours["patch_tokens"]))
+
+    vit = ViT(in_channels=1, img_size=32, patch_size=8, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4)
+    load_vit_weights(vit.eval(), state)  # drops the decoder keys
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(enc.forward_features(x)["hidden_states"], vit(standardise(x))[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_loads_into_unetr_vit_and_every_tensor_arrives(tmp_path):

@@ -7,9 +7,14 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from volta3d.commands.common import add_config_arguments
 from volta3d.config import load_config
+
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,18 +46,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=100.0,
         help="achieved TFLOP/s assumed for a GPU step when counting the CPU cores a pipeline needs",
     )
+    p.add_argument(
+        "--patch-sizes",
+        type=int,
+        nargs="+",
+        metavar="P",
+        help="instead, time the optimised step once per patch size (e.g. 16 8): one row each with the tokens "
+        "per global / local view, seconds per step and peak memory",
+    )
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-
     from volta3d.engine.benchmark import format_table, run_benchmark
     from volta3d.engine.pipeline_benchmark import format_pipeline, run_pipeline_benchmark
     from volta3d.runtime import resolve_device
 
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.device)
+    if args.patch_sizes:
+        return _run_patch_sweep(cfg, device, args)
     report = run_benchmark(
         cfg,
         device,
@@ -70,5 +84,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         payload = {**report, "results": [dataclasses.asdict(r) for r in report["results"]], "device": str(device),
                    "pipeline": dataclasses.asdict(pipeline)}  # fmt: skip
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+def _run_patch_sweep(cfg: DictConfig, device: torch.device, args: argparse.Namespace) -> int:
+    """``--patch-sizes``: the step cost per patch size, one table row each."""
+    from volta3d.engine.benchmark import format_patch_table, run_patch_sweep
+
+    rows = run_patch_sweep(cfg, device, args.patch_sizes, steps=args.steps, warmup=args.warmup)
+    print(format_patch_table(rows, device, cfg.optim.batch_size * cfg.optim.accum_steps))
+    if args.json:
+        payload = {"device": str(device), "patch_sweep": [dataclasses.asdict(r) for r in rows]}
         args.json.write_text(json.dumps(payload, indent=2))
     return 0

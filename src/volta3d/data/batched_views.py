@@ -19,6 +19,7 @@ on the number of DataLoader workers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,7 +58,7 @@ class BatchedMultiCrop:
         """Parameters of every crop of one volume of shape ``spatial``: tensors with a leading (V,) axis."""
         s = self.settings
         seeds = crop_seeds(seed, s.n_views)
-        rows = [self._draw_crop(spatial, c, s.global_scale if v < N_GLOBAL else s.local_scale)
+        rows = [self._draw_crop(spatial, c, s.global_edge_scale if v < N_GLOBAL else s.local_edge_scale)
                 for v, c in enumerate(seeds)]  # fmt: skip
         return {key: torch.as_tensor(np.stack([r[key] for r in rows])) for key in PARAM_KEYS}
 
@@ -74,7 +75,7 @@ class BatchedMultiCrop:
         scale_on, factor = rng.random() < s.contrast_prob, rng.uniform(-s.intensity_scale, s.intensity_scale)
         shift_on, offset = rng.random() < s.contrast_prob, rng.uniform(-s.intensity_shift, s.intensity_shift)
         bias_on = rng.random() < s.bias_field_prob
-        coeff = rng.uniform(0.0, s.bias_field_coeff, len(BIAS_TERMS))
+        coeff = rng.uniform(-s.bias_field_coeff, s.bias_field_coeff, len(BIAS_TERMS))
         noise_on, std = rng.random() < s.noise_prob, rng.uniform(0.0, s.noise_std)
         return {
             "crop_start": np.array(s.crop_start(spatial, size, int(seeds[1])), dtype=np.int64),
@@ -101,6 +102,7 @@ class BatchedMultiCrop:
             "local": self._crops(volumes, {k: v[N_GLOBAL:] for k, v in params.items()}, s.local_size),
             "index": batch["index"],
         }
+        out.update(view_overlaps(params["crop_start"], params["crop_size"]))
         if self.masker is not None:
             views = out["global"]  # (2, B, C, G, G, G)
             seeds = params["mask_seed"][:N_GLOBAL].reshape(-1).tolist()
@@ -118,6 +120,35 @@ class BatchedMultiCrop:
         flat = {key: value.flatten(0, 1) for key, value in params.items()}  # (V * B, ...)
         augmented = augment_intensity(crops.flatten(0, 1), flat).clamp_(0.0, 1.0)
         return augmented.unflatten(0, (n_views, n_volumes))
+
+
+def _intersection(start_a: Tensor, size_a: Tensor, start_b: Tensor, size_b: Tensor) -> Tensor:
+    """Voxels shared by boxes a and b: (..., 3) corners and edges -> (...)."""
+    low = torch.maximum(start_a, start_b)
+    high = torch.minimum(start_a + size_a, start_b + size_b)
+    return (high - low).clamp_min(0).prod(dim=-1).double()
+
+
+def view_overlaps(start: Tensor, size: Tensor) -> dict[str, Tensor]:
+    """How much the views of each volume share, from their (V, B, 3) boxes in the volume's voxels.
+
+    ``view_global_overlap``: intersection over union of the two global crops (1: the same box);
+    ``view_local_in_global``: the share of a local crop inside the global crop that holds most of it.
+    Medians over the batch (NaN without local crops). Near 1, the cross-view prediction is close to the
+    identity map, which is what made the volume-fraction crop scales a weak task (README, "Views")."""
+    volume = size.prod(dim=-1).double()  # (V, B)
+    shared = _intersection(start[0], size[0], start[1], size[1])  # (B,)
+    overlap = shared / (volume[0] + volume[1] - shared)
+    local = [_intersection(start[N_GLOBAL:], size[N_GLOBAL:], start[g], size[g]) for g in range(N_GLOBAL)]
+    inside = (
+        torch.maximum(*local) / volume[N_GLOBAL:]
+        if start.shape[0] > N_GLOBAL
+        else overlap.new_full((1,), math.nan)
+    )
+    return {
+        "view_global_overlap": overlap.quantile(0.5),
+        "view_local_in_global": inside.flatten().quantile(0.5),
+    }
 
 
 def resample_boxes(volumes: Sequence[Tensor], start: Tensor, size: Tensor, flip: Tensor, out: int) -> Tensor:
@@ -263,6 +294,7 @@ __all__ = [
     "bias_fields",
     "build_views",
     "collate_volumes",
+    "view_overlaps",
     "move_batch",
     "resample_boxes",
 ]

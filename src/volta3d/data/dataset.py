@@ -21,13 +21,19 @@ REQUIRED_COLUMNS = ("subject_id", "path")
 PATH_COLUMNS = ("path", "label_path")
 
 
+def manifest_file(path: str | Path) -> Path:
+    """The manifest a ``--data`` argument names: ``manifest.csv`` in a preprocessed folder, or the CSV itself
+    (e.g. ``selection.csv`` / ``evaluation.csv`` of ``volta3d select``)."""
+    p = Path(path)
+    return p / "manifest.csv" if p.is_dir() else p
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read ``manifest.csv`` (or the folder holding it); relative paths become absolute.
 
     Raises FileNotFoundError / ValueError naming the file or the missing column.
     """
-    p = Path(path)
-    csv = p / "manifest.csv" if p.is_dir() else p
+    csv = manifest_file(path)
     if not csv.is_file():
         raise InputFileNotFound(f"manifest not found: {csv}")
     table = pd.read_csv(csv, dtype={"subject_id": str, "path": str, "label_path": str})

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from volta3d.config import to_kwargs
+from volta3d.data.dataset import manifest_file
 from volta3d.errors import InputError
 from volta3d.runtime import atomic_write, file_sha256, flatten_dict
 
@@ -35,8 +36,8 @@ def run_fingerprint(args: Any, cfg: Any) -> dict[str, Any]:
         "run": {"task": args.task, "model": args.model, "label": getattr(args, "label", None),
                 "fractions": getattr(args, "fractions", None), "like": getattr(args, "like", None),
                 "encoder_sha256": _sha256(encoder) if encoder else None,
-                "data_manifest_sha256": _sha256(Path(args.data) / "manifest.csv"),
-                "test_manifest_sha256": _sha256(Path(args.test_data) / "manifest.csv") if args.test_data else None,
+                "data_manifest_sha256": _sha256(manifest_file(args.data)),
+                "test_manifest_sha256": _sha256(manifest_file(args.test_data)) if args.test_data else None,
                 "splits_sha256": _sha256(Path(args.splits)) if args.splits else None},
     }  # fmt: skip
     return flatten_dict(record)

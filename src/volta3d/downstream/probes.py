@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, Ridge, RidgeCV
+from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -20,25 +21,50 @@ from volta3d.downstream.labels import LabelSet
 from volta3d.downstream.scoring import fold_metrics, prediction_rows
 from volta3d.errors import InputError
 
+PROBE_SETTINGS = ("logreg_cs", "knn_k", "ridge_alphas", "inner_folds")  # the probe: keys make_probe reads
+
 
 def make_probe(
-    name: str, kind: str, *, logreg_c: float, knn_k: int, ridge_alpha: float, n_train: int, seed: int
+    name: str,
+    kind: str,
+    *,
+    logreg_cs: Sequence[float],
+    knn_k: int,
+    ridge_alphas: Sequence[float],
+    inner_folds: int,
+    train_targets: np.ndarray,
+    seed: int,
 ):
-    """A scikit-learn estimator. ``linear``: logistic / ridge regression on standardised features;
-    ``knn``: cosine k-nearest neighbours, uniform vote (k capped at the training size). ``logreg_c``,
-    ``knn_k``, ``ridge_alpha``: the ``probe:`` config section's."""
-    k = max(1, min(knn_k, n_train))
+    """A scikit-learn estimator. ``linear``: logistic / ridge regression on standardised features, its
+    regularisation chosen among ``logreg_cs`` / ``ridge_alphas`` by cross-validation inside the training
+    rows only (``inner_folds`` stratified folds for logistic regression, leave-one-out for ridge), so
+    learned features and the raw-volume floor each get their best setting without seeing a test subject;
+    a one-value list fixes it. ``knn``: cosine k-nearest neighbours, uniform vote (k capped at the
+    training size). The settings are the ``probe:`` config section's; ``train_targets`` the fold's training
+    labels (the inner folds are capped by the smallest class)."""
+    k = max(1, min(knn_k, len(train_targets)))
     if name == "linear":
-        est = (
-            Ridge(alpha=ridge_alpha)
-            if kind == "regression"
-            else LogisticRegression(C=logreg_c, max_iter=5000, random_state=seed)
-        )
-        return make_pipeline(StandardScaler(), est)
+        if kind != "regression":
+            inner_folds = min(inner_folds, int(np.unique(train_targets, return_counts=True)[1].min()))
+        return make_pipeline(StandardScaler(), _linear(kind, logreg_cs, ridge_alphas, inner_folds, seed))
     if name == "knn":
         cls = KNeighborsRegressor if kind == "regression" else KNeighborsClassifier
         return cls(n_neighbors=k, metric="cosine", weights="uniform")
     raise InputError(f"unknown probe '{name}' (choose linear or knn)")
+
+
+def _linear(kind: str, cs: Sequence[float], alphas: Sequence[float], inner_folds: int, seed: int):
+    """Ridge / logistic regression, with inner CV over the grid when it has more than one value; a class
+    with fewer than 2 training subjects leaves nothing to choose on: the middle of the grid is used."""
+    if kind == "regression":
+        return Ridge(alpha=alphas[0]) if len(alphas) == 1 else RidgeCV(alphas=list(alphas))
+    if len(cs) == 1 or inner_folds < 2:
+        return LogisticRegression(C=cs[len(cs) // 2], max_iter=5000, random_state=seed)
+    inner = StratifiedKFold(n_splits=inner_folds, shuffle=True, random_state=seed)
+    return LogisticRegressionCV(
+        Cs=list(cs), l1_ratios=(0.0,), cv=inner, scoring="neg_log_loss", max_iter=5000, random_state=seed,
+        use_legacy_attributes=False,
+    )  # fmt: skip
 
 
 def _outputs(est, kind: str, x: np.ndarray, num_classes: int) -> np.ndarray:
@@ -59,9 +85,10 @@ def run_probe(
     encoder: str | None,
     seed: int,
     fractions: Sequence[float],
-    logreg_c: float,
+    logreg_cs: Sequence[float],
     knn_k: int,
-    ridge_alpha: float,
+    ridge_alphas: Sequence[float],
+    inner_folds: int,
     config: dict | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Fit ``probe`` on each fold's training rows of ``features`` (N, E), aligned to ``labels.table``,
@@ -74,10 +101,11 @@ def run_probe(
         est = make_probe(
             probe,
             labels.kind,
-            logreg_c=logreg_c,
+            logreg_cs=logreg_cs,
             knn_k=knn_k,
-            ridge_alpha=ridge_alpha,
-            n_train=len(train),
+            ridge_alphas=ridge_alphas,
+            inner_folds=inner_folds,
+            train_targets=labels.targets[train],
             seed=seed,
         )
         est.fit(features[train], labels.targets[train])
@@ -171,8 +199,8 @@ def probe_folder(
         for probe in ("linear", "knn"):
             results, preds = run_probe(
                 emb[feat][rows], labels, splits, probe, feature_name=feat, encoder=meta.get("encoder"),
-                seed=cfg.seed, config=to_kwargs(cfg), logreg_c=pc["logreg_c"], knn_k=pc["knn_k"],
-                ridge_alpha=pc["ridge_alpha"], fractions=pc["fractions"],
+                seed=cfg.seed, config=to_kwargs(cfg), fractions=pc["fractions"],
+                **{k: pc[k] for k in PROBE_SETTINGS},
             )  # fmt: skip
             results = {**results, **_embedding_record(meta, provenance)}
             save_run(out / f"{probe}_{feat}", results, preds)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import yaml
 from safetensors.torch import load_model, save_model
 
+from volta3d.data.dataset import manifest_file
 from volta3d.errors import InputError, InputFileNotFound
 from volta3d.evaluation.results import write_json
 
@@ -29,8 +30,9 @@ MODEL_FORMAT_VERSION = 1
 
 def read_preprocessing(data_dir: str | Path) -> dict[str, Any] | None:
     """The ``preprocess:`` section of ``config.yaml`` that ``volta3d preprocess`` wrote into the data
-    folder, or None when the folder was made some other way (predict then refuses raw scans)."""
-    path = Path(data_dir) / "config.yaml"
+    folder (beside a manifest CSV given as ``--data``: ``volta3d select`` copies it there), or None when
+    the folder was made some other way (predict then refuses raw scans)."""
+    path = manifest_file(data_dir).parent / "config.yaml"
     if not path.is_file():
         return None
     section = (yaml.safe_load(path.read_text()) or {}).get("preprocess")

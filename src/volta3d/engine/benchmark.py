@@ -7,14 +7,16 @@ are counted with ``torch.utils.flop_counter`` and divided by the rate of a large
 same process: the fraction of the machine's practical peak the step reaches.
 
 The baseline is the straightforward way the paper ran: one volume per micro-batch with gradient
-accumulation, fp32, unfused attention.
+accumulation, fp32, unfused attention. ``run_patch_sweep`` instead times the same step for several
+patch sizes (tokens per view grow as 1 / patch^3: 8x from patch 16 to 8).
 """
 
 from __future__ import annotations
 
+import math
 import resource
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -30,6 +32,7 @@ from volta3d.engine.meta_arch import VolTA3D, build_volta3d
 from volta3d.engine.optim import build_optimizer
 from volta3d.engine.schedules import Schedules
 from volta3d.engine.trainer import StepSettings, train_step
+from volta3d.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,16 @@ class StepFigures:
     flops_per_step: float
     achieved_flops: float
     peak_memory_gb: float
+
+
+@dataclass(frozen=True)
+class PatchFigures:
+    """One patch size's step: tokens per global and per local view, and the step's figures."""
+
+    patch_size: int
+    global_tokens: int
+    local_tokens: int
+    step: StepFigures
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -85,7 +98,7 @@ def _synthetic_batch(cfg: DictConfig, batch_size: int, seed: int) -> dict[str, t
         for i, v in enumerate(volumes)
     ]
     batch = views(collate_volumes(items))
-    batch.pop("index")  # (B,): the only entry without a leading view axis
+    batch.pop("index")  # (B,): not a view entry; the step does not take it
     return batch
 
 
@@ -109,7 +122,10 @@ def time_step(
     """Seconds per optimiser step of the trainer's own step function on a fixed batch."""
     settings = StepSettings.from_config(cfg, device)
     accum = settings.accum_steps
-    micro = [{k: v.chunk(accum, dim=1)[i] for k, v in batch.items()} for i in range(accum)]
+    # view-major entries (V, B, ...) are split over B; 0-dim batch statistics (view overlaps) go to each
+    micro = [
+        {k: v.chunk(accum, dim=1)[i] if v.ndim > 1 else v for k, v in batch.items()} for i in range(accum)
+    ]
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -140,6 +156,12 @@ def time_step(
     return StepFigures(name, seconds, volumes / seconds, flops, flops / seconds, _peak_memory_gb(device))
 
 
+def _device_batch(cfg: DictConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """One optimiser step's synthetic views (batch_size x accum_steps volumes) on ``device``."""
+    batch = _synthetic_batch(cfg, cfg.optim.batch_size * cfg.optim.accum_steps, cfg.seed)
+    return {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+
+
 def run_benchmark(
     cfg: DictConfig,
     device: torch.device,
@@ -152,9 +174,7 @@ def run_benchmark(
     """Time the optimised step and (optionally) the straightforward one; returns figures and the peak."""
     torch.manual_seed(cfg.seed)
     batch_size = cfg.optim.batch_size * cfg.optim.accum_steps
-    batch = {
-        k: v.to(device) for k, v in _synthetic_batch(cfg, batch_size, cfg.seed).items() if torch.is_tensor(v)
-    }
+    batch = _device_batch(cfg, device)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     peak = matmul_rate(device, torch.bfloat16 if bf16 else torch.float32, n=matmul_size)
     model = build_volta3d(to_kwargs(cfg.model), to_kwargs(cfg.head), to_kwargs(cfg.loss)).to(device)
@@ -181,6 +201,54 @@ def run_benchmark(
     }  # fmt: skip
 
 
+def _view_tokens(view: torch.Tensor, patch_size: int) -> int:
+    """Tokens of one view of a ``(V, B, C, D, H, W)`` batch entry."""
+    return math.prod(int(side) // patch_size for side in view.shape[-3:])
+
+
+def run_patch_sweep(
+    cfg: DictConfig, device: torch.device, patch_sizes: Sequence[int], *, steps: int = 3, warmup: int = 1
+) -> list[PatchFigures]:
+    """The optimised step of ``cfg`` timed once per patch size (same views, fresh model each)."""
+    sides = {"views.global_size": cfg.views.global_size, "views.local_size": cfg.views.local_size}
+    for p in patch_sizes:
+        if p < 1:
+            raise InputError(f"patch sizes must be >= 1, got {p}")
+        bad = [f"{key} ({side})" for key, side in sides.items() if side % p]
+        if bad:
+            raise InputError(f"patch size {p} does not divide {' and '.join(bad)}")
+    rows = []
+    for p in patch_sizes:
+        pcfg = cast(DictConfig, OmegaConf.merge(cfg, {"model": {"patch_size": int(p)}}))
+        torch.manual_seed(cfg.seed)
+        batch = _device_batch(pcfg, device)
+        model = build_volta3d(to_kwargs(pcfg.model), to_kwargs(pcfg.head), to_kwargs(pcfg.loss)).to(device)
+        step = time_step(pcfg, model, batch, device, steps=steps, warmup=warmup, name=f"patch {p}")
+        rows.append(
+            PatchFigures(int(p), _view_tokens(batch["global"], p), _view_tokens(batch["local"], p), step)
+        )
+        del model, batch
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def format_patch_table(rows: Sequence[PatchFigures], device: torch.device, batch: int) -> str:
+    """One line per patch size. On CPU the peak is the process's peak RSS so far (never falls row to row)."""
+    peak = "peak GB" if device.type == "cuda" else "peak RSS GB"
+    lines = [
+        f"device {device}, batch {batch} volumes per step",
+        f"{'patch':>5} {'tokens/global':>14} {'tokens/local':>13} {'s/step':>8} {'vol/s':>8} {'GFLOP/step':>11} {peak:>12}",
+    ]
+    for r in rows:
+        s = r.step
+        lines.append(
+            f"{r.patch_size:>5} {r.global_tokens:>14} {r.local_tokens:>13} {s.seconds_per_step:>8.3f} "
+            f"{s.volumes_per_second:>8.2f} {s.flops_per_step / 1e9:>11.1f} {s.peak_memory_gb:>12.2f}"
+        )
+    return "\n".join(lines)
+
+
 def format_table(report: dict[str, Any], device: torch.device) -> str:
     lines = [
         f"device {device}, {report['precision']} matmul rate {report['peak_flops'] / 1e9:.1f} GFLOP/s, "
@@ -201,11 +269,14 @@ def format_table(report: dict[str, Any], device: torch.device) -> str:
 
 
 __all__ = [
+    "PatchFigures",
     "StepFigures",
     "constant_schedules",
+    "format_patch_table",
     "format_table",
     "matmul_rate",
     "run_benchmark",
+    "run_patch_sweep",
     "synthetic_volumes",
     "time_step",
 ]

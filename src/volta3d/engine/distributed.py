@@ -49,6 +49,25 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def all_reduce_max(*tensors: torch.Tensor) -> None:
+    """Element-wise maximum in place across ranks; a no-op in a single process."""
+    if is_distributed():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``(n, ...)`` rows concatenated, this rank's first, then the following ranks
+    cyclically; ``rows`` itself in a single process. No gradient flows through the gathered copies.
+    Every rank must pass the same shape (the sampler gives each rank the same micro-batch size)."""
+    if not is_distributed():
+        return rows
+    parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, rows.contiguous())
+    rank = dist.get_rank()
+    return torch.cat(parts[rank:] + parts[:rank])
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

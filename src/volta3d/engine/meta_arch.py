@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from volta3d.engine.distributed import all_reduce_sum
+from volta3d.engine.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 from volta3d.engine.ema import ema_update
-from volta3d.engine.health import cross_volume_cosine, entropy_stats
+from volta3d.engine.health import cls_spread, cross_volume_cosine, entropy_stats, view_agreement
 from volta3d.errors import InputError
 from volta3d.losses import (
     Center,
@@ -202,7 +202,9 @@ class VolTA3D(nn.Module):
             ]
             out["loss_local"] = torch.stack(per_view).mean()
             total = total + self.weights["local"] * out["loss_local"]
-            out.update(entropy_stats(t_probs, "teacher_patch_"))
+            # per token: brains share anatomy, so the same position in two volumes may rightly get the same
+            # target; collapse is every token on the same target, whatever it shows
+            out.update(entropy_stats(t_probs.flatten(0, 1), "teacher_patch_", 1))  # (2B, N, K) -> (2B*N, K)
         if use_r:
             out["loss_rec"] = masked_mse(
                 s_out["reconstruction"].float(),
@@ -231,10 +233,12 @@ class VolTA3D(nn.Module):
             s_views += list(s_out["local_cls_logits"].chunk(n_local))
         out["loss_global"] = self.global_loss(s_views, list(t_probs.chunk(n_global)), self.student_temp)
         total = self.weights["global"] * out["loss_global"]
-        out.update(entropy_stats(t_probs, "teacher_"), **_cosines(s_out, t_out, n_global))
+        out.update(entropy_stats(t_probs, "teacher_", n_global), **_cls_stats(s_out, t_out, n_global))
+        out["teacher_view_agreement"] = view_agreement(t_probs, n_global)
         if self.koleo_weight > 0:
-            # DINOv2: KoLeo on the student's summary of each global view separately
-            out["koleo"] = torch.stack([koleo_loss(v) for v in s_out["cls_embed"].chunk(n_global)]).mean()
+            # KoLeo on the student's summary of each global view separately (DINOv2); neighbours from all ranks
+            views = s_out["cls_embed"].chunk(n_global)
+            out["koleo"] = torch.stack([koleo_loss(v, gather=all_gather_rows) for v in views]).mean()
             total = total + self.koleo_weight * out["koleo"]
         return total
 
@@ -243,7 +247,9 @@ class VolTA3D(nn.Module):
     ) -> torch.Tensor:
         """Centered and sharpened (eq. 2, 4) or Sinkhorn-Knopp targets; records the EMA center's statistics."""
         if self.centering == "sinkhorn":
-            return sinkhorn_knopp_probs(logits, temp, self.sinkhorn_iterations, reduce_sum=all_reduce_sum)
+            return sinkhorn_knopp_probs(
+                logits, temp, self.sinkhorn_iterations, reduce_sum=all_reduce_sum, reduce_max=all_reduce_max
+            )
         center = self.global_center if branch == "global" else self.patch_center
         center_stats[branch] = Center.batch_stats(logits)
         return center.teacher_probs(logits, temp)
@@ -271,24 +277,38 @@ class VolTA3D(nn.Module):
         }
 
 
-def _cosines(
+def _cls_stats(
     s_out: Mapping[str, torch.Tensor], t_out: Mapping[str, torch.Tensor], n_global: int
 ) -> dict[str, torch.Tensor]:
-    """Mean cosine between the CLS-style embeddings of different volumes, student and teacher."""
-    return {
-        f"{who}_cls_cosine": cross_volume_cosine(
-            o["cls_embed"].detach().unflatten(0, (n_global, -1))
-        )  # (V, B, E)
-        for who, o in (("student", s_out), ("teacher", t_out))
-    }
+    """Mean cosine between the CLS-style embeddings of different volumes, and their centred spread
+    (``health.cls_spread``, 1 = isotropic), student and teacher."""
+    out = {}
+    for who, o in (("student", s_out), ("teacher", t_out)):
+        embeddings = o["cls_embed"].detach().unflatten(0, (n_global, -1))  # (V*B, E) -> (V, B, E)
+        out[f"{who}_cls_cosine"] = cross_volume_cosine(embeddings)
+        out[f"{who}_cls_spread"] = cls_spread(embeddings)
+    return out
+
+
+def rank_token_indices(n_tokens: int, n: int = PATCH_TOKENS_FOR_RANK) -> torch.Tensor:
+    """``min(n, n_tokens)`` token indices evenly spaced over 0..n_tokens-1, both ends included.
+
+    Tokens are flattened depth-major (index = (i*h + j)*w + k), so a stride from 0 that divides h*w
+    stays on one face (4^3 grid, stride 8: every token at k = 0; 8^3, stride 64: one line along
+    depth). Evenly spaced indices over the whole range reach every depth slice when n >= d, and on
+    the cubic grids of global views every height and width too (4^3: (i, j, k) = (0, 0, 0),
+    (0, 2, 1), (1, 0, 2), ..., (3, 3, 3); 8^3: the main diagonal), the same tokens at every step.
+    """
+    count = min(n, n_tokens)
+    return torch.linspace(0, n_tokens - 1, count).round().long()
 
 
 def _rank_rows(t_out: Mapping[str, torch.Tensor], n_global: int) -> dict[str, torch.Tensor]:
-    """Teacher embeddings for the rolling effective rank: the CLS-style summaries and a fixed, evenly
-    spaced subset of each view's patch tokens (all of them would swamp the buffer with one step)."""
+    """Teacher embeddings for the rolling effective rank: the CLS-style summaries and a fixed subset of
+    each view's patch tokens spread through the grid (all of them would swamp the buffer in one step)."""
     tokens = t_out["patch_tokens"].detach()  # (2B, N, E)
-    stride = max(1, tokens.shape[1] // PATCH_TOKENS_FOR_RANK)
-    rows = {"patch": tokens[:, ::stride].flatten(0, 1)}  # (2B, n, E) -> (2B * n, E)
+    picked = rank_token_indices(tokens.shape[1]).to(tokens.device)
+    rows = {"patch": tokens[:, picked].flatten(0, 1)}  # (2B, n, E) -> (2B * n, E)
     if "cls_embed" in t_out:
         rows["cls"] = t_out["cls_embed"].detach()
     return rows

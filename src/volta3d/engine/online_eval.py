@@ -1,6 +1,7 @@
-"""Online evaluation while pretraining: frozen-feature probes of the teacher on a small labelled set.
+"""Online evaluation while pretraining: frozen-feature probes of the teacher and the student on a small
+labelled set (best a saved selection split: ``volta3d select``).
 
-Every ``eval.every`` steps the teacher embeds the labelled volumes (the ``probe.features``: CLS-style
+Every ``eval.every`` steps the teacher and the student embed the labelled volumes (``eval.features``: CLS-style
 summary, mean patch token and/or the token grid, exactly as ``volta3d embed`` does) and linear / kNN probes are cross-validated on fixed,
 subject-grouped folds (exactly as ``volta3d probe`` does). The same probes of the initial weights and
 of the raw volume (z-scored, average-pooled to ``raw_grid``^3) are logged once as references: a
@@ -20,10 +21,11 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from volta3d.config import to_kwargs
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.downstream.embeddings import embedding_rows, extract_embeddings, extract_raw_embeddings
 from volta3d.downstream.labels import LabelSet, prepare_labels
-from volta3d.downstream.probes import run_probe
+from volta3d.downstream.probes import PROBE_SETTINGS, run_probe
 from volta3d.engine.meta_arch import Student
 from volta3d.errors import InputError
 from volta3d.evaluation.pretrain_health import ONLINE_EVAL_NAME
@@ -136,7 +138,9 @@ class OnlineEvaluation:
 
     def __init__(self, probe: OnlineProbe, csv: MetricsCSV, logger: Any) -> None:
         self.probe, self.csv, self.logger = probe, csv, logger
-        self.references = [{**r, "value": float(r["value"])} for r in csv.read() if r["source"] != "teacher"]
+        self.references = [
+            {**r, "value": float(r["value"])} for r in csv.read() if r["source"] in ("init", "raw")
+        ]
 
     def start(self, teacher: Student, device: torch.device) -> None:
         """Step 0 of a fresh run: the initial weights and the raw volume, the two references."""
@@ -148,9 +152,12 @@ class OnlineEvaluation:
         self.references = rows
         self.logger.info("online probe at step 0: %s", summarise_online(rows))
 
-    def run(self, step: int, teacher: Student, device: torch.device) -> None:
+    def run(self, step: int, networks: Mapping[str, Student], device: torch.device) -> None:
+        """Probe each network (``{"teacher": ..., "student": ...}``: the student shows what the EMA lags)."""
+        rows = []
         with torch.random.fork_rng(devices=[]):
-            rows = self.probe.evaluate(step, "teacher", teacher.encoder, teacher.summariser, device)
+            for source, net in networks.items():
+                rows += self.probe.evaluate(step, source, net.encoder, net.summariser, device)
         for r in rows:
             self.csv.write(r)
         self.logger.info("online probe at step %d: %s", step, summarise_online(rows + self.references))
@@ -167,8 +174,8 @@ def online_evaluation(
     probe = OnlineProbe(
         cfg.eval.data, list(cfg.eval.labels), out / "online_eval_splits", n_splits=cfg.eval.n_splits,
         raw_grid=cfg.eval.raw_grid, max_volumes=cfg.eval.max_volumes, seed=cfg.seed, batch_size=pc.batch_size,
-        probe_kwargs={"logreg_c": pc.logreg_c, "knn_k": pc.knn_k, "ridge_alpha": pc.ridge_alpha},
-        features=list(pc.features),
+        probe_kwargs={k: to_kwargs(pc)[k] for k in PROBE_SETTINGS},
+        features=list(cfg.eval.features),
     )  # fmt: skip
     evaluation = OnlineEvaluation(probe, MetricsCSV(out / ONLINE_EVAL_NAME, keep_until_step=step), logger)
     if step == 0:

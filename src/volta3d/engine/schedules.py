@@ -47,6 +47,38 @@ def warmup_constant_schedule(start: float, end: float, warmup_steps: int, total_
     return np.concatenate([ramp, rest])[:total_steps].astype(np.float64)
 
 
+def teacher_momentum_schedule(
+    base: float, final: float, total_steps: int, max_initial_share: float
+) -> np.ndarray:
+    """DINO's cosine ``base -> final`` for the EMA teacher, with ``base`` lowered when needed so that the
+    final teacher keeps at most ``max_initial_share`` of its initial (random) weights.
+
+    With momentum m_t at step t the final teacher is ``prod_t m_t`` initial weights plus EMA-weighted
+    students. DINO's 0.996 -> 1 suits 100+ epochs; over 688 steps it keeps a quarter of the random
+    initialisation (exp(-(1 - base) T / 2) for a cosine to 1). The base is found by bisection on the
+    exact product, since the share falls monotonically as the base falls; ``max_initial_share`` 1
+    leaves DINO's schedule unchanged.
+    """
+    if not 0.0 < max_initial_share <= 1.0:
+        raise InputError(f"optim.teacher_max_init_share must be in (0, 1], got {max_initial_share}")
+    schedule = cosine_schedule(base, final, total_steps)
+    if initial_share(schedule)[-1] <= max_initial_share:
+        return schedule
+    low, high = 0.0, base  # share(low) = 0 <= target < share(high)
+    for _ in range(60):
+        mid = 0.5 * (low + high)
+        if initial_share(cosine_schedule(mid, final, total_steps))[-1] > max_initial_share:
+            high = mid
+        else:
+            low = mid
+    return cosine_schedule(low, final, total_steps)
+
+
+def initial_share(momentum: np.ndarray) -> np.ndarray:
+    """Share of the initial weights left in the teacher after each step: the running product of momenta."""
+    return np.cumprod(np.asarray(momentum, dtype=np.float64))
+
+
 @dataclass(frozen=True)
 class Schedules:
     """All schedule arrays of a pretraining run, each of length ``total_steps``."""
@@ -57,6 +89,11 @@ class Schedules:
     teacher_temp: np.ndarray
     teacher_patch_temp: np.ndarray
     freeze_last_layer: np.ndarray  # bool: the heads' last layers get no update at this step
+
+    @property
+    def teacher_init_share(self) -> np.ndarray:
+        """Share of the initial weights in the teacher after each step's EMA update."""
+        return initial_share(self.momentum)
 
     @property
     def total_steps(self) -> int:
@@ -85,6 +122,7 @@ def build_schedules(
     weight_decay_end: float,
     momentum_teacher: float,
     momentum_teacher_end: float,
+    teacher_max_init_share: float,
     teacher_temp: float,
     warmup_teacher_temp: float,
     warmup_teacher_temp_epochs: float,
@@ -105,7 +143,9 @@ def build_schedules(
     return Schedules(
         lr=cosine_schedule(lr, min_lr, total, steps(warmup_epochs)),
         weight_decay=cosine_schedule(weight_decay, weight_decay_end, total),
-        momentum=cosine_schedule(momentum_teacher, momentum_teacher_end, total),
+        momentum=teacher_momentum_schedule(
+            momentum_teacher, momentum_teacher_end, total, teacher_max_init_share
+        ),
         teacher_temp=warmup_constant_schedule(
             warmup_teacher_temp, teacher_temp, steps(warmup_teacher_temp_epochs), total
         ),

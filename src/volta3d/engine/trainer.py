@@ -56,13 +56,17 @@ from volta3d.runtime import (
 CHECKPOINT = Path("checkpoints") / "last.pt"
 METRIC_COLUMNS = [
     "step", "epoch", "loss", "loss_global", "loss_local", "loss_rec", "koleo", "log_k", "lr", "weight_decay",
-    "momentum", "teacher_temp", "teacher_patch_temp",
+    "momentum", "teacher_init_share", "teacher_temp", "teacher_patch_temp",
+    "view_global_overlap", "view_local_in_global",
     "teacher_entropy", "teacher_marginal_entropy", "teacher_entropy_gap",
     "teacher_patch_entropy", "teacher_patch_marginal_entropy", "teacher_patch_entropy_gap",
-    "student_cls_cosine", "teacher_cls_cosine", "cls_rank", "patch_rank", "collapse_alarm",
+    "student_cls_cosine", "teacher_cls_cosine", "cls_rank", "patch_rank",
+    "cls_rank_max", "patch_rank_max", "teacher_view_agreement", "student_cls_spread", "teacher_cls_spread",
+    "collapse_alarm",
     "center_norm", "patch_center_norm", "grad_norm", "seconds_per_step",
 ]  # fmt: skip
-LOGGED_PREFIXES = ("loss", "teacher_", "student_", "koleo")
+LOGGED_PREFIXES = ("loss", "teacher_", "student_", "koleo", "view_")
+VIEW_COLUMNS = ("view_global_overlap", "view_local_in_global")  # how much the views share (batched_views)
 # Keys that may change between a run and its resume: they do not alter the optimisation.
 RESUME_FREE_KEYS = ("train.num_workers", "train.log_every", "train.checkpoint_every", "train.max_steps",
                     "train.tensorboard", "device", "optim.batch_size", "optim.accum_steps", "train.collapse_patience",
@@ -187,7 +191,7 @@ class _Records:
         run, step = self.run, self.run.step
         self.health.observe(step, row, embeddings)
         if self.online is not None and (step % run.cfg.eval.every == 0 or step == run.last_step):
-            self.online.run(step, run.model.teacher, run.device)
+            self.online.run(step, {"teacher": run.model.teacher, "student": run.model.student}, run.device)
         losses = {k: f"{row[k]:.3g}" for k in ("loss", "loss_global", "loss_local", "loss_rec") if k in row}
         self.bar.update(1)
         self.bar.set_postfix(losses)
@@ -247,6 +251,7 @@ def _train(run: _Run, progress: bool) -> None:
                     run.effective_batch,
                     run.data_record,
                     run.dist_info,
+                    float(run.schedules.teacher_init_share[run.step - 1]),
                 )
         if run.step % run.steps_per_epoch == 0 and run.dist_info.is_main:
             run.logger.info("epoch %d/%d done (step %d/%d): loss %.4f", epoch + 1, cfg.optim.epochs, run.step,
@@ -317,7 +322,8 @@ def train_step(
     model.update_centers({k: (s, c) for k, (s, c) in center_stats.items()})
     logged.update(
         lr=float(schedules.lr[step]), weight_decay=float(schedules.weight_decay[step]),
-        momentum=float(schedules.momentum[step]), teacher_temp=teacher_temp, teacher_patch_temp=patch_temp,
+        momentum=float(schedules.momentum[step]), teacher_init_share=float(schedules.teacher_init_share[step]),
+        teacher_temp=teacher_temp, teacher_patch_temp=patch_temp,
         grad_norm=float(grad_norm), log_k=model.log_k,
     )  # fmt: skip
     return logged, embeddings
@@ -355,7 +361,7 @@ def _accumulate_gradients(
             acc = center_stats.setdefault(name, [torch.zeros_like(sum_), torch.zeros((), device=sum_.device)])
             acc[0] += sum_
             acc[1] += count
-        for k, v in out.items():
+        for k, v in [*out.items(), *((k, batch[k]) for k in VIEW_COLUMNS)]:
             if k.startswith(LOGGED_PREFIXES):
                 logged[k] = logged.get(k, 0.0) + float(v.detach()) / accum
     return logged, center_stats, out["embeddings"]
@@ -412,7 +418,8 @@ def _schedules(cfg: DictConfig, steps_per_epoch: int, effective_batch: int) -> S
         steps_per_epoch=steps_per_epoch, epochs=o.epochs, lr=scaled_lr(o.lr, effective_batch, o.lr_scaling),
         min_lr=o.min_lr, warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay,
         weight_decay_end=o.weight_decay_end, momentum_teacher=o.momentum_teacher,
-        momentum_teacher_end=o.momentum_teacher_end, teacher_temp=lo.teacher_temp,
+        momentum_teacher_end=o.momentum_teacher_end, teacher_max_init_share=o.teacher_max_init_share,
+        teacher_temp=lo.teacher_temp,
         warmup_teacher_temp=lo.warmup_teacher_temp, warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs,
         teacher_patch_temp=lo.teacher_patch_temp, warmup_teacher_patch_temp=lo.warmup_teacher_patch_temp,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs,
@@ -470,7 +477,7 @@ def _maybe_resume(
 
 def _save(
     out: Path, model: VolTA3D, optimizer: torch.optim.Optimizer, step: int, cfg: DictConfig, effective_batch: int,
-    data_record: Mapping[str, Any], dist_info: DistInfo,
+    data_record: Mapping[str, Any], dist_info: DistInfo, teacher_init_share: float,
 ) -> None:  # fmt: skip
     if not dist_info.is_main:
         return
@@ -483,7 +490,10 @@ def _save(
         },
     )  # fmt: skip
     # DINO evaluates the teacher: it is the better encoder, so it is the one exported.
-    save_encoder_export(out, model.teacher.encoder, model.teacher.summariser, data_record.get("provenance"))
+    training = {"step": step, "teacher_init_share": teacher_init_share}
+    save_encoder_export(
+        out, model.teacher.encoder, model.teacher.summariser, data_record.get("provenance"), training
+    )
 
 
 def _wrap_student(model: VolTA3D, device: torch.device, dist_info: DistInfo) -> torch.nn.Module:

@@ -3,12 +3,14 @@
 A pretraining run can look fine on its loss curve and still have collapsed: a teacher whose
 output is uniform, or the same for every volume, gives a smooth, flat loss. What tells the cases
 apart is logged per step in ``metrics.csv``: the alignment losses against log K (the
-cross-entropy against a uniform teacher is at least log K), the entropy gaps (marginal minus
-per-sample entropy: 0 when the output ignores the input), the mean pairwise cosine of different
-volumes' embeddings (1 when all look alike), the RankMe effective ranks and a ``collapse_alarm``
-flag. Beside it, ``online_eval.csv`` holds probes of the teacher during training and
-``pretrain_data.json`` which subjects were pretrained on. Every function here tolerates a run
-that predates these files or columns: it returns None or skips the row.
+cross-entropy against a uniform teacher is at least log K), the entropy gaps (the information the
+per-volume targets carry about the volume: 0 when the output ignores it, at most log B for B volumes
+per micro-batch), the mean pairwise cosine of different volumes' embeddings (1 when all look alike)
+and their centred spread (0 when all look alike), the RankMe effective ranks beside their ceilings
+and a ``collapse_alarm`` flag (``volta3d.engine.health``). Beside it, ``online_eval.csv`` holds
+probes of the teacher during training and ``pretrain_data.json`` which subjects were pretrained on.
+Every function here tolerates a run that predates these files or columns: it returns None or skips
+the row.
 """
 
 from __future__ import annotations
@@ -28,13 +30,18 @@ HEALTH_WINDOW = 10  # logged steps averaged at each end: one noisy step should n
 ALIGNMENT_LOSSES = ("loss_global", "loss_local")
 # column -> what a collapsed run shows, for the table's reading column
 HEALTH_READINGS = {
-    "teacher_entropy_gap": "0 = CLS output independent of the volume (collapse)",
-    "teacher_patch_entropy_gap": "0 = patch output independent of the patch (collapse)",
+    "teacher_entropy_gap": "0 = CLS targets independent of the volume (collapse); at most log B",
+    "teacher_patch_entropy_gap": "0 = every patch token gets the same target (collapse)",
+    "teacher_view_agreement": "share of volumes whose views share a top prototype (1 also if collapsed)",
     "student_cls_cosine": "1 = every volume embedded alike (collapse)",
     "teacher_cls_cosine": "1 = every volume embedded alike (collapse)",
-    "cls_rank": "1 = a single direction used (collapse)",
-    "patch_rank": "1 = a single direction used (collapse)",
-}
+    "student_cls_spread": "0 = every volume embedded alike (collapse); about 1 = isotropic",
+    "teacher_cls_spread": "0 = every volume embedded alike (collapse); about 1 = isotropic",
+    "cls_rank": "1 = a single direction used (collapse); at most cls_rank_max",
+    "patch_rank": "1 = a single direction used (collapse); at most patch_rank_max",
+    "cls_rank_max": "ceiling of cls_rank: min(rows in the buffer, embedding dim)",
+    "patch_rank_max": "ceiling of patch_rank: min(rows in the buffer, embedding dim)",
+}  # old runs' metrics.csv lack some of these columns: their rows are skipped
 
 
 @dataclass

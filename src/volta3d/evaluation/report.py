@@ -74,7 +74,7 @@ PRETRAIN_HIGHLIGHTS = [
 DOWNSTREAM_SETTINGS = {
     "classify": ["mode", "pooling", "epochs", "batch_size", "lr", "img_size"],
     "segment": ["epochs", "batch_size", "lr", "crop_size", "feature_size", "split"],
-    "probe": ["logreg_c", "knn_k", "ridge_alpha"],
+    "probe": ["logreg_cs", "knn_k", "ridge_alphas", "inner_folds"],
 }
 SOFTWARE = ["torch", "monai", "volta3d", "numpy", "scikit-learn", "scipy", "pandas", "matplotlib"]
 

@@ -237,16 +237,18 @@ def pretraining_figure(metrics: pd.DataFrame, path: Path, log_k: float | None = 
 HEALTH_PANELS = [
     ("entropy gap (nats; 0 = collapse)", ["teacher_entropy_gap", "teacher_patch_entropy_gap"]),
     ("mean pairwise cosine (1 = collapse)", ["student_cls_cosine", "teacher_cls_cosine"]),
+    ("centred spread (0 = collapse, 1 = isotropic)", ["student_cls_spread", "teacher_cls_spread"]),
     ("effective rank (RankMe; 1 = collapse)", ["cls_rank", "patch_rank"]),
 ]
 ALARM_COLOUR = "#C00000"
 
 
 def health_figure(metrics: pd.DataFrame, path: Path, alarm_step: int | None = None) -> Path:
-    """Entropy gaps, pairwise cosines and effective ranks vs step; ``alarm_step``: where the
-    collapse alarm first fired, marked in every panel."""
-    fig, axes = plt.subplots(1, len(HEALTH_PANELS), figsize=(11.0, 3.3))
-    for ax, (title, cols) in zip(axes, HEALTH_PANELS, strict=True):
+    """Entropy gaps, pairwise cosines, centred spreads and effective ranks vs step (the ranks'
+    ceilings are in the table: on this axis they would flatten the ranks); ``alarm_step``: where
+    the collapse alarm first fired, marked in every panel."""
+    fig, axes = plt.subplots(2, 2, figsize=(9.0, 5.6))
+    for ax, (title, cols) in zip(axes.ravel(), HEALTH_PANELS, strict=True):
         drawn = _plot_columns(ax, metrics, cols)
         if alarm_step is not None:
             ax.axvline(
@@ -261,13 +263,13 @@ def health_figure(metrics: pd.DataFrame, path: Path, alarm_step: int | None = No
 
 # ten lines at most (teacher and init on cls / mean x linear / knn, raw x linear / knn): Okabe-Ito + Tol
 ONLINE_COLOURS = [*PALETTE[:6], "#000000", "#882255", "#999933", "#44AA99"]
-SOURCE_ORDER = {"teacher": 0, "init": 1, "raw": 2}
+SOURCE_ORDER = {"teacher": 0, "student": 1, "init": 2, "raw": 3}
 
 
 def _online_label(source: str, feature: str, probe: str) -> str:
     if source == "raw":
         return f"raw volume, {probe} (floor)"
-    return f"{'teacher' if source == 'teacher' else 'initial weights'}, {feature} {probe}"
+    return f"{source if source in ('teacher', 'student') else 'initial weights'}, {feature} {probe}"
 
 
 def online_probe_figure(panels: Mapping[str, pd.DataFrame], path: Path) -> Path:
@@ -286,8 +288,13 @@ def online_probe_figure(panels: Mapping[str, pd.DataFrame], path: Path) -> Path:
     handles: dict[tuple, plt.Artist] = {}
     for ax, (title, df) in zip(axes.ravel()[: len(panels)], panels.items(), strict=True):
         for key, rows in df.sort_values("step").groupby(["source", "feature", "probe"]):
-            if key[0] == "teacher":
-                (line,) = ax.plot(rows["step"], rows["value"], marker="o", ms=3, lw=1.6, color=colour[key])
+            if key[0] in ("teacher", "student"):
+                style = (
+                    {"marker": "o", "lw": 1.6}
+                    if key[0] == "teacher"
+                    else {"marker": "x", "lw": 1.0, "ls": ":"}
+                )
+                (line,) = ax.plot(rows["step"], rows["value"], ms=3, color=colour[key], **style)
             else:
                 line = ax.axhline(rows["value"].iloc[0], ls="--", lw=1.4, color=colour[key])
             handles.setdefault(key, line)

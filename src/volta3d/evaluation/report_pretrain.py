@@ -111,8 +111,9 @@ def _health_blocks(
         blocks.append(
             Figure(
                 path,
-                "Pretraining health: entropy gaps (marginal minus per-sample entropy), mean pairwise "
-                "cosine of different volumes' CLS-style embeddings and effective ranks (RankMe)",
+                "Pretraining health: entropy gaps on per-volume targets (what the targets say about which "
+                "volume they came from; 0 = collapse, at most log B), mean pairwise cosine and centred spread of "
+                "different volumes' CLS-style embeddings, and effective ranks (RankMe)",
             )
         )
     return blocks

@@ -64,40 +64,48 @@ class Center(nn.Module):
 
 @torch.no_grad()
 def sinkhorn_knopp_probs(
-    teacher_logits: Tensor, temp: float, n_iterations: int = 3, reduce_sum: Callable[..., None] | None = None
+    teacher_logits: Tensor,
+    temp: float,
+    n_iterations: int = 3,
+    reduce_sum: Callable[..., None] | None = None,
+    reduce_max: Callable[..., None] | None = None,
 ) -> Tensor:
     """Teacher targets by Sinkhorn-Knopp instead of an EMA center (SwAV; DINOv2 ``sinkhorn_knopp_teacher``).
 
-    ``(..., K) -> (..., K)`` float32 rows that sum to 1, from ``exp(logits / temp)`` alternately
-    normalised so that every prototype receives the same total mass over the rows of the batch and
-    every row the same mass. This equal-partition constraint forbids the output from being the same
-    for every volume, which EMA centering only discourages slowly. Across data-parallel ranks the
-    column sums are summed by ``reduce_sum`` (in place, e.g. an all-reduce), so the partition is over
-    the whole batch. With far fewer rows than prototypes the constraint forces near-uniform rows: use
-    a moderate K.
+    ``(..., K) -> (..., K)`` float32 rows that sum to 1. DINOv2's convention: ``Q = exp(logits / temp)``
+    over all M rows of the batch is scaled to total mass 1, then ``n_iterations`` times every prototype
+    gets mass 1/K over the rows and every row mass 1/M; the result is ``Q * M``. The first prototype step
+    sees the raw ``exp``, so a per-row softmax start gives other targets after finitely many iterations.
+    The equal partition forbids the same output for every volume, which EMA centering only discourages
+    slowly. ``reduce_sum`` and ``reduce_max`` (in place, e.g. all-reduces) extend every sum and the maximum
+    over all data-parallel ranks, so the partition is over the whole batch. The single global maximum
+    subtracted from the logits cancels in the first normalisation and only prevents overflow
+    (``exp(1 / 0.01)`` is inf in float32); float64 because the shifted ``exp(-2 / 0.01)`` is 0 in float32,
+    which would zero a whole row (then 0/0). With far fewer rows than prototypes the constraint forces
+    near-uniform rows: use a moderate K.
     """
     if temp <= 0:
         raise ValueError(f"teacher temperature must be > 0, got {temp}")
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
     all_reduce_sum = reduce_sum if reduce_sum is not None else _no_reduce
+    all_reduce_max = reduce_max if reduce_max is not None else _no_reduce
     shape = teacher_logits.shape
-    # start from each row's softmax: the same as exp(logits / temp) up to a per-row scale, which the
-    # row normalisation removes anyway, and it cannot overflow at a low temperature
-    q = F.softmax(
-        teacher_logits.detach().float().reshape(-1, shape[-1]) / temp, dim=-1
-    ).T  # (..., K) -> (K, M)
-    n_rows = torch.tensor(float(q.shape[1]), device=q.device)
-    all_reduce_sum(n_rows)
-    q = q / n_rows  # the whole matrix sums to 1
+    logits = teacher_logits.detach().reshape(-1, shape[-1]).double()  # (..., K) -> (M, K)
+    shift = logits.max()
+    all_reduce_max(shift)
+    q = torch.exp((logits - shift) / temp).T  # (K, M)
+    total, n_rows = q.sum(), torch.tensor(float(q.shape[1]), dtype=q.dtype, device=q.device)
+    all_reduce_sum(total, n_rows)
+    q /= total  # the whole matrix sums to 1
     k = q.shape[0]
     for _ in range(n_iterations):
         per_prototype = q.sum(dim=1, keepdim=True)  # (K, 1)
         all_reduce_sum(per_prototype)
         q /= per_prototype.clamp_min(torch.finfo(q.dtype).tiny) * k  # every prototype gets mass 1 / K
         q /= q.sum(dim=0, keepdim=True) * n_rows  # every row gets mass 1 / M
-    return (q * n_rows).T.reshape(shape)  # rows sum to 1
+    return (q * n_rows).T.reshape(shape).float()  # rows sum to 1
 
 
 def _no_reduce(*tensors: Tensor) -> None:
-    """A single process: nothing to sum across."""
+    """A single process: nothing to reduce across."""

@@ -4,6 +4,10 @@ VolTA-3D is built on ``monai.networks.nets.ViTAutoEnc``. Subclassing it (rather 
 a ViT) keeps the state-dict keys exactly MONAI's, so the pretrained weights load unchanged into
 ``ViTAutoEnc`` and into ``UNETR.vit``. What the subclass adds:
 
+* any patch size that divides the crop: ViTAutoEnc refuses a patch that is not a square number
+  (its decoder upsamples by sqrt(p) twice); for those (8, 12, ...) the same modules are built
+  under the same names with decoder strides whose product is the patch (``decoder_strides``).
+  The ViT part then loads into MONAI's ``ViT``; only the decoder's kernel shapes differ from MONAI's;
 * ``forward_features``: named token groups (patch tokens after the final norm, per-block hidden
   states for UNETR-style decoders, the token grid) without running the decoder;
 * crops of any box whose sides are multiples of the patch size, by trilinear interpolation of
@@ -15,13 +19,15 @@ a ViT) keeps the state-dict keys exactly MONAI's, so the pretrained weights load
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import SABlock, TransformerBlock
-from monai.networks.nets import ViTAutoEnc
+from monai.networks.nets import ViT, ViTAutoEnc
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from volta3d.errors import InputError
@@ -59,6 +65,32 @@ def interpolate_pos_embed(
     return field.flatten(2).transpose(1, 2).to(pos_embed.dtype)
 
 
+def decoder_strides(patch_size: int) -> tuple[int, int]:
+    """Strides (= kernels) of the decoder's two transposed convolutions; their product is ``patch_size``.
+
+    The first is the largest divisor of ``patch_size`` not above its square root, the second the rest:
+    MONAI's ``(sqrt(p), sqrt(p))`` for a square patch, ``(2, 4)`` for 8, ``(3, 4)`` for 12, ``(1, p)`` for
+    a prime. The smaller stride goes first, where the input is ``hidden_size`` wide: that convolution's
+    weights and FLOPs grow with its stride cubed (8x fewer at patch 8 than with 4 first). The decoder is
+    linear (no activation between the convolutions), so each token's p^3 voxels come from
+    ``s1^3 * deconv_chns`` values: at patch 8, 2^3 * 16 = 128 per 512 voxels, the same quarter as MONAI's
+    4^3 * 16 = 1024 per 4096 at patch 16; the light decoder leaves the detail to the encoder, as tuned.
+    """
+    first = max(d for d in range(1, math.isqrt(patch_size) + 1) if patch_size % d == 0)
+    return first, patch_size // first
+
+
+def check_patch_size(img_size: int, patch_size: int) -> None:
+    """InputError unless both are integers >= 1 and the patch tiles the ``img_size`` cube."""
+    for name, value in (("img_size", img_size), ("patch_size", patch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+    if img_size % patch_size:
+        raise InputError(
+            f"patch_size {patch_size} does not divide img_size {img_size} (the encoder's cube edge)"
+        )
+
+
 def _sync_fused_attention_dropout(attn: SABlock, _args: Any) -> None:
     """MONAI's fused SABlock path passes ``dropout_p=self.dropout_rate`` even in eval mode;
     tie it to the module's training flag so evaluation (and the teacher) is deterministic."""
@@ -72,10 +104,11 @@ def _transformer_blocks(encoder: ViTAutoEnc) -> list[TransformerBlock]:
 
 
 class VolTAEncoder(ViTAutoEnc):
-    """ViTAutoEnc with named outputs, any-size crops and fused attention; same keys as ViTAutoEnc.
+    """ViTAutoEnc with named outputs, any-size crops, any patch size and fused attention; same keys
+    as ViTAutoEnc (same shapes too for a square patch).
 
     ``img_size`` is the edge of the cube the position embedding is learnt for (the global crop);
-    inputs may be any box whose sides are multiples of ``patch_size``.
+    ``patch_size`` must divide it. Inputs may be any box whose sides are multiples of ``patch_size``.
     """
 
     def __init__(
@@ -96,21 +129,18 @@ class VolTAEncoder(ViTAutoEnc):
     ) -> None:
         if hidden_size % num_heads != 0:
             raise InputError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
-        super().__init__(
-            in_channels=in_channels,
-            img_size=img_size,
-            patch_size=patch_size,
-            out_channels=in_channels,  # GMML reconstructs every input channel
-            deconv_chns=deconv_chns,
-            hidden_size=hidden_size,
-            mlp_dim=mlp_dim,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            proj_type="conv",
-            dropout_rate=dropout,
-            spatial_dims=3,
-            qkv_bias=qkv_bias,
-        )
+        check_patch_size(img_size, patch_size)
+        trunk: dict[str, Any] = dict(
+            in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
+            mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, proj_type="conv", dropout_rate=dropout,
+            spatial_dims=3, qkv_bias=qkv_bias,
+        )  # fmt: skip
+        if math.isqrt(patch_size) ** 2 == patch_size:
+            # MONAI's own build (its keys, shapes, initialisation); GMML reconstructs every input channel
+            super().__init__(**trunk, out_channels=in_channels, deconv_chns=deconv_chns)
+        else:
+            self._build_any_patch(trunk, deconv_chns)
+        self.decoder_strides = decoder_strides(patch_size)
         self.in_channels = in_channels
         self.embed_dim = hidden_size
         self.num_layers = num_layers
@@ -140,6 +170,20 @@ class VolTAEncoder(ViTAutoEnc):
         # Recompute each block's activations in the backward pass: ~1/3 more compute for a much
         # smaller activation memory, which is what lets true batches of 96^3 ViT-B fit one GPU.
         self.activation_checkpointing = activation_checkpointing
+
+    def _build_any_patch(self, trunk: dict[str, Any], deconv_chns: int) -> None:
+        """What ``ViTAutoEnc.__init__`` builds, for a patch it refuses (not a square number): the patch
+        embedding, blocks and norm from MONAI's ``ViT`` (the same classes, built in the same order), then
+        the two transposed convolutions with ``decoder_strides`` under MONAI's names."""
+        nn.Module.__init__(self)
+        vit = ViT(**trunk)
+        self.patch_size = (int(trunk["patch_size"]),) * 3
+        self.img_size = (int(trunk["img_size"]),) * 3
+        self.spatial_dims = 3
+        self.patch_embedding, self.blocks, self.norm = vit.patch_embedding, vit.blocks, vit.norm
+        first, second = decoder_strides(trunk["patch_size"])
+        self.conv3d_transpose = nn.ConvTranspose3d(trunk["hidden_size"], deconv_chns, first, stride=first)
+        self.conv3d_transpose_1 = nn.ConvTranspose3d(deconv_chns, trunk["in_channels"], second, stride=second)
 
     def unused_parameter_names(self) -> list[str]:
         """Parameters MONAI builds but never uses (``blocks.{i}.norm_cross_attn.{weight,bias}``)."""
@@ -198,12 +242,12 @@ class VolTAEncoder(ViTAutoEnc):
         return {"patch_tokens": self.norm(tokens), "hidden_states": hidden_states, "grid": grid}
 
     def decode(self, patch_tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-        """GMML reconstruction: ``(B, N, E) -> (B, in_channels, D, H, W)`` via MONAI's transposed convs."""
+        """GMML reconstruction: ``(B, N, E) -> (B, in_channels, D, H, W)`` via the two transposed convs."""
         grid = tuple(int(g) for g in grid)
         if patch_tokens.ndim != 3 or patch_tokens.shape[1] != math.prod(grid):
             raise ValueError(f"patch tokens of shape {tuple(patch_tokens.shape)} do not fill the grid {grid}")
         volume = patch_tokens.transpose(1, 2).reshape(patch_tokens.shape[0], patch_tokens.shape[2], *grid)
-        # (B, E, d, h, w) -> (B, deconv_chns, d*sqrt(p), ...) -> (B, C, D, H, W)
+        # (B, E, d, h, w) -> (B, deconv_chns, d*s1, h*s1, w*s1) -> (B, C, D, H, W), s1*s2 = patch_size
         return self.conv3d_transpose_1(self.conv3d_transpose(volume))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

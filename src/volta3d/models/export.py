@@ -5,6 +5,11 @@ The weights keep MONAI ViTAutoEnc's keys unchanged (``patch_embedding.*``, ``blo
 architecture so the encoder can be rebuilt without the training config. ``load_vit_weights``
 puts the ViT part into MONAI's ``ViTAutoEnc``, ``ViT`` or ``UNETR.vit``, checking every key and
 shape and resampling the position embedding when the target's token grid differs.
+
+ViTAutoEnc (and so the whole export, decoder included) takes only a square patch size, UNETR only
+16. For any other patch (8, 12, ...) the decoder keys have the same names but the kernel shapes of
+``decoder_strides`` (JSON ``decoder_strides``; ``architecture`` then reads ``monai.ViT``): the ViT
+part loads into MONAI's ``ViT`` (the default ``drop_decoder``), the whole export into ``VolTAEncoder``.
 """
 
 from __future__ import annotations
@@ -51,25 +56,31 @@ def save_encoder_export(
     encoder: VolTAEncoder,
     summariser: CLSSummariser | None,
     provenance: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``encoder.safetensors`` and ``encoder.json`` into ``out_dir``; return both paths.
 
     ``provenance`` (what pretraining saw: subject ids, volume hashes, preprocessing) goes into the
-    JSON so downstream runs can say whether their test subjects were in the pretraining set."""
+    JSON so downstream runs can say whether their test subjects were in the pretraining set; ``training``
+    (the optimiser step, the share of the initial weights still in the exported teacher) says how far
+    pretraining got."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = _cpu_state(encoder)
     if summariser is not None:
         state.update(_cpu_state(summariser, SUMMARISER_PREFIX))
+    square = encoder.decoder_strides[0] == encoder.decoder_strides[1]  # MONAI's ViTAutoEnc decoder
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
-        "architecture": "monai.ViTAutoEnc",
+        "architecture": "monai.ViTAutoEnc" if square else "monai.ViT",
+        "decoder_strides": list(encoder.decoder_strides),
         **encoder.architecture,
         "summariser": summariser.architecture if summariser is not None else None,
         "monai_version": monai.__version__,
         "torch_version": torch.__version__,
         "provenance": provenance,
+        "training": training,
     }
     weights_path, meta_path = out_dir / WEIGHTS_NAME, out_dir / META_NAME
     atomic_write(weights_path, lambda f: f.write(save(state, metadata={"format": EXPORT_FORMAT})))
