@@ -55,8 +55,9 @@ def write_selection(
         labels.table["subject_id"].astype(str).tolist(), list(labels.strata), fraction, seed
     )
     chosen = set(split["folds"][0]["test"])
-    in_selection = table["subject_id"].astype(str).isin(chosen) & table["path"].isin(labels.table["path"])
-    evaluation = table[~table["subject_id"].astype(str).isin(chosen)]
+    chosen_subject = table["subject_id"].astype(str).isin(chosen)
+    in_selection = chosen_subject & table["path"].isin(labels.table["path"])
+    evaluation = table[~chosen_subject]
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(table[in_selection], out / SELECTION_NAME)
     _write_csv(evaluation, out / EVALUATION_NAME)

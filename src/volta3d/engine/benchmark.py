@@ -31,7 +31,7 @@ from volta3d.engine.distributed import DistInfo
 from volta3d.engine.meta_arch import VolTA3D, build_volta3d
 from volta3d.engine.optim import build_optimizer
 from volta3d.engine.schedules import Schedules
-from volta3d.engine.trainer import StepSettings, train_step
+from volta3d.engine.trainer import StepSettings, train_step, validate_pretrain_config
 from volta3d.errors import InputError
 
 
@@ -210,16 +210,14 @@ def run_patch_sweep(
     cfg: DictConfig, device: torch.device, patch_sizes: Sequence[int], *, steps: int = 3, warmup: int = 1
 ) -> list[PatchFigures]:
     """The optimised step of ``cfg`` timed once per patch size (same views, fresh model each)."""
-    sides = {"views.global_size": cfg.views.global_size, "views.local_size": cfg.views.local_size}
-    for p in patch_sizes:
+    configs = {}
+    for p in patch_sizes:  # every size checked as pretraining checks it, before any is timed
         if p < 1:
             raise InputError(f"patch sizes must be >= 1, got {p}")
-        bad = [f"{key} ({side})" for key, side in sides.items() if side % p]
-        if bad:
-            raise InputError(f"patch size {p} does not divide {' and '.join(bad)}")
+        configs[p] = cast(DictConfig, OmegaConf.merge(cfg, {"model": {"patch_size": int(p)}}))
+        validate_pretrain_config(configs[p])
     rows = []
-    for p in patch_sizes:
-        pcfg = cast(DictConfig, OmegaConf.merge(cfg, {"model": {"patch_size": int(p)}}))
+    for p, pcfg in configs.items():
         torch.manual_seed(cfg.seed)
         batch = _device_batch(pcfg, device)
         model = build_volta3d(to_kwargs(pcfg.model), to_kwargs(pcfg.head), to_kwargs(pcfg.loss)).to(device)

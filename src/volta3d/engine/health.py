@@ -172,9 +172,9 @@ class CollapseMonitor:
       only reachable at a high teacher temperature, where it names the remedy);
     * ``targets ignore the volume``: the CLS branch's per-volume entropy gap (``entropy_stats``) below
       ``GAP_MIN``: every volume gets the same target, whether one prototype, a fixed mixture of a few, or
-      uniform; ``patch targets ignore the token``: the same for the patch branch's per-token gap. Two clusters of volumes (half on one prototype, half on
-      another) still carry one bit, log 2 = 0.69 nats, about the volume: not this sign, but the rank
-      sign's if the embedding behind them is 2-D;
+      uniform; ``patch targets ignore the token``: the same for the patch branch's per-token gap. Two
+      clusters of volumes (half on one prototype, half on another) still carry one bit, log 2 = 0.69
+      nats, about the volume: not this sign, but the rank sign's if the embedding behind them is 2-D;
     * ``low rank``: the teacher CLS effective rank (RankMe) below ``RANK_MIN`` while its ceiling is at
       least ``RANK_MIN_CEILING``: the summaries span two directions or fewer;
     * ``no spread``: the teacher's centred CLS spread (``cls_spread``) below ``SPREAD_MIN``;

@@ -174,7 +174,7 @@ def online_evaluation(
     probe = OnlineProbe(
         cfg.eval.data, list(cfg.eval.labels), out / "online_eval_splits", n_splits=cfg.eval.n_splits,
         raw_grid=cfg.eval.raw_grid, max_volumes=cfg.eval.max_volumes, seed=cfg.seed, batch_size=pc.batch_size,
-        probe_kwargs={k: to_kwargs(pc)[k] for k in PROBE_SETTINGS},
+        probe_kwargs={k: v for k, v in to_kwargs(pc).items() if k in PROBE_SETTINGS},
         features=list(cfg.eval.features),
     )  # fmt: skip
     evaluation = OnlineEvaluation(probe, MetricsCSV(out / ONLINE_EVAL_NAME, keep_until_step=step), logger)

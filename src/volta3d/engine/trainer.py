@@ -88,7 +88,7 @@ def pretrain(
     if device.type == "cuda" and dist_info.world_size > 1:
         device = torch.device("cuda", dist_info.local_rank)
     logger = setup_logging(out if dist_info.is_main else None, verbose=dist_info.is_main)
-    _validate(cfg)
+    validate_pretrain_config(cfg)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed)
@@ -388,7 +388,8 @@ def build_pretrain_loader(
     return dataset, sampler, loader
 
 
-def _validate(cfg: DictConfig) -> None:
+def validate_pretrain_config(cfg: DictConfig) -> None:
+    """One-line InputErrors for settings that only fail together (crop sides against the patch, ...)."""
     if cfg.loss.rec_weight > 0 and cfg.masking.ratio <= 0:
         raise InputError(
             "loss.rec_weight > 0 needs GMML masking: set masking.ratio > 0 (or loss.rec_weight=0)"
@@ -517,4 +518,11 @@ def _tensorboard(out: Path) -> Any:
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-__all__ = ["NonFiniteLossError", "StepSettings", "build_pretrain_loader", "pretrain", "train_step"]
+__all__ = [
+    "NonFiniteLossError",
+    "StepSettings",
+    "build_pretrain_loader",
+    "pretrain",
+    "train_step",
+    "validate_pretrain_config",
+]
