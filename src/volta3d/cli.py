@@ -10,6 +10,7 @@ import sys
 
 from volta3d import __version__
 from volta3d.errors import InputError
+from volta3d.run_folder import claim_command_output
 
 # Order is the order shown by `volta3d --help`.
 COMMANDS = [
@@ -18,6 +19,7 @@ COMMANDS = [
     "select",
     "pretrain",
     "bench",
+    "import-encoder",
     "finetune",
     "predict",
     "embed",
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"volta3d {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"volta3d.commands.{name}").add_parser(sub)
+        importlib.import_module(f"volta3d.commands.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.entry_point = main  # for commands that run other command lines (the demo), without importing the CLI
     try:
-        return int(args.func(args) or 0)
+        with claim_command_output(args):  # an output folder belongs to one run at a time
+            return int(args.func(args) or 0)
     except InputError as err:
         # Bad input: one line naming the file or field, no traceback (VOLTA3D_DEBUG=1 shows it). Any
         # other exception is a bug and keeps its traceback.

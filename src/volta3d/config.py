@@ -7,12 +7,14 @@ Modules never see the config object: builders turn sections into keyword argumen
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from volta3d.config_rules import ConfigValueError, validate_config
 from volta3d.errors import InputError
@@ -20,6 +22,8 @@ from volta3d.errors import InputError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 RESOLVED_NAME = "config.yaml"
+# A YAML tag (`!!python/object ...`, `!x`) starts a node: the value, a flow item or a mapping value.
+YAML_TAG = re.compile(r"(?:^|[\[\{,]|:\s)\s*!")
 
 
 class ConfigError(InputError):
@@ -64,15 +68,29 @@ def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ())
     for f in files:
         cfg = _merge_file(cfg, config_path(f), seen=set())
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        cfg = _merge_strict(cfg, OmegaConf.from_dotlist([item]), f"command-line override '{item}'")
+        cfg = _merge_strict(cfg, _parse_override(item), f"command-line override '{item}'")
     try:
         validate_config(cfg, defaults)
     except ConfigValueError as err:
         raise ConfigError(str(err)) from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _parse_override(item: str) -> DictConfig:
+    """One ``key=value`` as a config. A YAML tag is refused unparsed (a value is data, never an object
+    to construct) and a value YAML cannot parse is one line naming the override."""
+    _, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    if YAML_TAG.search(value):
+        raise ConfigError(f"command-line override '{item}': YAML tags (!...) are not allowed in a value")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(
+            f"cannot parse command-line override '{item}': {' '.join(str(err).split())}"
+        ) from None
 
 
 def _merge_file(cfg: DictConfig, path: Path, seen: set[Path]) -> DictConfig:

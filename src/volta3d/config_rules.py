@@ -5,16 +5,20 @@ Types come from ``default.yaml`` itself (a key whose default is a number takes a
 takes a boolean, a list a list; ``null`` defaults take anything), so a new key is type-checked
 without being listed here. Ranges and choices are listed for the keys where a wrong value would
 otherwise run and give nonsense (``optim.lr=-1``, ``train.precision=fp8``) or fail deep inside a
-run (``train.log_every=0``).
+run (``train.log_every=0``). A section replaced by a value (``preprocess=5``) and sizes that would
+allocate more than a limit (the preprocessing cube against ``preprocess.max_voxels``) are refused
+here too, before any scan is read.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from volta3d.errors import InputError
 from volta3d.runtime import flatten_dict
@@ -32,7 +36,7 @@ NON_NEGATIVE = ("optim.min_lr", "optim.weight_decay", "optim.weight_decay_end", 
 UNIT_INTERVAL = ("optim.momentum_teacher", "optim.momentum_teacher_end", "loss.center_momentum", "masking.ratio",
                  "views.flip_prob", "views.gamma_prob", "views.contrast_prob", "views.noise_prob",
                  "views.bias_field_prob", "train.collapse_max_cosine", "segment.pos_fraction", "segment.val_fraction",
-                 "segment.holdout_fraction", "segment.sw_overlap")  # fmt: skip
+                 "segment.holdout_fraction", "segment.sw_overlap", "classify.sfcn.dropout")  # fmt: skip
 AT_LEAST = {  # integer counts and their smallest sensible value
     "seed": 0, "optim.epochs": 1, "optim.batch_size": 1, "optim.accum_steps": 1, "head.out_dim": 1,
     "head.hidden_dim": 1, "head.bottleneck_dim": 1, "head.nlayers": 1, "model.img_size": 1, "model.patch_size": 1,
@@ -46,13 +50,20 @@ AT_LEAST = {  # integer counts and their smallest sensible value
     "classify.swin.patch_size": 1, "probe.batch_size": 1, "probe.knn_k": 1, "probe.n_splits": 2,
     "preprocess.max_voxels": 1, "probe.inner_folds": 2,
 }  # fmt: skip
-POSITIVE_LISTS = ("probe.logreg_cs", "probe.ridge_alphas")  # non-empty lists of numbers > 0
+# non-empty lists of numbers > 0
+POSITIVE_LISTS = ("probe.logreg_cs", "probe.ridge_alphas", "classify.sfcn.channels")
+# AdamW moves every weight by about lr per step: a base rate above 10 diverges at once (1e300 overflows)
+AT_MOST = {"optim.lr": 10.0, "classify.lr": 10.0, "segment.lr": 10.0}
+FIXED_LISTS: dict[str, tuple[int, str, Callable[[Any], bool]]] = {  # length, what each element is, its test
+    "optim.betas": (2, "numbers in [0, 1), e.g. [0.9, 0.999]", lambda v: _is_number(v) and 0 <= v < 1),
+    "preprocess.size": (3, "integers >= 1, e.g. [96, 96, 96]", lambda v: _is_count(v)),
+}
 CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"), "loss.centering": ("ema", "sinkhorn"),
     "loss.local_tokens": ("all", "masked"), "masking.fill": ("noise", "zeros"), "masking.block_shape": ("cube", "random"),
     "optim.lr_scaling": ("linear", "sqrt", "none"), "model.input_norm": ("zscore", "none"),
     "preprocess.intensity": ("minmax", "percentile"), "preprocess.crop": ("center", "foreground"),
-    "preprocess.dtype": ("float16", "float32"), "classify.model": ("vit", "swin"),
+    "preprocess.dtype": ("float16", "float32"), "classify.model": ("vit", "swin", "sfcn"),
     "classify.task": ("auto", "classification", "regression"), "classify.pooling": ("cls", "mean"),
     "classify.mode": ("frozen", "partial", "full"), "classify.regression_loss": ("mse", "l1"),
     "segment.model": ("unetr", "unet"), "segment.split": ("holdout", "kfold"),
@@ -66,6 +77,10 @@ class ConfigValueError(InputError):
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def _type_error(key: str, default: Any, value: Any) -> str | None:
@@ -91,8 +106,14 @@ def _range_error(key: str, value: Any) -> str | None:
         return "must be >= 0"
     if key in UNIT_INTERVAL and not 0 <= value <= 1:
         return "must be in [0, 1]"
+    if key in AT_MOST and value > AT_MOST[key]:
+        return f"must be <= {AT_MOST[key]:g}"
     if key in POSITIVE_LISTS and not (value and all(_is_number(v) and v > 0 for v in value)):
         return "must be a non-empty list of numbers > 0"
+    if key in FIXED_LISTS:
+        length, what, ok = FIXED_LISTS[key]
+        if len(value) != length or not all(ok(v) for v in value):
+            return f"must be {length} {what}"
     if key in CHOICES and value not in CHOICES[key]:
         return f"must be one of {', '.join(CHOICES[key])}"
     if key == "device" and not DEVICE.match(str(value)):
@@ -100,13 +121,57 @@ def _range_error(key: str, value: Any) -> str | None:
     return None
 
 
+def cube_error(size: Sequence[int], max_voxels: int) -> str | None:
+    """The preprocessing output cube against the voxel limit: refused before any scan is read, since
+    every scan would be resampled into it (640^3 float32 is 1 GB a scan)."""
+    voxels = math.prod(int(n) for n in size)
+    if voxels <= max_voxels:
+        return None
+    return (
+        f"config value preprocess.size={[int(n) for n in size]} makes {voxels:,} voxels a scan, over "
+        f"preprocess.max_voxels={max_voxels:,}"
+    )
+
+
+def _section_error(cfg: Any, defaults: Any, prefix: str = "") -> str | None:
+    """A section replaced by a value (``preprocess=5``) or a value by a section (``optim.lr={a: 1}``),
+    found on the unresolved config (resolving interpolations would fail on it first)."""
+    for key, default in defaults.items():
+        name, value = f"{prefix}{key}", cfg.get(key)
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                keys = ", ".join(default)
+                return f"config key '{name}' is a section ({keys}); set its keys, e.g. {name}.{next(iter(default))}=..."
+            problem = _section_error(value, default, f"{name}.")
+            if problem:
+                return problem
+        elif default is not None and isinstance(value, dict):
+            return f"config value {name}={value!r} must be a single value, not a section"
+    return None
+
+
+def _flat(cfg: DictConfig, resolve: bool = True) -> dict[str, Any]:
+    # a DictConfig converts to a dict (to_container is annotated for any config node)
+    return flatten_dict(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=resolve)))
+
+
 def validate_config(cfg: DictConfig, defaults: DictConfig) -> None:
     """Raise ``ConfigValueError`` naming the first key whose value has the wrong type or range."""
-    # a DictConfig converts to a dict (to_container is annotated for any config node)
-    base = flatten_dict(cast(dict[str, Any], OmegaConf.to_container(defaults, resolve=True)))
-    for key, value in flatten_dict(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))).items():
+    problem = _section_error(OmegaConf.to_container(cfg), OmegaConf.to_container(defaults))
+    if problem:
+        raise ConfigValueError(problem)
+    try:
+        values = _flat(cfg)
+    except OmegaConfBaseException as err:  # an interpolation (${...}) naming no key
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigValueError(f"config value {key} cannot be resolved: {str(err).splitlines()[0]}") from None
+    base = _flat(defaults)
+    for key, value in values.items():
         problem = _type_error(key, base.get(key), value) or (
             _range_error(key, value) if value is not None else None
         )
         if problem:
             raise ConfigValueError(f"config value {key}={value!r} {problem}")
+    problem = cube_error(values["preprocess.size"], values["preprocess.max_voxels"])
+    if problem:
+        raise ConfigValueError(problem)

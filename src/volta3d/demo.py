@@ -50,6 +50,7 @@ class Stage:
 RunCommand = Callable[[list[str]], int]  # a `volta3d` command line -> its exit code (``volta3d.cli.main``)
 Flag = str | Path | bool | list[str] | None
 CONFIGS = ["tiny-cpu", "demo"]
+SFCN_DEMO = ["classify.img_size=32"]
 
 
 @dataclass
@@ -98,7 +99,8 @@ class _Planner:
 def plan(out: Path, shared: Path, *, quick: bool, workers: int, run_command: RunCommand) -> list[Stage]:
     """The demo's stages, in order, with the ``volta3d`` command lines they run through ``run_command``."""
     p = _Planner(out, quick, workers, run_command)
-    return [*_data_stages(p, shared), *_pretrain_and_classify_stages(p), *_probe_stages(p), *_segment_stages(p),
+    return [*_data_stages(p, shared), *_pretrain_and_classify_stages(p), *_probe_stages(p), *_brain_age_stages(p),
+            *_segment_stages(p),
             Stage("report", p.command("report", out, output=out / "report", title="volta3d demo: VolTA-3D on the "
                                       "bundled IXI and MSD scans" + (" (quick)" if quick else "")), [], 20)]  # fmt: skip
 
@@ -145,11 +147,31 @@ def _pretrain_and_classify_stages(p: _Planner) -> list[Stage]:
     runs = p.out / "classify-sex"
     return [
         Stage("pretrain", pretrain, ["preprocess-ixi", "preprocess-msd", "select"], 330),
-        Stage("classify-sex-vit-scratch", classify("vit", p.sex_splits.parent), ["select"], 100),
+        Stage("classify-sex-vit-scratch", classify("vit", p.sex_splits.parent), ["select"], 45),
         Stage("classify-sex-volta3d", classify("vit", runs / "volta3d", encoder=p.enc, splits=p.sex_splits),
-              ["pretrain", "classify-sex-vit-scratch"], 100),
+              ["pretrain", "classify-sex-vit-scratch"], 45),
         Stage("classify-sex-swin-scratch", classify("swin", runs / "swin-scratch", splits=p.sex_splits),
-              ["classify-sex-vit-scratch"], 230),
+              ["classify-sex-vit-scratch"], 100),
+    ]  # fmt: skip
+
+
+def _brain_age_stages(p: _Planner) -> list[Stage]:
+    """Brain age fine-tuned (``volta3d finetune regress``): VolTA-3D, the same ViT from scratch and an
+    SFCN-style CNN from scratch (Peng et al., 2021), on the age probes' folds, where the ridge on the raw
+    volume is the floor."""
+
+    def regress(model: str, output: Path, *extra: str, **flags: Flag) -> Callable[[], int]:
+        return p.command("finetune", "regress", config=CONFIGS, data=p.ixi_eval, label="age", model=model,
+                         output=output, splits=p.age_splits, no_progress=True, **flags,
+                         overrides=[*extra, *p.quick_overrides("classify")])  # fmt: skip
+
+    runs, needs = p.out / "brain-age", ["probe-age-random-init"]
+    return [
+        Stage("brain-age-vit-scratch", regress("vit", runs / "vit-scratch"), needs, 45),
+        Stage("brain-age-volta3d", regress("vit", runs / "volta3d", encoder=p.enc), [*needs, "pretrain"], 45),
+        # SFCN convolves every voxel: on 32^3 resamples of the 64^3 cache (4 mm voxels, finer than the ViT's 32 mm
+        # tokens) it costs what the ViT does; at 64^3 about 15x (benchmarks/bench_sfcn.py)
+        Stage("brain-age-sfcn-scratch", regress("sfcn", runs / "sfcn-scratch", *SFCN_DEMO), needs, 45),
     ]  # fmt: skip
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import sys
 import tempfile
@@ -60,9 +61,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise InputError(f"device '{name}' is not auto, cpu, cuda or cuda:N")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' requested but no CUDA GPU is available")
+        raise InputError(f"device '{name}' requested but no CUDA GPU is available (use --device cpu or auto)")
+    visible = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= visible:
+        raise InputError(f"device '{name}' requested but only {visible} CUDA GPU(s) are visible")
     return device
 
 
@@ -130,6 +136,24 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_csv_rows(path: str | Path, sep: str = ",") -> None:
+    """Every row of a CSV as wide as its header: pandas reads a longer first row as an index column and
+    a shorter row as missing trailing values, so a ragged row would shift labels silently. Blank lines
+    are allowed; the error names the file and the line."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter=sep)
+            header = next(reader, [])
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise InputError(
+                        f"cannot parse {path}: line {reader.line_num} has {len(row)} fields, the header {len(header)}; "
+                        "quote values that hold the separator"
+                    )
+    except (csv.Error, UnicodeDecodeError) as err:  # csv.Error names the line itself
+        raise InputError(f"cannot parse {path}: {' '.join(str(err).split())}") from None
 
 
 def read_json_file(path: str | Path, default_name: str, what: str) -> tuple[Path, Any]:

@@ -152,3 +152,24 @@ def test_missing_labels_are_dropped_and_multiclass_sorted():
     assert labels.dropped == 2 and labels.kind == "multiclass"
     assert labels.classes == ["AD", "CN", "MCI"]
     assert labels.targets.tolist() == [1, 0, 2, 1]
+
+
+def test_regress_names_brain_age_and_fits_its_bias_correction_on_training_subjects(tmp_path, capsys):
+    data = write_blob_dataset(tmp_path / "age", n_subjects=16, max_offset=0.4, seed=1)
+    out = tmp_path / "regress"
+    argv = ["finetune", "regress", "--data", str(data), "--output", str(out), "--no-progress", *FAST,
+            "classify.epochs=2"]  # fmt: skip
+    assert main(argv) == 0  # --label defaults to age
+    results = json.loads((out / "results.json").read_text())
+    assert results["kind"] == "regression" and results["label"] == "age"
+    preds = pd.read_csv(out / "predictions.csv")
+    for fold in results["folds"]:
+        m = fold["metrics"]
+        rows = preds[preds["fold"] == fold["fold"]]
+        gap = rows["prediction"] - rows["y_true"]
+        assert m["gap_mean"] == pytest.approx(gap.mean())
+        assert m["gap_age_r"] == pytest.approx(np.corrcoef(gap, rows["y_true"])[0, 1])
+        assert m["pearson_r"] == pytest.approx(np.corrcoef(rows["prediction"], rows["y_true"])[0, 1])
+        assert "gap_age_r_corrected" in m  # fitted on the fold's training predictions
+    assert main([*argv[:5], str(tmp_path / "bad"), "--label", "diagnosis", *argv[6:]]) == 2
+    assert "diagnosis" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import torch
 from volta3d.cli import main
 from volta3d.downstream.embeddings import save_embeddings
 from volta3d.downstream.loop import train_model
+from volta3d.downstream.recipe import FinetuneRecipe
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import save_encoder_export
 
@@ -27,8 +28,8 @@ def test_nan_loss_stops_training_naming_the_fold_and_epoch():
         return loss * float("nan") if len(seen) == 2 else loss
 
     with pytest.raises(ValueError, match=r"fold2_frac1: non-finite loss \(nan\) at epoch 1, batch 2"):
-        train_model(model, [{"x": torch.ones(1, 2)}] * 3, nan_on_second_batch, epochs=2, lr=1e-3,
-                    weight_decay=config_section("classify")["weight_decay"], desc="fold2_frac1",
+        train_model(model, [{"x": torch.ones(1, 2)}] * 3, nan_on_second_batch, epochs=2,
+                    recipe=FinetuneRecipe(lr=1e-3, weight_decay=config_section("classify")["weight_decay"]), desc="fold2_frac1",
                     progress=False)  # fmt: skip
     assert len(seen) == 2  # stopped at once
 

@@ -4,6 +4,7 @@ stable on a re-run, refused when asked for differently, and usable as ``--data``
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -20,6 +21,8 @@ def labelled(blob_data, tmp_path):
     table = pd.read_csv(blob_data / "manifest.csv")
     table["path"] = [str(blob_data / p) for p in table["path"]]
     extra = table.iloc[[0, 1]].copy()
+    # copies: a manifest lists each file once
+    extra["path"] = [shutil.copy(p, tmp_path / f"scan{i}.npy") for i, p in enumerate(extra["path"])]
     extra["diagnosis"] = [table["diagnosis"].iloc[0], ""]
     extra["subject_id"] = [table["subject_id"].iloc[0], "unlabelled"]
     path = tmp_path / "manifest.csv"

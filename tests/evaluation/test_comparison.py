@@ -53,3 +53,53 @@ def test_compare_rejects_different_folds_and_unknown_metric(tmp_path):
         compare_results(tmp_path / "a", tmp_path / "a", metrics=["dice"])
     with pytest.raises(FileNotFoundError, match="results file not found"):
         compare_results(tmp_path / "a", tmp_path / "missing")
+
+
+def _curve_run(splits, values: dict[str, list[float]]) -> dict:
+    """A run with a reduced-data curve: ``values`` maps a fraction to its per-fold AUROCs."""
+    blocks = {f: {"folds": [{"fold": k, "metrics": {"auroc": v}} for k, v in enumerate(vals)], "aggregate": {}}
+              for f, vals in values.items()}  # fmt: skip
+    top = blocks[max(values, key=float)]
+    return {"kind": "binary", "primary_metric": "auroc", "splits": splits, "fractions": blocks, **top}
+
+
+def test_compare_pairs_every_training_fraction_of_a_curve():
+    subjects = [f"s{i:02d}" for i in range(20)]
+    splits = make_kfold_splits(subjects, [int(s[1:]) % 2 for s in subjects], n_splits=4, seed=0)
+    a = {"0.2": [0.9, 0.8, 0.85, 0.95], "1": [0.9, 0.9, 0.9, 0.9]}
+    b = {"0.2": [0.6, 0.7, 0.65, 0.6], "1": [0.88, 0.91, 0.9, 0.89]}
+    run_a, run_b = _curve_run(splits, a), _curve_run(splits, b)
+    curve = compare_results(run_a, run_b, n_boot=500, seed=0)["fraction_level"]
+    assert list(curve) == ["0.2", "1"]
+    for frac in curve:
+        assert curve[frac]["estimate"] == pytest.approx(np.mean(a[frac]) - np.mean(b[frac]))
+        assert curve[frac]["n"] == 4 and curve[frac]["metric"] == "auroc"
+    assert curve["0.2"]["ci_low"] > 0  # pretraining helped where labels were scarce
+    assert "auroc, fraction 0.2" in format_comparison(compare_results(run_a, run_b, n_boot=200))
+
+
+def test_headline_states_per_fraction_whether_pretraining_helped_fine_tuning():
+    from volta3d.evaluation.report_headline import headline_rows
+    from volta3d.evaluation.report_runs import Run
+
+    subjects = [f"s{i:02d}" for i in range(20)]
+    splits = make_kfold_splits(subjects, [int(s[1:]) % 2 for s in subjects], n_splits=4, seed=0)
+    a = _curve_run(splits, {"0.2": [0.9, 0.8, 0.85, 0.95], "1": [0.9, 0.9, 0.9, 0.9]})
+    b = _curve_run(splits, {"0.2": [0.6, 0.7, 0.65, 0.6], "1": [0.88, 0.91, 0.9, 0.89]})
+    for run, encoder in ((a, "/enc"), (b, None)):
+        run.update(task="classify", label="sex", encoder=encoder)
+        for block in run["fractions"].values():
+            block["aggregate"] = {
+                "auroc": {"mean": float(np.mean([f["metrics"]["auroc"] for f in block["folds"]]))}
+            }
+    ref, other = Run("vit-pretrained", a), Run("vit-scratch", b)
+    key = ref.task_key
+    rows = headline_rows({key: [ref, other]}, {key: [(ref, other, compare_results(a, b, n_boot=500))]})
+    scarce, full = rows
+    assert (scarce.fraction, full.fraction) == (0.2, None)
+    assert scarce.verdict == "better" and scarce.ref_value == pytest.approx(0.875)
+    assert "(20% of labels)" in scarce.label
+    probe_key = ("probe", *key[1:])
+    assert (
+        len(headline_rows({probe_key: [ref, other]}, {probe_key: [(ref, other, compare_results(a, b))]})) == 1
+    )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from volta3d.commands.common import add_config_arguments
 from volta3d.config import load_config
+from volta3d.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from volta3d.engine.pipeline_benchmark import format_pipeline, run_pipeline_benchmark
     from volta3d.runtime import resolve_device
 
+    _check_counts(args)
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.device)
     if args.patch_sizes:
@@ -86,6 +88,22 @@ def run(args: argparse.Namespace) -> int:
                    "pipeline": dataclasses.asdict(pipeline)}  # fmt: skip
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
+
+
+# (option, smallest, largest): a matmul edge of 16384 is 1 GB a float32 matrix; the views are timed on
+# that many synthetic volumes held in memory
+COUNTS = (("steps", 1, None), ("warmup", 0, None), ("matmul_size", 1, 16384), ("pipeline_volumes", 1, 256))
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """One line for a count that would divide by zero (``--steps 0``) or allocate without bound."""
+    for name, low, high in COUNTS:
+        value = getattr(args, name)
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise InputError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+    if not args.gpu_tflops > 0:
+        raise InputError(f"--gpu-tflops must be > 0, got {args.gpu_tflops}")
 
 
 def _run_patch_sweep(cfg: DictConfig, device: torch.device, args: argparse.Namespace) -> int:

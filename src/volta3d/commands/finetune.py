@@ -1,4 +1,4 @@
-"""``volta3d finetune classify|segment``: transfer an encoder export (or train a baseline from
+"""``volta3d finetune classify|regress|segment``: transfer an encoder export (or train a baseline from
 scratch) on labelled, preprocessed volumes, with subject-grouped cross-validation / hold-out."""
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 
+def _model_and_fractions(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", choices=["vit", "swin", "sfcn"], default=None, help="network (default: classify.model)"
+    )
+    p.add_argument(
+        "--fractions",
+        default=None,
+        help="reduced-data curve: comma-separated training fractions, e.g. 0.2,0.4,0.6,0.8,1.0",
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
@@ -57,19 +68,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="classify (or regress) a manifest label column with stratified, subject-grouped k-fold CV",
         description="Classification of any label column (binary / multi-class; a numeric column such as age "
         "is regressed) with k-fold CV grouped by subject. Models: vit (VolTA-3D with --encoder, ViT-Scratch "
-        "without) and swin (Swin transformer from scratch).",
+        "without), swin (Swin transformer from scratch) and sfcn (the SFCN brain-age CNN from scratch).",
     )
     _common(c)
     c.add_argument("--label", required=True, help="manifest column to predict (e.g. sex, diagnosis, age)")
-    c.add_argument(
-        "--model", choices=["vit", "swin"], default=None, help="classifier (default: classify.model)"
+    _model_and_fractions(c)
+    c.set_defaults(func=run, claims="folder")
+    r = tasks.add_parser(
+        "regress",
+        help="regress a numeric label, e.g. brain age: MAE, Pearson r and the brain-age gap's bias",
+        description="Regression of a numeric label column (brain age by default) with k-fold CV grouped by "
+        "subject, the classify settings (classify.*) with the task fixed to regression. Metrics per fold: MAE, "
+        "R^2, Pearson r, and the brain-age gap (predicted - true) with its correlation with age (the "
+        "regression-to-the-mean bias), before and after a bias correction fitted on the training subjects only. "
+        "Models: vit (VolTA-3D with --encoder, ViT-Scratch without), swin and sfcn (SFCN, Peng et al. 2021) from scratch.",
     )
-    c.add_argument(
-        "--fractions",
-        default=None,
-        help="reduced-data curve: comma-separated training fractions, e.g. 0.2,0.4,0.6,0.8,1.0",
-    )
-    c.set_defaults(func=run)
+    _common(r)
+    r.add_argument("--label", default="age", help="numeric manifest column to predict (default: age)")
+    _model_and_fractions(r)
+    r.set_defaults(func=run, claims="folder")
     s = tasks.add_parser(
         "segment",
         help="segment the manifest's label_path masks (UNETR / 3D U-Net), hold-out or k-fold",
@@ -81,7 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--model", choices=["unetr", "unet"], default=None, help="segmenter (default: segment.model)"
     )
-    s.set_defaults(func=run)
+    s.set_defaults(func=run, claims="folder")
 
 
 def run(args: argparse.Namespace) -> int:

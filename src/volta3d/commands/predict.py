@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", default=None, help="comma-separated fold numbers to use (default: every fold)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda[:N]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, claims="folder")
 
 
 def run(args: argparse.Namespace) -> int:

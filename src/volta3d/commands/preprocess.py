@@ -78,7 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="only assemble OUT/manifest.csv and rejected.csv from finished shard parts (no INPUT needed)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, claims="folder")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,8 +37,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="COLUMN",
         help="manifest column to probe every eval.every steps, e.g. sex; repeat for several (eval.labels)",
     )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="ENCODER",
+        help="encoder export (a run folder, or `volta3d import-encoder`'s) to start student and teacher from, "
+        "heads fresh (train.init); model: sizes come from it, model.img_size from the config. A resume needs the same",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, claims="folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"eval.data={args.eval_data}")
     if args.eval_label:
         overrides.append(f"eval.labels=[{','.join(args.eval_label)}]")
+    if args.init:  # last: the export's architecture wins over a config file's model sizes
+        from volta3d.engine.init_weights import init_overrides
+
+        overrides += init_overrides(args.init)
     cfg = load_config(args.config, overrides)
     try:
         pretrain(cfg, args.data, args.output, progress=not args.no_progress)

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", required=True, help="manifest column to predict")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--splits", default=None, help="splits.json of a fine-tuning run (recommended)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, claims="folder")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,12 +30,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the CIs (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, claims="folder")
 
 
 def run(args: argparse.Namespace) -> int:
     from volta3d.evaluation.report import build_report
+    from volta3d.evaluation.statistics import check_n_boot
 
+    check_n_boot(args.n_boot)  # here: inside the report a failed comparison becomes a "not comparable" row
     path = build_report(
         args.inputs,
         args.output,

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fraction", type=float, default=0.33, help="share of labelled subjects selected (0.33)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--output", required=True, help="output folder")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, claims="folder")
 
 
 def run(args: argparse.Namespace) -> int:

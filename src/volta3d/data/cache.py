@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tokenize
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ from volta3d.runtime import atomic_write
 
 VOLUMES_DIR = "volumes"
 RECORDS_DIR = "records"
+# What np.load raises for a file that is not a whole .npy: short reads, and a header whose bytes were
+# overwritten (numpy parses it as a Python literal: tokenize and syntax errors too).
+NPY_READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError)
 
 
 def source_fingerprint(path: str | None) -> dict[str, int] | None:
@@ -35,16 +39,19 @@ def source_fingerprint(path: str | None) -> dict[str, int] | None:
     if path is None:
         return None
     p = Path(path)
-    if p.is_file():
-        st = p.stat()
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if p.is_dir():
-        stats = [f.stat() for f in sorted(p.iterdir()) if f.is_file()]
-        return {
-            "files": len(stats),
-            "size": sum(s.st_size for s in stats),
-            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
-        }
+    try:
+        if p.is_file():
+            st = p.stat()
+            return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if p.is_dir():
+            stats = [f.stat() for f in sorted(p.iterdir()) if f.is_file()]
+            return {
+                "files": len(stats),
+                "size": sum(s.st_size for s in stats),
+                "mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
+            }
+    except OSError as err:  # e.g. a path longer than the system allows: the reader rejects it by name
+        return {"unreadable": err.errno or 0}
     return {"missing": 1}
 
 
@@ -151,6 +158,6 @@ def volume_intact(out_dir: Path, rel: object, size: object) -> bool:
         return False
     try:
         np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError):
+    except NPY_READ_ERRORS:
         return False
     return True

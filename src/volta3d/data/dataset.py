@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,10 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from volta3d.data.cache import NPY_READ_ERRORS
+from volta3d.data.integrity import check_volume_headers, refuse_repeated_rows
 from volta3d.errors import InputError, InputFileNotFound, MissingInputError
+from volta3d.runtime import check_csv_rows
 
 REQUIRED_COLUMNS = ("subject_id", "path")
 PATH_COLUMNS = ("path", "label_path")
@@ -36,7 +40,11 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     csv = manifest_file(path)
     if not csv.is_file():
         raise InputFileNotFound(f"manifest not found: {csv}")
-    table = pd.read_csv(csv, dtype={"subject_id": str, "path": str, "label_path": str})
+    check_csv_rows(csv)
+    try:
+        table = pd.read_csv(csv, dtype={"subject_id": str, "path": str, "label_path": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InputError(f"cannot parse manifest {csv}: {' '.join(str(err).split())}") from None
     for col in REQUIRED_COLUMNS:
         if col not in table.columns:
             raise InputError(
@@ -44,6 +52,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
             )
     if table.empty:
         raise InputError(f"manifest {csv} has no rows (every scan was rejected? see rejected.csv)")
+    refuse_repeated_rows(table, csv)
     base = csv.resolve().parent
     for col in PATH_COLUMNS:
         if col in table.columns:
@@ -54,15 +63,18 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return table
 
 
-def load_volume(path: str, subject_id: object) -> np.ndarray:
+def load_volume(path: str, subject_id: object = None) -> np.ndarray:
     """``np.load`` of a cached volume; a missing, truncated or foreign file is a one-line error naming
     it (and the subject), not a bare numpy traceback from inside a DataLoader worker."""
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
+    except NPY_READ_ERRORS as err:
         reason = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, (SyntaxError, TokenError)):  # header bytes overwritten: numpy's message is noise
+            reason = f"its .npy header does not parse ({type(err).__name__})"
+        whose = f" (subject {subject_id})" if subject_id is not None else ""
         raise InputError(
-            f"cannot read cached volume {path} (subject {subject_id}): {reason}; re-run volta3d preprocess"
+            f"cannot read cached volume {path}{whose}: {reason}; re-run volta3d preprocess"
         ) from None
 
 
@@ -93,6 +105,7 @@ class VolumeDataset(Dataset):
             if missing:
                 raise InputError(f"with_mask=True but {missing} manifest rows have no 'label_path'")
         self.table = table.reset_index(drop=True)
+        check_volume_headers(self.table, with_mask)  # a foreign cube, dtype or rank: refused before training
         self.columns = list(columns)
         self.with_mask = with_mask
         self.transform = transform
@@ -102,9 +115,14 @@ class VolumeDataset(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         row = self.table.iloc[i]
-        image = load_volume(row["path"], row["subject_id"])  # (1, D, H, W) float16/float32 on disk
+        image = load_volume(row["path"], row["subject_id"]).astype(np.float32, copy=False)  # (1, D, H, W)
+        if not np.isfinite(image).all():  # else training fails later, on a NaN loss that names no volume
+            raise InputError(
+                f"cached volume {row['path']} (subject {row['subject_id']}) holds NaN or Inf voxels, which "
+                "volta3d preprocess never writes: delete it and re-run volta3d preprocess"
+            )
         item: dict[str, Any] = {
-            "image": torch.from_numpy(image.astype(np.float32, copy=False)),
+            "image": torch.from_numpy(image),
             "subject_id": str(row["subject_id"]),
             "index": int(i),
         }

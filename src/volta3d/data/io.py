@@ -29,6 +29,12 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # 512^3: twice the edge of a 0.5 mm whole-head scan; 0.5 GB as float32. Headers declaring more are
 # refused before any voxel is read (a 4 KB file can declare terabytes).
 MAX_VOXELS = 512**3
+# Bytes a voxel may take on disk under the limit: a float32 volume of MAX_VOXELS is read whole, a
+# float64 one of as many voxels would need 1 GB for its raw bytes plus 0.5 GB for the float32 copy.
+MAX_BYTES_PER_VOXEL = 4
+# Deflate (gzip) inflates at most 1032-fold: a header declaring more than that many times the file's
+# size describes voxels the file cannot hold, and nibabel would allocate them before finding out.
+MAX_DEFLATE_RATIO = 1032
 
 
 class ScanError(InputError):
@@ -77,6 +83,7 @@ def read_volume(path: str | Path, max_voxels: int = MAX_VOXELS) -> tuple[np.ndar
     reorientation happens later, from ``meta['affine']``). Raises :class:`ScanError`.
     """
     path = Path(path)
+    _check_openable(path)
     if path.is_symlink() and not path.exists():
         raise ScanError(_broken_link_reason(path))
     if not path.exists():
@@ -86,6 +93,19 @@ def read_volume(path: str | Path, max_voxels: int = MAX_VOXELS) -> tuple[np.ndar
     if path.suffix.lower() == ".dcm":
         raise ScanError(f"{path.name} is a single DICOM file; give the folder that holds the whole series")
     return read_nifti(path, max_voxels)
+
+
+def _check_openable(path: Path) -> None:
+    """A path the system refuses outright (longer than it allows, a looping folder) is rejected with the
+    reason, not a traceback that stops the batch; a very long path is named by its length."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # named by the checks that follow ("file not found")
+    except OSError as err:
+        what = f"a path of {len(str(path)):,} characters" if len(str(path)) > 255 else str(path)
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise ScanError(f"cannot open {what}: {reason}") from None
 
 
 def _broken_link_reason(path: Path) -> str:
@@ -114,6 +134,7 @@ def read_nifti(path: Path, max_voxels: int = MAX_VOXELS) -> tuple[np.ndarray, di
         raise ScanError(f"cannot read {path.name} (truncated or corrupt?): {_one_line(err)}") from None
     check_voxel_count(img.shape, path.name, max_voxels)
     _check_nifti_header(img, path)
+    _check_declared_bytes(img, path, max_voxels)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as err:  # nibabel raises many types (EOFError, zlib.error, ImageFileError, ...)
@@ -141,6 +162,37 @@ def _check_nifti_header(img: Any, path: Path) -> None:
         raise ScanError(
             f"{path.name}: voxel size (pixdim) {pixdim} is not positive and the header has no sform "
             "affine to take it from"
+        )
+
+
+def _check_declared_bytes(img: Any, path: Path, max_voxels: int) -> None:
+    """Refuse, before nibabel allocates the buffer the header declares, voxel data over the byte limit
+    (``max_voxels`` float32 voxels) and data the file cannot hold: an uncompressed file shorter than
+    its header says, or a gzip file too small to inflate to it."""
+    dtype = img.get_data_dtype()
+    n_bytes = int(np.prod([int(n) for n in img.shape], dtype=object)) * dtype.itemsize
+    limit = max_voxels * MAX_BYTES_PER_VOXEL
+    shape = " x ".join(str(int(n)) for n in img.shape)
+    if n_bytes > limit:
+        raise ScanTooLarge(
+            f"{path.name}: declares {shape} {dtype} voxels = {n_bytes:,} bytes, over the limit of {limit:,} "
+            f"(preprocess.max_voxels x {MAX_BYTES_PER_VOXEL} bytes)"
+        )
+    image_file = img.file_map["image"].filename if "image" in img.file_map else None
+    offset = getattr(img.header, "get_data_offset", None)
+    if image_file is None or offset is None:
+        return
+    needed, stored = int(offset()) + n_bytes, Path(image_file).stat().st_size
+    name = Path(image_file).name
+    if name.lower().endswith(".gz") and needed > MAX_DEFLATE_RATIO * stored:
+        raise ScanError(
+            f"cannot read {name} (truncated or corrupt?): its header declares {needed:,} bytes, more than "
+            f"{MAX_DEFLATE_RATIO} times the {stored:,}-byte compressed file can inflate to"
+        )
+    if not name.lower().endswith((".gz", ".bz2", ".zst")) and needed > stored:
+        raise ScanError(
+            f"cannot read {name} (truncated or corrupt?): its header declares {needed:,} bytes, the file "
+            f"holds {stored:,}"
         )
 
 

@@ -28,6 +28,7 @@ from monai.transforms import (
     Spacingd,
 )
 
+from volta3d.config_rules import cube_error
 from volta3d.data.io import MAX_VOXELS, ScanError, check_voxel_count
 from volta3d.errors import InputError
 
@@ -68,6 +69,9 @@ class PreprocessSettings:
             raise InputError(f"preprocess.size must be 3 positive integers, got {list(self.size)}")
         if isinstance(self.max_voxels, bool) or not isinstance(self.max_voxels, int) or self.max_voxels < 1:
             raise InputError(f"preprocess.max_voxels must be a positive integer, got {self.max_voxels!r}")
+        too_big = cube_error(size, self.max_voxels)  # before any scan is read into it
+        if too_big:
+            raise InputError(too_big)
         if not self.spacing > 0:
             raise InputError(f"preprocess.spacing must be > 0 mm, got {self.spacing}")
         if len(self.orientation) != 3 or set(self.orientation.upper()) - set("RASLPI"):

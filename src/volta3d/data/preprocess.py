@@ -30,7 +30,7 @@ from volta3d.data.io import ScanError, ScanTooLarge, read_volume
 from volta3d.data.pipeline import PreprocessedScan, PreprocessSettings, preprocess_scan
 from volta3d.data.sources import ScanRecord, find_scans
 from volta3d.errors import InputError, InputFileNotFound
-from volta3d.runtime import get_logger
+from volta3d.runtime import file_sha256, get_logger
 
 MANIFEST = "manifest.csv"
 REJECTED = "rejected.csv"
@@ -138,6 +138,8 @@ def process_one(
             "input_orientation": meta["orientation"],
             "input_spacing": list(meta["spacing"]),
         }
+        # the files' content hashes: resumes and leakage checks compare them without reading the volumes
+        record["sha256"] = {rel: file_sha256(out_dir / rel) for rel in record["sizes"]}
     except ScanError as err:
         record |= {"status": "rejected", "reason": one_line(str(err))}
         cacheable = not isinstance(err, ScanTooLarge)  # a raised limit must retry it

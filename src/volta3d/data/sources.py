@@ -19,6 +19,7 @@ import pandas as pd
 
 from volta3d.data.io import NIFTI_SUFFIXES, is_dicom_file, is_nifti
 from volta3d.errors import InputError, InputFileNotFound
+from volta3d.runtime import check_csv_rows
 
 KINDS = ("auto", "nifti", "dicom", "bids", "csv")
 BIDS_T1 = re.compile(r"_T1w\.nii(\.gz)?$")
@@ -176,6 +177,7 @@ def _number_or_text(value: Any) -> Any:
 def read_table(path: Path, **kwargs: Any) -> pd.DataFrame:
     """A CSV/TSV whose index is each row's line number in the file (blank lines counted, header = 1),
     so a message can send a person to the right line; a file pandas cannot parse is named."""
+    check_csv_rows(path, kwargs.get("sep", ","))
     try:
         table = pd.read_csv(path, skip_blank_lines=False, **kwargs)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:

@@ -4,6 +4,7 @@
   scratch: 'ViT-Scratch') pooled by the CLS-style summariser or the mean patch token, + linear head.
 * ``SwinClassifier``: MONAI's 3D Swin transformer encoder from scratch ('SwinTransformer-Scratch'),
   global-average-pooled last stage + linear head.
+* ``SFCN`` (``volta3d.downstream.sfcn``): the brain-age CNN of Peng et al. 2021 from scratch.
 
 Training modes (``set_trainable``): ``frozen`` (encoder fixed; summariser and head learn),
 ``partial`` (also the last k blocks and the final norm), ``full``.
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 from monai.networks.nets.swin_unetr import SwinTransformer
 
+from volta3d.downstream.sfcn import SFCN
 from volta3d.errors import InputError
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import build_from_export
@@ -132,6 +134,9 @@ class SwinClassifier(nn.Module):
             raise InputError("the Swin baseline is trained from scratch: only mode 'full' applies")
 
 
+Classifier = ViTClassifier | SwinClassifier | SFCN
+
+
 def swin_kwargs(
     *, feature_size: int, depths: Sequence[int], heads: Sequence[int], window: int, patch_size: int
 ) -> dict[str, Any]:
@@ -155,19 +160,27 @@ def build_classifier(
     pooling: str,
     img_size: int | None,
     swin_kwargs: dict[str, Any] | None = None,
-) -> ViTClassifier | SwinClassifier:
+    sfcn_kwargs: dict[str, Any] | None = None,
+) -> Classifier:
     """``model``: ``vit`` (from the export at ``encoder``, or from scratch with ``encoder_kwargs``,
-    the ``model:`` config section, and ``summariser_kwargs``) or ``swin`` (from scratch with
-    ``swin_kwargs``). ``pooling``, ``img_size``: the ``classify:`` section's; ``img_size`` is the cube
-    edge the classifier sees (None: the input's), the export's position embedding is resampled to it."""
+    the ``model:`` config section, and ``summariser_kwargs``), ``swin`` (from scratch with
+    ``swin_kwargs``) or ``sfcn`` (from scratch with ``sfcn_kwargs``). ``pooling``, ``img_size``: the
+    ``classify:`` section's; ``img_size`` is the cube edge the classifier sees (None: the input's), the
+    export's position embedding is resampled to it."""
     if model == "swin":
         if encoder is not None:
             raise InputError(
                 "--encoder applies to the ViT classifier; the Swin baseline is trained from scratch"
             )
         return SwinClassifier(num_outputs, **(swin_kwargs or {}))
+    if model == "sfcn":
+        if encoder is not None:
+            raise InputError(
+                "--encoder applies to the ViT classifier; the SFCN baseline is trained from scratch"
+            )
+        return SFCN(num_outputs, **(sfcn_kwargs or {}))
     if model != "vit":
-        raise InputError(f"unknown classifier model '{model}' (choose vit or swin)")
+        raise InputError(f"unknown classifier model '{model}' (choose vit, swin or sfcn)")
     if encoder is not None:
         enc, summ = build_from_export(encoder, img_size=img_size)
         if pooling == "cls" and summ is None:

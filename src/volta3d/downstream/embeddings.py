@@ -84,6 +84,12 @@ def raw_volume_features(images: torch.Tensor, grid: int = 16) -> torch.Tensor:
         )
     if grid < 1:
         raise InputError(f"raw-volume grid must be a positive integer, got {grid}")
+    side = min(images.shape[2:])
+    if grid > side:  # before pooling allocates B x C x grid^3 (1000^3 floats: 4 GB a volume)
+        raise InputError(
+            f"raw-volume grid {grid} is finer than the volumes' smallest side ({side} voxels, shape "
+            f"{tuple(images.shape[2:])}): pooling adds no detail; give at most {side} (embed --raw-grid, eval.raw_grid)"
+        )
     x = standardise(images.float())
     return F.adaptive_avg_pool3d(x, grid).flatten(1).float()  # (B, C, grid, grid, grid) -> (B, C * grid^3)
 

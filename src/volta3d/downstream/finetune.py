@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from volta3d.config import save_config, to_kwargs
+from volta3d.downstream.leakage import check_run_rows
 from volta3d.errors import InputError
 
 
@@ -37,6 +38,11 @@ class FinetuneInputs:
     progress: bool
     label: str | None = None
     fractions: str | None = None
+
+    @property
+    def section(self) -> str:
+        """The config section the task reads: ``regress`` is classification's code and keys."""
+        return "segment" if self.task == "segment" else "classify"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FinetuneInputs:
@@ -57,9 +63,9 @@ class FinetuneInputs:
 
 
 def finetune(cfg: Any, run: FinetuneInputs) -> dict[str, Any]:
-    """Run ``run.task`` (classify or segment) into ``run.output``; return the results dictionary."""
+    """Run ``run.task`` (classify, regress: classify with the task fixed to regression, or segment) into ``run.output``; return the results dictionary."""
     device = _prepare_output(cfg, run)
-    results, provenance = (classify if run.task == "classify" else segment)(cfg, run, device)
+    results, provenance = (segment if run.task == "segment" else classify)(cfg, run, device)
     if provenance is not None:
         from volta3d.evaluation.results import RESULTS_NAME, write_json
 
@@ -102,17 +108,16 @@ def classify(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any]
     """Cross-validated classification of ``run.label``; return the results and the encoder provenance."""
     from volta3d.data.dataset import read_manifest
     from volta3d.downstream.external import check_external_classes, test_record
-    from volta3d.downstream.labels import prepare_labels
+    from volta3d.downstream.labels import label_kfold_splits, prepare_labels
     from volta3d.downstream.saved import read_preprocessing
     from volta3d.downstream.train_classify import run_classification
-    from volta3d.evaluation.splits import make_kfold_splits
     from volta3d.runtime import get_logger
 
     c, log = to_kwargs(cfg.classify), get_logger()
     if run.label is None:
         raise InputError("finetune classify needs --label: the manifest column to predict")
     table, external = with_external(run, read_manifest(run.data))
-    labels = prepare_labels(table, run.label, c["task"])
+    labels = prepare_labels(table, run.label, "regression" if run.task == "regress" else c["task"])
     if external is not None and run.test_data is not None and labels.kind != "regression":
         check_external_classes(labels.targets, labels.table["subject_id"], labels.classes, run.test_data)
     if labels.dropped:
@@ -124,15 +129,10 @@ def classify(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any]
     splits = run_splits(
         run,
         lambda: (
-            external
-            or {
-                **make_kfold_splits(
-                    labels.table["subject_id"], labels.strata, n_splits=c["n_splits"], seed=cfg.seed
-                ),
-                "stratified_by": run.label,
-            }
+            external or {**label_kfold_splits(labels, c["n_splits"], cfg.seed), "stratified_by": run.label}
         ),
     )
+    check_run_rows(labels.table, splits, labels)  # one scan under two subject ids, conflicting labels
     fractions = [float(f) for f in run.fractions.split(",")] if run.fractions else c["fractions"]
     encoder_kwargs, summariser_kwargs = vit_sizes(to_kwargs(cfg.model), like_meta(run))
     provenance = encoder_provenance(run, labels.table)
@@ -171,6 +171,7 @@ def segment(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any],
             )
         ),
     )
+    check_run_rows(table, splits)  # one scan under two subject ids
     provenance = encoder_provenance(run, table)
     results = run_segmentation(
         table, run.output, splits, {**s, "model": run.model or s["model"]}, encoder=run.encoder,
@@ -202,10 +203,12 @@ def vit_sizes(model: dict[str, Any], like: dict[str, Any] | None) -> tuple[dict[
 def unetr_sizes(
     model: dict[str, Any], section: dict[str, Any], like: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """UNETR keyword arguments: the ViT widths of ``model:`` (or of the ``--like`` export) and the
-    decoder width ``segment.feature_size``."""
+    """UNETR keyword arguments: the ViT's patch, depth and widths of ``model:`` (or of the ``--like``
+    export) and the decoder width ``segment.feature_size``."""
     m, _ = vit_sizes(model, like)
     return {
+        "patch_size": m["patch_size"],
+        "num_layers": m["num_layers"],
         "hidden_size": m["hidden_size"],
         "mlp_dim": m["mlp_dim"],
         "num_heads": m["num_heads"],
@@ -262,9 +265,10 @@ def encoder_provenance(run: FinetuneInputs, tested: Any) -> dict[str, Any] | Non
 
 
 def summary_line(results: dict[str, Any]) -> str:
-    """The line the command prints: the model, its folds and each metric's mean +- SD."""
+    """The line the command prints: the model, its folds and each metric's mean +- SD, the primary first."""
     parts = []
-    for name, agg in results["aggregate"].items():
+    primary = results.get("primary_metric")
+    for name, agg in sorted(results["aggregate"].items(), key=lambda item: item[0] != primary):
         if agg["n"] and name != "youden_threshold":
             sd = f" +- {agg['sd']:.3f}" if agg["sd"] is not None and agg["n"] > 1 else ""
             parts.append(f"{name} {agg['mean']:.3f}{sd}")

@@ -1,5 +1,11 @@
 """Turn a manifest label column into training targets: classes (sorted) for classification,
-floats for regression; rows with a missing label are dropped and counted."""
+floats for regression; rows with a missing label are dropped and counted.
+
+The label is checked here, up front, for every task that reads one (``finetune``, ``probe`` and the
+online probe of pretraining): a value that is not finite, and too few subjects for the folds (a class
+of one member, a column mostly empty) are one-line errors naming the column before any training,
+instead of a scikit-learn traceback after it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from volta3d.errors import InputError
-from volta3d.evaluation.splits import regression_strata
+from volta3d.evaluation.splits import make_kfold_splits, regression_strata
 
 TASKS = ("auto", "classification", "regression")
 # 'auto' treats a numeric column with more distinct values than this as a regression target (age)
@@ -59,6 +65,13 @@ def prepare_labels(table: pd.DataFrame, column: str, task: str = "auto") -> Labe
     values = kept[column]
     numeric = pd.to_numeric(values, errors="coerce")
     is_numeric = bool(numeric.notna().all())
+    if is_numeric and not np.isfinite(numeric).all():
+        row = int(np.flatnonzero(~np.isfinite(numeric))[0])
+        who = f"subject {kept['subject_id'].iloc[row]}" if "subject_id" in kept else f"row {row + 1}"
+        raise InputError(
+            f"label column '{column}' has the value {numeric.iloc[row]} for {who}; give a finite number, or "
+            "leave it empty to drop the row"
+        )
     if task == "auto":
         task = "regression" if is_numeric and numeric.nunique() > MAX_AUTO_CLASSES else "classification"
     if task == "regression":
@@ -75,3 +88,35 @@ def prepare_labels(table: pd.DataFrame, column: str, task: str = "auto") -> Labe
     targets = np.asarray([index[v] for v in raw], dtype=np.int64)
     classes = [c.item() if isinstance(c, np.generic) else c for c in classes]
     return LabelSet(kept, column, "binary" if len(classes) == 2 else "multiclass", targets, classes, dropped)
+
+
+def check_fold_support(labels: LabelSet, n_splits: int) -> None:
+    """Refuse a label that cannot fill ``n_splits`` subject-grouped folds: fewer subjects with a value
+    than folds, a class with fewer subjects than folds (a fold would train or test without it: a
+    probe cannot fit, an AUROC is undefined), or numeric values too few to stratify by."""
+    subjects = labels.table["subject_id"].astype(str)
+    count = subjects.nunique()
+    total = labels.dropped + len(subjects)
+    empty = f" ({labels.dropped} of {total} rows have no value)" if labels.dropped else ""
+    where = f"label column '{labels.column}'"
+    if count < n_splits:
+        raise InputError(f"{where} has values for {count} subjects{empty}, fewer than the {n_splits} folds")
+    if labels.kind != "regression":
+        per_class = subjects.groupby(labels.targets).nunique()
+        small = per_class[per_class < n_splits]
+        if len(small):
+            raise InputError(
+                f"{where}: class {labels.classes[int(small.index[0])]!r} has {int(small.iloc[0])} subject(s), "
+                f"fewer than the {n_splits} folds{empty}; each fold must train and test on every class: use "
+                "fewer folds or drop the class"
+            )
+    elif (pd.Series(labels.strata).value_counts() < n_splits).all():  # scikit-learn's own condition
+        raise InputError(
+            f"{where} has values for {count} subjects{empty}: too few to stratify {n_splits} folds by value"
+        )
+
+
+def label_kfold_splits(labels: LabelSet, n_splits: int, seed: int) -> dict[str, Any]:
+    """Subject-grouped k-fold splits stratified by the label, once it is known to fill them."""
+    check_fold_support(labels, n_splits)
+    return make_kfold_splits(labels.table["subject_id"], labels.strata, n_splits=n_splits, seed=seed)

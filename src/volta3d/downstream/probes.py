@@ -18,6 +18,7 @@ from sklearn.preprocessing import StandardScaler
 
 from volta3d.downstream.cv import Fold, label_results, plan_folds, run_folds
 from volta3d.downstream.labels import LabelSet
+from volta3d.downstream.leakage import check_run_rows
 from volta3d.downstream.scoring import fold_metrics, prediction_rows
 from volta3d.errors import InputError
 
@@ -145,8 +146,8 @@ def _probe_inputs(
     """The embeddings (refused when non-finite), the labels, the manifest row of each embedding and the folds."""
     from volta3d.data.dataset import read_manifest
     from volta3d.downstream.embeddings import embedding_rows, load_embeddings
-    from volta3d.downstream.labels import prepare_labels
-    from volta3d.evaluation.splits import load_splits, make_kfold_splits
+    from volta3d.downstream.labels import label_kfold_splits, prepare_labels
+    from volta3d.evaluation.splits import load_splits
 
     emb, meta = load_embeddings(embeddings)
     bad = [k for k in ("cls", "mean", "tokens", "raw") if k in emb and not np.isfinite(emb[k]).all()]
@@ -157,11 +158,7 @@ def _probe_inputs(
     labels = prepare_labels(read_manifest(data), label, cfg.classify.task)
     rows = embedding_rows(emb["path"].tolist(), labels.table["path"].tolist(), f"{embeddings} ({data})")
     splits = (
-        load_splits(splits_file)
-        if splits_file
-        else make_kfold_splits(
-            labels.table["subject_id"], labels.strata, n_splits=cfg.probe.n_splits, seed=cfg.seed
-        )
+        load_splits(splits_file) if splits_file else label_kfold_splits(labels, cfg.probe.n_splits, cfg.seed)
     )
     return emb, meta, labels, rows, splits
 
@@ -186,6 +183,7 @@ def probe_folder(
     save_config(cfg, out)
     pc = to_kwargs(cfg.probe)
     emb, meta, labels, rows, splits = _probe_inputs(cfg, embeddings, data, label, splits_file)
+    check_run_rows(labels.table, splits, labels)  # one scan under two subject ids, conflicting labels
     save_splits(splits, out)
     provenance = _provenance(meta, data, labels.table)
     summary = {}

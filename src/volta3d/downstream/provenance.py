@@ -16,8 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from volta3d.data.content import volume_sha256
 from volta3d.downstream.saved import read_preprocessing
-from volta3d.runtime import file_sha256
 
 # settings that change what a network sees; column names and limits do not
 COMPARED_SETTINGS = ("size", "spacing", "orientation", "crop", "resize", "intensity", "lower_percentile",
@@ -28,7 +28,7 @@ def pretraining_provenance(folders: Sequence[str | Path], manifest: pd.DataFrame
     """The record ``encoder.json`` keeps: subject ids, volume hashes, each folder's preprocessing."""
     return {
         "subject_ids": sorted(set(manifest["subject_id"].astype(str))),
-        "volume_sha256": sorted({file_sha256(p) for p in manifest["path"]}),
+        "volume_sha256": sorted({volume_sha256(p) for p in manifest["path"]}),
         "preprocessing": [read_preprocessing(f) for f in folders],
     }
 
@@ -41,10 +41,11 @@ def _settings_differ(data_dir: str | Path, pretraining: Sequence[dict[str, Any] 
         return None  # nothing to compare on one side
 
     def n_differing(p: dict[str, Any]) -> int:
-        return sum(mine.get(k) != p.get(k) for k in COMPARED_SETTINGS)
+        return sum(mine.get(k) != p.get(k) for k in COMPARED_SETTINGS if k in p)
 
     closest = min(known, key=n_differing)
-    diffs = [k for k in COMPARED_SETTINGS if mine.get(k) != closest.get(k)]
+    # an imported encoder declares only the settings its authors state (volta3d import-encoder --preprocessing)
+    diffs = [k for k in COMPARED_SETTINGS if k in closest and mine.get(k) != closest.get(k)]
     if not diffs:
         return None
     k = diffs[0]
@@ -62,11 +63,18 @@ def relate_to_pretraining(
         return {
             "known": False
         }, "the encoder export records no pretraining data: transductive or not is unknown"
+    # imported (volta3d import-encoder): only the preprocessing it expects is known
+    if "subject_ids" not in record:
+        differs = _settings_differ(data_dir, record.get("preprocessing", []))
+        unknown = "the encoder was imported: its pretraining data is unknown to volta3d, so transductive or not is unknown"
+        return {"known": False, "external": True}, "; ".join(w for w in (unknown, differs) if w)
     ids, hashes = set(record["subject_ids"]), set(record["volume_sha256"])
     subjects = test["subject_id"].astype(str).unique()
-    n_volumes = sum(file_sha256(p) in hashes for p in test["path"])
+    n_volumes = sum(volume_sha256(p) in hashes for p in test["path"])
     summary = {"known": True, "n_test": int(len(subjects)),
                "test_subjects_in_pretraining": int(sum(s in ids for s in subjects)),
                "test_volumes_in_pretraining": int(n_volumes)}  # fmt: skip
     summary["transductive"] = bool(summary["test_subjects_in_pretraining"] or n_volumes)
+    if record.get("external"):  # pretraining continued from an imported encoder: its own data is unknown
+        summary["external"] = True
     return summary, _settings_differ(data_dir, record.get("preprocessing", []))

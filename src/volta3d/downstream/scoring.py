@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from volta3d.downstream.brain_age import brain_age_metrics, fit_bias_correction
 from volta3d.downstream.labels import LabelSet
 from volta3d.errors import InputError
 from volta3d.evaluation.metrics import binary_metrics, multiclass_metrics, regression_metrics
@@ -14,7 +15,8 @@ from volta3d.evaluation.metrics import binary_metrics, multiclass_metrics, regre
 
 def fold_metrics(kind: str, y_test, s_test, y_thr, s_thr, positive: int = 1) -> dict[str, float]:
     """Metrics of the test fold; binary: class ``positive`` is the positive one, and the Youden
-    threshold is fitted on ``(y_thr, s_thr)`` (the inner validation predictions)."""
+    threshold is fitted on ``(y_thr, s_thr)`` (the inner validation predictions); regression: the
+    brain-age gap's bias correction is fitted on them (the training subjects' predictions)."""
     if kind == "binary":
         return binary_metrics(
             (np.asarray(y_test) == positive).astype(int),
@@ -24,7 +26,18 @@ def fold_metrics(kind: str, y_test, s_test, y_thr, s_thr, positive: int = 1) -> 
         )
     if kind == "multiclass":
         return multiclass_metrics(y_test, s_test)
-    return regression_metrics(y_test, s_test)
+    return {**regression_metrics(y_test, s_test), **_gap_metrics(y_test, s_test, y_thr, s_thr)}
+
+
+def _gap_metrics(y_test: Any, s_test: Any, y_fit: Any, s_fit: Any | None) -> dict[str, float]:
+    """Brain-age style metrics of a regression (``volta3d.downstream.brain_age``): Pearson r, the gap's
+    mean and its correlation with the true value, and that correlation after the bias correction fitted
+    on ``(y_fit, s_fit)`` (the training subjects' predictions) when there are any."""
+    if len(y_test) < 2:
+        return {}
+    fit = s_fit is not None and len(y_fit) >= 2 and np.ptp(np.asarray(y_fit, dtype=float)) > 0
+    correction = fit_bias_correction(y_fit, s_fit) if fit and s_fit is not None else None
+    return brain_age_metrics(y_test, s_test, correction)
 
 
 def positive_index(labels: LabelSet, positive_class: Any | None) -> int:

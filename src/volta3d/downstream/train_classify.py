@@ -24,13 +24,22 @@ from monai.transforms import Compose, RandFlipd, Resized
 from torch.utils.data import DataLoader, Subset
 
 from volta3d.data.dataset import VolumeDataset
-from volta3d.downstream.classifier import MODES, SwinClassifier, ViTClassifier, build_classifier, swin_kwargs
+from volta3d.downstream.classifier import (
+    MODES,
+    Classifier,
+    SwinClassifier,
+    ViTClassifier,
+    build_classifier,
+    swin_kwargs,
+)
 from volta3d.downstream.cv import Fold, label_results, plan_folds, run_folds
 from volta3d.downstream.external import test_record
 from volta3d.downstream.labels import LabelSet
 from volta3d.downstream.loop import train_model
+from volta3d.downstream.recipe import FinetuneRecipe
 from volta3d.downstream.saved import save_fold_model
 from volta3d.downstream.scoring import fold_metrics, positive_index, prediction_rows
+from volta3d.downstream.sfcn import SFCN, sfcn_kwargs
 from volta3d.errors import InputError
 from volta3d.evaluation.splits import make_holdout_split
 from volta3d.runtime import get_logger
@@ -115,7 +124,7 @@ def model_architecture(net: nn.Module, model: str, pooling: str) -> dict[str, An
 
 
 def classifier_build(
-    net: ViTClassifier | SwinClassifier, labels: LabelSet, model: str, pooling: str, img_size: int | None
+    net: Classifier, labels: LabelSet, model: str, pooling: str, img_size: int | None
 ) -> dict:
     """What ``build_classifier`` needs to rebuild ``net`` without its encoder export."""
     if isinstance(net, ViTClassifier):
@@ -130,6 +139,7 @@ def classifier_build(
             "pooling": pooling,
             "img_size": img_size,
             "swin_kwargs": None,
+            "sfcn_kwargs": None,
         }
     return {
         "model": model,
@@ -138,14 +148,15 @@ def classifier_build(
         "summariser_kwargs": None,
         "pooling": pooling,
         "img_size": img_size,
-        "swin_kwargs": dict(net.architecture),
+        "swin_kwargs": dict(net.architecture) if isinstance(net, SwinClassifier) else None,
+        "sfcn_kwargs": dict(net.architecture) if isinstance(net, SFCN) else None,
     }
 
 
 def save_classifier(
     out_dir: str | Path,
     key: str,
-    net: ViTClassifier | SwinClassifier,
+    net: Classifier,
     payload: dict[str, Any],
     labels: LabelSet,
     setup: dict[str, Any],
@@ -190,8 +201,8 @@ def run_classification(
     """Run every (fraction, fold) of ``splits`` with the ``classify:`` config ``section`` (keys as in
     default.yaml), write ``results.json`` / ``predictions.csv`` into ``out_dir`` and return the results
     dictionary (layout in ``volta3d.downstream.cv``). Without ``encoder`` (an export to fine-tune) the
-    model is built from scratch: a ViT from ``encoder_kwargs`` / ``summariser_kwargs`` or a Swin from
-    ``section["swin"]``."""
+    model is built from scratch: a ViT from ``encoder_kwargs`` / ``summariser_kwargs``, a Swin from
+    ``section["swin"]`` or an SFCN from ``section["sfcn"]``."""
     setup = _setup(
         labels,
         section,
@@ -265,20 +276,21 @@ def _setup(
         "augment",
         "epochs",
         "batch_size",
-        "lr",
-        "weight_decay",
         "class_weighting",
         "regression_loss",
         "num_workers",
     )
+    recipe = FinetuneRecipe.from_section(section)
     return {
         **{k: section[k] for k in keys},
+        "recipe": recipe if encoder is not None else recipe.for_scratch(),
         "mode": train_mode,
         "positive": positive,
         "encoder": encoder,
         "encoder_kwargs": encoder_kwargs,
         "summariser_kwargs": summariser_kwargs,
         "swin_kwargs": swin_kwargs(**section["swin"]),
+        "sfcn_kwargs": sfcn_kwargs(**section["sfcn"]),
         "device": torch.device(device),
         "progress": progress,
     }
@@ -326,10 +338,11 @@ def _build(
     encoder_kwargs: dict[str, Any] | None,
     summariser_kwargs: dict[str, Any] | None,
     swin_kwargs: dict[str, Any] | None,
+    sfcn_kwargs: dict[str, Any] | None,
     pooling: str,
     img_size: int | None,
     **_: Any,
-) -> ViTClassifier | SwinClassifier:
+) -> Classifier:
     """A fresh classifier for one fold (``setup`` carries more keys than the builder takes)."""
     return build_classifier(
         model,
@@ -340,6 +353,7 @@ def _build(
         pooling=pooling,
         img_size=img_size,
         swin_kwargs=swin_kwargs,
+        sfcn_kwargs=sfcn_kwargs,
     )
 
 
@@ -393,8 +407,8 @@ def _fit(
         loader,
         batch_loss,
         epochs=setup["epochs"],
-        lr=setup["lr"],
-        weight_decay=setup["weight_decay"],
+        recipe=setup["recipe"],
+        num_layers=net.encoder.num_layers if isinstance(net, ViTClassifier) else 0,
         desc=key,
         progress=setup["progress"],
     )
@@ -403,13 +417,15 @@ def _fit(
 
 def train_fold(
     labels: LabelSet, fold: Fold, fit_rows: np.ndarray, thr_rows: np.ndarray, setup: dict[str, Any]
-) -> tuple[dict[str, Any], ViTClassifier | SwinClassifier]:
+) -> tuple[dict[str, Any], Classifier]:
     """Train one fold's model on ``fit_rows``, fit the threshold on ``thr_rows``, score the fold's test
     rows; return the fold payload and the trained network."""
     log, kind, k, frac = get_logger(), labels.kind, fold.index, fold.fraction
     train_tf, eval_tf = _transforms(setup["img_size"], setup["augment"], fold.seed)
     net = _build(labels, **setup)
     net.set_trainable(setup["mode"], setup["unfreeze_last"])
+    if isinstance(net, ViTClassifier):
+        net.encoder.set_drop_path(setup["recipe"].drop_path)
     net.to(setup["device"])
     log.info(
         f"{fold.key}: training on {len(fit_rows)} scans (threshold {len(thr_rows)}), "
@@ -426,7 +442,10 @@ def train_fold(
         return idx, output_scores(kind, out, mu, sd)
 
     test_idx, s_test = scores(fold.test)
-    thr_idx, s_thr = scores(thr_rows) if len(thr_rows) else (thr_rows, None)
+    # binary: the Youden threshold's inner split; regression: the training subjects, whose predictions fit
+    # the brain-age gap's bias correction (never the test subjects' ages)
+    held_in = fit_rows if kind == "regression" else thr_rows
+    thr_idx, s_thr = scores(held_in) if len(held_in) else (held_in, None)
     metrics = fold_metrics(
         kind, labels.targets[test_idx], s_test, labels.targets[thr_idx], s_thr, setup["positive"]
     )

@@ -30,13 +30,14 @@ from monai.transforms import Compose, Lambdad, RandCropByPosNegLabeld, SpatialPa
 from torch.utils.data import DataLoader, Subset
 
 from volta3d.data.cache import volume_spacing
-from volta3d.data.dataset import VolumeDataset
+from volta3d.data.dataset import VolumeDataset, load_volume
 from volta3d.downstream.cv import Fold, RunResults, plan_folds, run_folds
 from volta3d.downstream.external import test_record
 from volta3d.downstream.flip import RandLeftRightFlipd, check_label_pairs
 from volta3d.downstream.loop import train_model
+from volta3d.downstream.recipe import FinetuneRecipe
 from volta3d.downstream.saved import save_fold_model
-from volta3d.downstream.segmenter import UNETR_LAYERS, UNETR_PATCH, build_segmenter
+from volta3d.downstream.segmenter import AnyPatchUNETR, build_segmenter
 from volta3d.errors import InputError
 from volta3d.evaluation.metrics import segmentation_metrics
 from volta3d.evaluation.splits import make_holdout_split
@@ -51,17 +52,22 @@ def _with_channel(mask: torch.Tensor) -> torch.Tensor:
 
 def check_mask_classes(label_paths: Sequence[str], num_classes: int | None) -> int:
     """Number of classes (incl. background) the masks use; an error names a mask whose labels do
-    not fit the declared ``num_classes``."""
-    highest = 0
+    not fit the declared ``num_classes``, or that skips a label (0 / 3: classes 1 and 2 would never be seen)."""
+    seen: dict[int, str] = {}  # label -> the first mask holding it
     for p in label_paths:
-        values = np.unique(np.load(p))
+        values = np.unique(load_volume(p))  # a truncated mask: one line naming it
         if values.min() < 0:
             raise InputError(f"mask {p} has negative label {int(values.min())}")
         if num_classes is not None and values.max() >= num_classes:
             raise InputError(
                 f"mask {p} has label {int(values.max())} but segment.num_classes={num_classes} (labels 0..{num_classes - 1})"
             )
-        highest = max(highest, int(values.max()))
+        seen.update({int(v): str(p) for v in values if int(v) not in seen})
+    highest = max(seen, default=0)
+    gap = sorted(set(range(highest)) - set(seen))
+    if gap:
+        raise InputError(f"mask {seen[highest]} has label {highest} but no mask has label {gap[0]}: labels must "
+                         "be contiguous 0..K; relabel the masks and re-run volta3d preprocess")  # fmt: skip
     if num_classes is None:
         num_classes = highest + 1
     if num_classes < 2:
@@ -85,7 +91,8 @@ def effective_unetr_kwargs(encoder: str | Path | None, unetr_kwargs: dict[str, A
     arch = dict(unetr_kwargs or {})
     if encoder is not None:
         meta = encoder_kwargs_from_meta(read_encoder_export(encoder)[1])
-        arch.update({k: meta[k] for k in ("hidden_size", "mlp_dim", "num_heads", "qkv_bias", "input_norm")})
+        sizes = ("patch_size", "num_layers", "hidden_size", "mlp_dim", "num_heads", "qkv_bias", "input_norm")
+        arch.update({k: meta[k] for k in sizes})
     return arch
 
 
@@ -134,12 +141,12 @@ def segmenter_architecture(
             "num_res_units": int(unet.num_res_units),
             "out_channels": num_classes,
         }
-    arch = effective_unetr_kwargs(encoder, unetr_kwargs)
+    unetr = cast(AnyPatchUNETR, net)  # its patch and depth where neither an export nor the kwargs set them
     return {
         "model": "unetr",
-        **arch,
-        "patch_size": UNETR_PATCH,
-        "num_layers": UNETR_LAYERS,
+        "patch_size": unetr.patch_size,
+        "num_layers": unetr.num_layers,
+        **effective_unetr_kwargs(encoder, unetr_kwargs),
         "img_size": crop_size,
         "out_channels": num_classes,
     }
@@ -315,8 +322,7 @@ def _train(
         loader,
         batch_loss,
         epochs=s["epochs"],
-        lr=s["lr"],
-        weight_decay=s["weight_decay"],
+        recipe=FinetuneRecipe(lr=s["lr"], weight_decay=s["weight_decay"]),
         validate=validate if len(val_rows) else None,
         val_every=s["val_every"],
         desc=fold.key,

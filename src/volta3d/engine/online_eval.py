@@ -24,12 +24,12 @@ from omegaconf import DictConfig
 from volta3d.config import to_kwargs
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.downstream.embeddings import embedding_rows, extract_embeddings, extract_raw_embeddings
-from volta3d.downstream.labels import LabelSet, prepare_labels
+from volta3d.downstream.labels import LabelSet, label_kfold_splits, prepare_labels
 from volta3d.downstream.probes import PROBE_SETTINGS, run_probe
 from volta3d.engine.meta_arch import Student
 from volta3d.errors import InputError
 from volta3d.evaluation.pretrain_health import ONLINE_EVAL_NAME
-from volta3d.evaluation.splits import load_splits, make_kfold_splits, save_splits
+from volta3d.evaluation.splits import load_splits, save_splits
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.summariser import CLSSummariser
 from volta3d.runtime import MetricsCSV
@@ -76,9 +76,7 @@ class OnlineProbe:
         if path.exists():  # a resumed run keeps its folds
             splits = load_splits(path)
         else:
-            splits = make_kfold_splits(
-                labels.table["subject_id"], labels.strata, n_splits=n_splits, seed=self.seed
-            )
+            splits = label_kfold_splits(labels, n_splits, self.seed)
             save_splits(splits, path)
         return ProbeTask(labels, rows, splits)
 

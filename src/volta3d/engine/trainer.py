@@ -26,11 +26,14 @@ from tqdm.auto import tqdm
 
 from volta3d.config import save_config, to_kwargs
 from volta3d.data.batched_views import PretrainVolumesDataset, build_views, collate_volumes, move_batch
+from volta3d.data.content import content_hashes, describe_change
 from volta3d.data.dataset import VolumeDataset, read_manifest
+from volta3d.data.integrity import refuse_repeated_volumes
 from volta3d.downstream.provenance import pretraining_provenance
 from volta3d.engine.checkpoint import load_checkpoint, save_checkpoint
 from volta3d.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from volta3d.engine.health import HealthTracker
+from volta3d.engine.init_weights import start_from_export
 from volta3d.engine.meta_arch import VolTA3D, build_volta3d
 from volta3d.engine.online_eval import online_evaluation
 from volta3d.engine.optim import (
@@ -43,7 +46,7 @@ from volta3d.engine.sampler import ResumableSampler
 from volta3d.engine.schedules import Schedules, build_schedules, scaled_lr
 from volta3d.errors import InputError
 from volta3d.evaluation.pretrain_health import PRETRAIN_DATA_NAME
-from volta3d.models.export import save_encoder_export
+from volta3d.models.export import META_NAME, WEIGHTS_NAME, save_encoder_export
 from volta3d.runtime import (
     MetricsCSV,
     atomic_write,
@@ -95,6 +98,7 @@ def pretrain(
     run = _prepare_run(cfg, data, out, device, dist_info, logger)
     _train(run, progress)
     if dist_info.is_main:  # the last step was checkpointed and exported inside the loop
+        _check_export(run)
         logger.info("finished at step %d; encoder export in %s", run.step, out / "encoder.safetensors")
     barrier()
     return out
@@ -147,6 +151,8 @@ def _prepare_run(
     optimizer = build_optimizer(model.student, cfg.optim.betas)
     schedules = _schedules(cfg, steps_per_epoch, effective_batch)
     step = _maybe_resume(out / CHECKPOINT, cfg, model, optimizer, effective_batch, data_record, logger)
+    if cfg.train.init:  # pretrain --init: the export's weights start a fresh run; a resumed one has its own
+        data_record = start_from_export(cfg.train.init, model if step == 0 else None, data_record, logger)
     last_step = (
         schedules.total_steps if cfg.train.max_steps <= 0 else min(cfg.train.max_steps, schedules.total_steps)
     )
@@ -423,19 +429,21 @@ def _schedules(cfg: DictConfig, steps_per_epoch: int, effective_batch: int) -> S
         teacher_temp=lo.teacher_temp,
         warmup_teacher_temp=lo.warmup_teacher_temp, warmup_teacher_temp_epochs=lo.warmup_teacher_temp_epochs,
         teacher_patch_temp=lo.teacher_patch_temp, warmup_teacher_patch_temp=lo.warmup_teacher_patch_temp,
-        freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+        freeze_last_layer_epochs=o.freeze_last_layer_epochs, max_steps=cfg.train.max_steps,
     )  # fmt: skip
 
 
 def _data_record(folders: Sequence[str | Path], manifest: pd.DataFrame) -> dict[str, Any]:
     """What the run pretrains on (pretrain_data.json): the report reads it to tell whether downstream test
-    subjects were in the pretraining set; the hash of ids and paths guards a resume against other data."""
+    subjects were in the pretraining set; the hash of ids and paths, and each volume's content hash
+    (``volumes``, see ``volta3d.data.content``), guard a resume against other data or data changed in place."""
+    refuse_repeated_volumes(manifest, folders)
     ids, paths = manifest["subject_id"].astype(str).tolist(), manifest["path"].astype(str).tolist()
     digest = hashlib.sha256(
         "\n".join(f"{i}\t{p}" for i, p in zip(ids, paths, strict=True)).encode()
     ).hexdigest()
     return {"folders": [str(Path(f).resolve()) for f in folders], "n_volumes": len(ids), "sha256": digest,
-            "subject_ids": ids}  # fmt: skip
+            "subject_ids": ids, "volumes": content_hashes(paths)}  # fmt: skip
 
 
 def _maybe_resume(
@@ -451,6 +459,10 @@ def _maybe_resume(
             f"{path} was trained on other volumes than --data now gives ({data_record['n_volumes']} volumes from "
             f"{', '.join(data_record['folders'])}); use a new --output folder to pretrain on other data"
         )
+    change = describe_change(state.get("data_volumes"), data_record["volumes"])
+    if change:  # e.g. a --data folder preprocessed again in place, with other settings
+        raise InputError(f"{path} was trained on other data: {change} since; use a new --output folder to "
+                         "pretrain on the data as it is now")  # fmt: skip
     now, then = flatten_dict(to_kwargs(cfg)), flatten_dict(state["config"])
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k) and k not in RESUME_FREE_KEYS
                      and not k.startswith(RESUME_FREE_PREFIXES))  # fmt: skip
@@ -488,13 +500,36 @@ def _save(
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "effective_batch": effective_batch, "config": OmegaConf.to_container(cfg, resolve=True),
             "rng": torch.get_rng_state(), "data_sha256": data_record["sha256"],
+            "data_volumes": data_record["volumes"],
         },
     )  # fmt: skip
+    _export(out, model, step, data_record, teacher_init_share)
+
+
+def _export(
+    out: Path, model: VolTA3D, step: int, data_record: Mapping[str, Any], teacher_init_share: float
+) -> None:
     # DINO evaluates the teacher: it is the better encoder, so it is the one exported.
     training = {"step": step, "teacher_init_share": teacher_init_share}
     save_encoder_export(
         out, model.teacher.encoder, model.teacher.summariser, data_record.get("provenance"), training
     )
+
+
+def _check_export(run: _Run) -> None:
+    """The export must be the last checkpoint's: a run killed while exporting leaves an earlier step's
+    (each file is replaced atomically, encoder.json last, so its step dates both), which a re-run that
+    finds the training finished would otherwise keep. Such an export is written again from the checkpoint."""
+    try:
+        step = json.loads((run.out / META_NAME).read_text())["training"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        step = None
+    if run.step == 0 or (step == run.step and (run.out / WEIGHTS_NAME).is_file()):
+        return
+    run.logger.warning("the encoder export is from step %s, not the checkpoint's step %d (interrupted while "
+                       "exporting?): exporting it again", step, run.step)  # fmt: skip
+    share = float(run.schedules.teacher_init_share[run.step - 1])
+    _export(run.out, run.model, run.step, run.data_record, share)
 
 
 def _wrap_student(model: VolTA3D, device: torch.device, dist_info: DistInfo) -> torch.nn.Module:

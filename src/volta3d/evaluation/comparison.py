@@ -53,6 +53,35 @@ def positive_class_warnings(pos_a: object, pos_b: object) -> list[str]:
     ]
 
 
+def refuse_incomparable(ra: dict[str, Any], rb: dict[str, Any]) -> None:
+    """Two runs are compared only on the same folds and the same target: a paired difference between a
+    sex probe and an age probe, or a classifier and a regressor, would look like a result."""
+    names = f"runs {ra.get('dir', 'A')} and {rb.get('dir', 'B')}"
+    for key, what in (("label", "labels"), ("kind", "kinds of task")):
+        if ra.get(key) != rb.get(key):
+            raise InputError(f"{names} predict different {what} ({ra.get(key)!r} vs {rb.get(key)!r}); "
+                             "a paired difference between them means nothing")  # fmt: skip
+    if not same_folds(ra.get("splits", {}), rb.get("splits", {})):
+        raise InputError(
+            f"{names} were not evaluated on the same folds (pass the first run's splits.json with --splits)"
+        )
+
+
+def subject_outcomes(merged: pd.DataFrame, kind: str | None) -> dict[str, tuple[list[float], list[float]]]:
+    """Per-subject outcomes of A and B from their merged predictions: ``correct`` (0 / 1) for a
+    classification, ``abs_error`` for a regression (their means are the accuracy and the MAE)."""
+    cols = set(merged.columns)
+    if kind == "regression" and {"prediction_a", "prediction_b", "y_true_a"} <= cols:
+        truth = merged["y_true_a"].to_numpy(float)
+        a, b = (np.abs(merged[f"prediction_{s}"].to_numpy(float) - truth) for s in "ab")
+        return {"abs_error": (a.tolist(), b.tolist())}
+    if kind in ("binary", "multiclass") and {"prediction_a", "prediction_b", "label_a"} <= cols:
+        label = merged["label_a"].astype(str)
+        a, b = ((merged[f"prediction_{s}"].astype(str) == label).to_numpy(float) for s in "ab")
+        return {"correct": (a.tolist(), b.tolist())}
+    return {}
+
+
 def compare_results(
     a: str | Path | dict[str, Any],
     b: str | Path | dict[str, Any],
@@ -64,16 +93,13 @@ def compare_results(
     ``load_run`` dictionaries). Differences are A - B.
 
     Returns ``fold_level`` (per metric: means, mean difference, bootstrap CI over folds, Wilcoxon
-    over folds), ``subject_level`` (per-subject metrics such as Dice, paired by subject) and
+    over folds), ``fraction_level`` (per training fraction of a reduced-data curve: the primary metric's
+    paired difference over folds), ``subject_level`` (per-subject metrics such as Dice, paired by subject) and
     ``delong`` (binary tasks: pooled out-of-fold AUROCs, DeLong z / p, bootstrap CI over subjects).
     """
     ra = a if isinstance(a, dict) else load_run(a)
     rb = b if isinstance(b, dict) else load_run(b)
-    if not same_folds(ra.get("splits", {}), rb.get("splits", {})):
-        raise InputError(
-            f"runs {ra.get('dir', 'A')} and {rb.get('dir', 'B')} were not evaluated on the same folds "
-            "(pass the first run's splits.json with --splits)"
-        )
+    refuse_incomparable(ra, rb)
     folds_a = [f["metrics"] for f in ra["folds"]]
     folds_b = [f["metrics"] for f in rb["folds"]]
     shared = sorted((set().union(*folds_a) & set().union(*folds_b)) - NOT_COMPARED)
@@ -100,6 +126,7 @@ def compare_results(
         vb = [float("nan") if v is None else v for v in vb]
         out["fold_level"][m] = paired_difference(va, vb, n_boot=n_boot, seed=seed)
 
+    out["fraction_level"] = fraction_differences(ra, rb, n_boot=n_boot, seed=seed)
     pa, pb = ra.get("predictions"), rb.get("predictions")
     if pa is None or pb is None:
         return out
@@ -110,6 +137,9 @@ def compare_results(
         out["subject_level"][c] = paired_difference(
             merged[f"{c}_a"].to_numpy(float), merged[f"{c}_b"].to_numpy(float), n_boot=n_boot, seed=seed
         )
+    if out["n_folds"] == 1:  # one fold (an external test set): a pair of numbers; the evidence is per subject
+        for name, (xa, xb) in subject_outcomes(merged, ra.get("kind")).items():
+            out["subject_level"][name] = paired_difference(xa, xb, n_boot=n_boot, seed=seed)
     if (
         ra.get("kind") == "binary"
         and rb.get("kind") == "binary"
@@ -122,6 +152,25 @@ def compare_results(
         ci = bootstrap_ci(_pooled_auc_diff, y, sa, sb, n_boot=n_boot, seed=seed)
         res.update(ci_low=ci["ci_low"], ci_high=ci["ci_high"], n=len(y))
         out["delong"] = res
+    return out
+
+
+def fraction_differences(
+    ra: dict[str, Any], rb: dict[str, Any], *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """The reduced-data curve, paired: per training fraction both runs have, A - B of the primary metric
+    over folds (the fractions' nested subsets are drawn from the same folds with the same seed, so fold k
+    at fraction f trained on the same subjects in both runs when the seeds match)."""
+    metric = ra.get("primary_metric")
+    fa, fb = ra.get("fractions") or {}, rb.get("fractions") or {}
+    if not metric or metric != rb.get("primary_metric"):
+        return {}
+    out = {}
+    for frac in sorted(set(fa) & set(fb), key=float):
+        va = [f["metrics"].get(metric) for f in fa[frac]["folds"]]
+        vb = [f["metrics"].get(metric) for f in fb[frac]["folds"]]
+        va, vb = ([float("nan") if v is None else float(v) for v in vals] for vals in (va, vb))
+        out[frac] = {"metric": metric, **paired_difference(va, vb, n_boot=n_boot, seed=seed)}
     return out
 
 
@@ -138,13 +187,18 @@ def format_comparison(cmp: dict[str, Any]) -> str:
             return
         lines.extend(["", title, header])
         for m, r in section.items():
-            ci = f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            tested = r["n"] >= 2  # one pair: a difference, but nothing to resample or rank
+            ci = f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if tested else "—"
+            p = f"{r['wilcoxon_p']:.3g}" if tested else "—"
             lines.append(
-                f"{m:<26}{r['mean_a']:>9.3f}{r['mean_b']:>9.3f}{r['estimate']:>+9.3f}  {ci:<19}"
-                f"{r['wilcoxon_p']:>11.3g}{r['n']:>5}"
+                f"{m:<26}{r['mean_a']:>9.3f}{r['mean_b']:>9.3f}{r['estimate']:>+9.3f}  {ci:<19}{p:>11}{r['n']:>5}"
             )
 
-    rows(cmp["fold_level"], f"per fold ({cmp['n_folds']} folds; bootstrap over folds)")
+    one = cmp["n_folds"] == 1  # e.g. an external test set
+    rows(cmp["fold_level"], "per fold (1 fold: no CI or test over folds; the paired evidence is per subject)"
+         if one else f"per fold ({cmp['n_folds']} folds; bootstrap over folds)")  # fmt: skip
+    curve = {f"{r['metric']}, fraction {frac}": r for frac, r in (cmp.get("fraction_level") or {}).items()}
+    rows(curve, "per training fraction (folds; bootstrap over folds)")
     rows(cmp["subject_level"], "per subject (bootstrap over subjects)")
     d = cmp.get("delong")
     if d:

@@ -21,7 +21,8 @@ METRIC_LABELS = {
     "auroc": "AUROC", "balanced_accuracy": "bal. acc.", "sensitivity": "sens.", "specificity": "spec.",
     "balanced_accuracy_youden": "bal. acc. (Youden)", "sensitivity_youden": "sens. (Youden)",
     "specificity_youden": "spec. (Youden)", "mae": "MAE", "r2": "R²", "dice": "Dice", "hd95": "HD95 (mm)",
-    "dice_mean": "Dice (per subject)", "hd95_mean": "HD95 (mm, per subject)",
+    "dice_mean": "Dice (per subject)", "hd95_mean": "HD95 (mm, per subject)", "pearson_r": "Pearson r",
+    "gap_age_r": "r(gap, age)", "gap_age_r_corrected": "r(gap, age), corrected", "gap_mean": "mean gap",
 }  # fmt: skip
 FOLD_ROWS = 12  # a table longer than this is folded in a <details> block: the page stays scannable
 

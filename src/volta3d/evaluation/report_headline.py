@@ -81,6 +81,7 @@ class HeadlineRow:
     unit: str = ""
     verdict: str = NOT_TESTED
     reason: str = ""
+    fraction: float | None = None  # a reduced-data point of a fine-tuning curve (None: all training labels)
 
     @property
     def group(self) -> str:
@@ -95,7 +96,8 @@ class HeadlineRow:
     def label(self) -> str:
         """The row's name in the forest plot and the sentence: task, how it was evaluated, baseline."""
         how = " probe" if self.group == PROBES else ("" if self.key[1] == "segmentation" else " fine-tuned")
-        return f"{self.task}{how} vs {short_name(self.other) if self.other else '—'}"
+        labels = "" if self.fraction is None else f" ({self.fraction:.0%} of labels)"
+        return f"{self.task}{how}{labels} vs {short_name(self.other) if self.other else '—'}"
 
 
 def verdict(low: float, high: float, lower_is_better: bool) -> str:
@@ -181,7 +183,36 @@ def headline_rows(
             rows.append(HeadlineRow(key, metric, ref, None, reason="no VolTA-3D-initialised model to compare"
                                     if ref is None else "no baseline to compare with"))  # fmt: skip
             continue
-        rows += [_row(key, r, o, c) for r, o, c in pairs]
+        for r, o, c in pairs:
+            rows += [*_fraction_rows(key, r, o, c), _row(key, r, o, c)]
+    return rows
+
+
+def _fraction_mean(run: Run, frac: str, metric: str) -> float:
+    agg = run.results.get("fractions", {}).get(frac, {}).get("aggregate", {}).get(metric) or {}
+    return float(agg["mean"]) if agg.get("mean") is not None else math.nan
+
+
+def _fraction_rows(key: tuple, ref: Run, other: Run, cmp: Mapping[str, Any] | str) -> list[HeadlineRow]:
+    """A fine-tuning comparison's reduced-data points below the largest fraction: does pretraining help
+    when labels are scarce (paired over folds; probes keep their curves in the task sections)."""
+    if isinstance(cmp, str) or key[0] == "probe":
+        return []
+    rows = []
+    for frac, r in list((cmp.get("fraction_level") or {}).items())[:-1]:
+        ref_value, other_value = (_fraction_mean(run, frac, r["metric"]) for run in (ref, other))
+        row = HeadlineRow(key, r["metric"], ref, other, ref_value, other_value)
+        row.diff, row.p, row.n, row.unit, row.fraction = (
+            r["estimate"],
+            r["wilcoxon_p"],
+            r["n"],
+            "folds",
+            float(frac),
+        )
+        if r["n"] >= 2:
+            row.low, row.high = r["ci_low"], r["ci_high"]
+        row.verdict = verdict(row.low, row.high, better_when_lower(r["metric"]))
+        rows.append(row)
     return rows
 
 

@@ -45,6 +45,7 @@ from volta3d.evaluation.report_runs import (
     Run,
     comparable_group,
     initialisation,
+    is_probe,
     task_title,
     top_predictions,
     variant,
@@ -54,7 +55,7 @@ TABLE_METRICS = {
     "binary": ["auroc", "balanced_accuracy", "sensitivity", "specificity", "balanced_accuracy_youden",
                "sensitivity_youden", "specificity_youden"],
     "multiclass": ["auroc", "balanced_accuracy"],
-    "regression": ["mae", "r2"],
+    "regression": ["mae", "r2", "pearson_r", "gap_age_r", "gap_age_r_corrected"],
     "segmentation": ["dice", "hd95"],
 }  # fmt: skip
 OVERLAY_CASES = 3
@@ -88,6 +89,7 @@ def comparison_rows(ref: Run, other: Run, cmp: Mapping[str, Any] | str) -> list[
                     fmt_p(r["wilcoxon_p"]) if tested else "—",
                 ]
             )
+    rows += _fraction_rows(ref, other, cmp)
     for m, r in cmp["subject_level"].items():
         if m in ("dice_mean", "hd95_mean"):
             dg = digits_for(m)
@@ -121,6 +123,20 @@ def comparison_rows(ref: Run, other: Run, cmp: Mapping[str, Any] | str) -> list[
                 fmt_p(d["p"]),
             ]
         )
+    return rows
+
+
+def _fraction_rows(ref: Run, other: Run, cmp: Mapping[str, Any]) -> list[list[str]]:
+    """The reduced-data curve's paired differences, one row per training fraction below the largest (the
+    largest is the per-fold row above): whether pretraining helped fine-tuning where labels are scarce."""
+    curve = {} if is_probe(ref) else cmp.get("fraction_level") or {}  # probes: the curve figure says it
+    rows = []
+    for frac, r in list(curve.items())[:-1]:
+        dg = digits_for(r["metric"])
+        rows.append([ref.name, other.name, f"{metric_label(r['metric'])}, {float(frac):.0%} of the training labels",
+                     f"folds ({r['n']})", fmt_num(r["mean_a"], dg), fmt_num(r["mean_b"], dg),
+                     fmt_signed(r["estimate"], dg), f"[{r['ci_low']:+.{dg}f}, {r['ci_high']:+.{dg}f}]", "Wilcoxon",
+                     fmt_p(r["wilcoxon_p"])])  # fmt: skip
     return rows
 
 

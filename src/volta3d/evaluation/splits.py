@@ -137,7 +137,23 @@ def load_splits(path: str | Path) -> dict[str, Any]:
             )
         if not fold["test"] or not all(isinstance(s, (str, int)) for s in fold["train"] + fold["test"]):
             raise InputError(f"splits file {p}: fold {k} needs a non-empty 'test' list of subject ids")
+    _refuse_retested(splits["folds"], p)
     return splits
+
+
+def _refuse_retested(folds: list[dict[str, Any]], path: Path) -> None:
+    """Each subject in at most one test fold: two identical folds would report one fold twice as 2-fold
+    CV (and leave the others untested), a subject tested twice would be counted twice."""
+    tested: dict[str, int] = {}
+    for k, fold in enumerate(folds):
+        test = sorted(set(map(str, fold["test"])))
+        same = [j for j in range(k) if sorted(set(map(str, folds[j]["test"]))) == test]
+        again = [s for s in test if s in tested]
+        if same or again:
+            what = (f"folds {same[0]} and {k} test the same subjects" if same
+                    else f"subject {again[0]} is tested in folds {tested[again[0]]} and {k}")  # fmt: skip
+            raise InputError(f"splits file {path}: {what}; each subject belongs to one test fold")
+        tested.update(dict.fromkeys(test, k))
 
 
 def same_folds(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -26,6 +26,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import SABlock, TransformerBlock
+from monai.networks.layers import DropPath
 from monai.networks.nets import ViT, ViTAutoEnc
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -170,6 +171,18 @@ class VolTAEncoder(ViTAutoEnc):
         # Recompute each block's activations in the backward pass: ~1/3 more compute for a much
         # smaller activation memory, which is what lets true batches of 96^3 ViT-B fit one GPU.
         self.activation_checkpointing = activation_checkpointing
+        self.set_drop_path(0.0)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth for fine-tuning (Huang et al., ECCV 2016; BEiT / MAE fine-tune with it): while
+        training, block ``i`` of ``L`` skips its whole residual update for a sample with probability
+        ``rate * i / (L - 1)`` (the first block never, the last at ``rate``), the kept updates scaled by
+        1 / keep. A training setting, not architecture: no weights, not exported; 0 (the default) is exact."""
+        if not 0.0 <= rate < 1.0:
+            raise InputError(f"drop_path must be in [0, 1) (got {rate})")
+        depth = len(self.blocks)
+        rates = [rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.block_drop_paths = nn.ModuleList(DropPath(r) for r in rates)
 
     def _build_any_patch(self, trunk: dict[str, Any], deconv_chns: int) -> None:
         """What ``ViTAutoEnc.__init__`` builds, for a patch it refuses (not a square number): the patch
@@ -236,8 +249,9 @@ class VolTAEncoder(ViTAutoEnc):
         tokens = embed.dropout(tokens + self.position_embedding(grid))
         hidden_states = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for blk in self.blocks:
-            tokens = checkpoint(blk, tokens, use_reentrant=False) if recompute else blk(tokens)
+        for blk, drop in zip(self.blocks, cast("list[DropPath]", list(self.block_drop_paths)), strict=True):
+            out = checkpoint(blk, tokens, use_reentrant=False) if recompute else blk(tokens)
+            tokens = tokens + drop(out - tokens) if self.training and float(drop.drop_prob) > 0 else out
             hidden_states.append(tokens)
         return {"patch_tokens": self.norm(tokens), "hidden_states": hidden_states, "grid": grid}
 
