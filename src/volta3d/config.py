@@ -31,9 +31,10 @@ class ConfigError(InputError):
 
 
 def config_path(name_or_path: str | Path) -> Path:
-    """Resolve ``tiny-cpu`` / ``tiny-cpu.yaml`` to the bundled file, or return an existing path."""
+    """Resolve ``tiny-cpu`` / ``tiny-cpu.yaml`` to the bundled file, or return an existing file (a folder
+    that happens to be called ``demo`` is not a config)."""
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():
         return p
     bundled = CONFIG_DIR / (p.name if p.suffix else f"{p.name}.yaml")
     if bundled.exists():
