@@ -79,7 +79,7 @@ def test_compare_pairs_every_training_fraction_of_a_curve():
 
 
 def test_headline_states_per_fraction_whether_pretraining_helped_fine_tuning():
-    from volta3d.evaluation.report_headline import headline_rows
+    from volta3d.evaluation.report_headline import headline_rows, headline_table
     from volta3d.evaluation.report_runs import Run
 
     subjects = [f"s{i:02d}" for i in range(20)]
@@ -99,6 +99,7 @@ def test_headline_states_per_fraction_whether_pretraining_helped_fine_tuning():
     assert (scarce.fraction, full.fraction) == (0.2, None)
     assert scarce.verdict == "better" and scarce.ref_value == pytest.approx(0.875)
     assert "(20% of labels)" in scarce.label
+    assert [row[1] for row in headline_table(rows, "VolTA-3D").rows] == ["sex, 20% of labels", "sex"]
     probe_key = ("probe", *key[1:])
     assert (
         len(headline_rows({probe_key: [ref, other]}, {probe_key: [(ref, other, compare_results(a, b))]})) == 1

@@ -229,7 +229,8 @@ def headline_table(rows: Sequence[HeadlineRow], who: str) -> Table:
     for r in rows:
         dg = digits_for(r.metric)
         arrow = "↓" if better_when_lower(r.metric) else "↑"
-        body.append([r.group, r.task, f"{metric_label(r.metric)} {arrow}", short_name(r.ref) if r.ref else "none",
+        task = r.task if r.fraction is None else f"{r.task}, {r.fraction:.0%} of labels"
+        body.append([r.group, task, f"{metric_label(r.metric)} {arrow}", short_name(r.ref) if r.ref else "none",
                      fmt_num(r.ref_value, dg), short_name(r.other) if r.other else "—", fmt_num(r.other_value, dg),
                      fmt_signed(r.diff, dg), _ci(r), fmt_p(r.p), f"{r.n} {r.unit}" if r.n else "—",
                      r.verdict if r.other else "—"])  # fmt: skip
