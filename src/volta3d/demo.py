@@ -30,7 +30,12 @@ STAGES_NAME = "stages.json"
 QUICK_SUBJECTS = {"ixi": 30, "msd": 30}
 QUICK_OVERRIDES = {
     "pretrain": ["optim.epochs=1", "train.max_steps=8", "eval.n_splits=3"],
-    "classify": ["classify.epochs=1", "classify.n_splits=3", "classify.fractions=[1.0]"],
+    "classify": [
+        "classify.epochs=1",
+        "classify.n_splits=3",
+        "classify.fractions=[1.0]",
+        "classify.lp_epochs=0",
+    ],
     "probe": ["probe.n_splits=3"],
     "segment": ["segment.epochs=1", "segment.val_every=1"],
 }
