@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from recipe_study import _ci, markdown, volta3d
+from recipe_study import ci_text, publish, volta3d
 
 from volta3d.evaluation.statistics import paired_difference
 
@@ -99,7 +99,7 @@ def summarise(out: Path, models: list[str], seeds: list[int]) -> pd.DataFrame:
                 means[name] = float(np.mean(per_seed))
                 rows.append({"model": model, "label": label, "candidate": name,
                              metric: f"{np.mean(per_seed):.{digits}f} +- {np.std(per_seed, ddof=1):.{digits}f}",
-                             "- first": _ci(paired_difference(np.concatenate(values), ref), digits)})  # fmt: skip
+                             "- first": ci_text(paired_difference(np.concatenate(values), ref), digits)})  # fmt: skip
             chosen = best(means, key=means.__getitem__)
             for row in rows:
                 if row["model"] == model and row["label"] == label:
@@ -128,9 +128,7 @@ def main() -> int:
                         args.output / model / label / name / f"seed-{seed}",
                         args,
                     )
-    table = summarise(args.output, args.models, args.seeds)
-    print(markdown(table))
-    table.to_csv(args.output / "summary.csv", index=False)
+    publish(summarise(args.output, args.models, args.seeds), args.output)
     return 0
 
 

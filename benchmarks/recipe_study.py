@@ -134,7 +134,7 @@ def health(run: Path) -> dict[str, float]:
     return out
 
 
-def _ci(d: dict[str, float], digits: int) -> str:
+def ci_text(d: dict[str, float], digits: int) -> str:
     return f"{d['estimate']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]"
 
 
@@ -153,9 +153,9 @@ def summarise(out: Path, arms: list[str], seeds: list[int]) -> pd.DataFrame:
             row[f"{label} {metric}"] = (
                 f"{np.mean(per_seed):.{digits}f} +- {np.std(per_seed, ddof=1):.{digits}f}"
             )
-            row[f"{label} - raw"] = _ci(paired_difference(pooled, raw), digits)
+            row[f"{label} - raw"] = ci_text(paired_difference(pooled, raw), digits)
             if reference is not None and arm != "chosen":
-                row[f"{label} - chosen"] = _ci(paired_difference(pooled, reference[label]), digits)
+                row[f"{label} - chosen"] = ci_text(paired_difference(pooled, reference[label]), digits)
         seed_health = pd.DataFrame([health(out / arm / f"seed-{s}") for s in seeds]).mean()
         row.update({k: round(float(v), 3) for k, v in seed_health.items()})
         rows.append(row)
@@ -166,6 +166,12 @@ def markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def publish(table: pd.DataFrame, out: Path) -> None:
+    """Print the study's table (Markdown) and keep it as ``out/summary.csv``."""
+    print(markdown(table))
+    table.to_csv(out / "summary.csv", index=False)
 
 
 def main() -> int:
@@ -191,9 +197,7 @@ def main() -> int:
             run = args.output / arm / f"seed-{seed}"
             pretrain(arm, seed, run, args.prep, args.epochs, args.overrides)
             judge(run, args.selection, run, args.output / "raw-floor")
-    table = summarise(args.output, args.arms, args.seeds)
-    print(markdown(table))
-    table.to_csv(args.output / "summary.csv", index=False)
+    publish(summarise(args.output, args.arms, args.seeds), args.output)
     return 0
 
 

@@ -9,6 +9,7 @@ from volta3d.commands.common import add_config_arguments
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    """The options every finetune task takes, and its handler (``run``, claiming ``--output``)."""
     add_config_arguments(p, "classify.epochs=5")
     p.add_argument(
         "--data", required=True, help="folder written by `volta3d preprocess` (holds manifest.csv)"
@@ -40,6 +41,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--splits", default=None, help="splits.json of an earlier run: evaluate on exactly those folds"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.set_defaults(func=run, claims="folder")
 
 
 def _model_and_fractions(p: argparse.ArgumentParser) -> None:
@@ -73,7 +75,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(c)
     c.add_argument("--label", required=True, help="manifest column to predict (e.g. sex, diagnosis, age)")
     _model_and_fractions(c)
-    c.set_defaults(func=run, claims="folder")
     r = tasks.add_parser(
         "regress",
         help="regress a numeric label, e.g. brain age: MAE, Pearson r and the brain-age gap's bias",
@@ -86,7 +87,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(r)
     r.add_argument("--label", default="age", help="numeric manifest column to predict (default: age)")
     _model_and_fractions(r)
-    r.set_defaults(func=run, claims="folder")
     s = tasks.add_parser(
         "segment",
         help="segment the manifest's label_path masks (UNETR / 3D U-Net), hold-out or k-fold",
@@ -98,7 +98,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--model", choices=["unetr", "unet"], default=None, help="segmenter (default: segment.model)"
     )
-    s.set_defaults(func=run, claims="folder")
 
 
 def run(args: argparse.Namespace) -> int:

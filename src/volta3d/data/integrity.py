@@ -9,6 +9,7 @@ The header checks read only the ``.npy`` header, once per file version.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,16 +91,16 @@ def check_volume_headers(table: pd.DataFrame, with_mask: bool = False) -> None:
     """Every image a real float (C, D, H, W) array with the shape of most volumes of its folder (one
     preprocessing run writes one cube), every mask an integer array on its image's grid."""
     headers = {str(p): read_header(p) for p in table["path"]}
-    folders: dict[str, list[tuple[int, ...]]] = {}
+    folders: dict[str, Counter[tuple[int, ...]]] = {}
     for path, header in headers.items():
         if header is not None:
             problem = _image_problem(*header)
             if problem:
                 raise InputError(f"cached volume {path} {problem}; {REPRODUCE}")
-            folders.setdefault(str(Path(path).parent), []).append(header[0])
+            folders.setdefault(str(Path(path).parent), Counter())[header[0]] += 1
+    usual_shape = {folder: shapes.most_common(1)[0][0] for folder, shapes in folders.items()}
     for path, header in headers.items():
-        shapes = folders.get(str(Path(path).parent), [])
-        usual = max(set(shapes), key=shapes.count) if shapes else None
+        usual = usual_shape.get(str(Path(path).parent))
         if header is not None and header[0] != usual:
             raise InputError(f"cached volume {path} has shape {header[0]}, the other volumes of its folder "
                              f"{usual}: a volume from another preprocessing run? {REPRODUCE}")  # fmt: skip

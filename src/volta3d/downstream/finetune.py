@@ -63,7 +63,8 @@ class FinetuneInputs:
 
 
 def finetune(cfg: Any, run: FinetuneInputs) -> dict[str, Any]:
-    """Run ``run.task`` (classify, regress: classify with the task fixed to regression, or segment) into ``run.output``; return the results dictionary."""
+    """Run ``run.task`` (classify; regress: classify with the task fixed to regression; segment) into
+    ``run.output``; return the results dictionary."""
     device = _prepare_output(cfg, run)
     results, provenance = (segment if run.task == "segment" else classify)(cfg, run, device)
     if provenance is not None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,37 +60,28 @@ def train_model(
     return {**run.best.restore(model), "history": run.history}
 
 
+@dataclass
 class _Run:
     """One training run's state across its phases: the epochs so far, their history and the best epoch."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loader: Iterable[dict[str, Any]],
-        batch_loss: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
-        epochs: int,
-        grad_clip: float,
-        desc: str,
-        best: _BestEpoch,
-        validate: Callable[[nn.Module], float] | None,
-        val_every: int,
-    ) -> None:
-        self.model, self.loader, self.batch_loss, self.epochs = model, loader, batch_loss, epochs
-        self.grad_clip, self.desc, self.best, self.validate, self.val_every = (
-            grad_clip,
-            desc,
-            best,
-            validate,
-            val_every,
-        )
-        self.history: list[dict[str, Any]] = []
-        self.start = time.time()
+    model: nn.Module
+    loader: Iterable[dict[str, Any]]
+    batch_loss: Callable[[nn.Module, dict[str, Any]], torch.Tensor]
+    epochs: int
+    grad_clip: float
+    desc: str
+    best: _BestEpoch
+    validate: Callable[[nn.Module], float] | None
+    val_every: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start: float = field(default_factory=time.time)
 
     def phase(
         self, groups: list[dict[str, Any]], factors: torch.Tensor, length: int, lr: float, bar: Any
     ) -> None:
-        """``length`` epochs with a fresh AdamW over ``groups``, learning rates scaled per step by ``factors``."""
-        optimiser = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
+        """``length`` epochs with a fresh AdamW over ``groups``, learning rates scaled per step by ``factors``
+        (AdamW keeps a group's extra keys, such as ``names``, untouched)."""
+        optimiser = torch.optim.AdamW(groups)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimiser, lambda s: float(factors[min(s, len(factors) - 1)])
         )
@@ -106,20 +99,18 @@ class _Run:
             _log_epoch(self.desc, row, self.epochs, self.best, time.time() - self.start)
 
 
-class _only_training:
+@contextmanager
+def _only_training(model: nn.Module, groups: list[dict[str, Any]]) -> Iterator[None]:
     """Within the block only ``groups``' parameters require gradients (the LP phase freezes the rest, so
     its backward pass stops at the head); the flags are restored on exit."""
-
-    def __init__(self, model: nn.Module, groups: list[dict[str, Any]]) -> None:
-        keep = {id(p) for g in groups for p in g["params"]}
-        self.frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
-
-    def __enter__(self) -> None:
-        for p in self.frozen:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for p in self.frozen:
+    keep = {id(p) for g in groups for p in g["params"]}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
             p.requires_grad_(True)
 
 

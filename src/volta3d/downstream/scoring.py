@@ -35,8 +35,9 @@ def _gap_metrics(y_test: Any, s_test: Any, y_fit: Any, s_fit: Any | None) -> dic
     on ``(y_fit, s_fit)`` (the training subjects' predictions) when there are any."""
     if len(y_test) < 2:
         return {}
-    fit = s_fit is not None and len(y_fit) >= 2 and np.ptp(np.asarray(y_fit, dtype=float)) > 0
-    correction = fit_bias_correction(y_fit, s_fit) if fit and s_fit is not None else None
+    correction = None
+    if s_fit is not None and len(y_fit) >= 2 and np.ptp(np.asarray(y_fit, dtype=float)) > 0:
+        correction = fit_bias_correction(y_fit, s_fit)
     return brain_age_metrics(y_test, s_test, correction)
 
 
