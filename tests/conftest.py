@@ -13,5 +13,5 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def shared_data() -> Path:
     """The bundled real scans (../shared/data next to the repository); skip when absent."""
     if not (SHARED_DATA / "ixi_t1_2mm").is_dir():
-        pytest.skip(f"bundled real data not found at {SHARED_DATA} (see README: Data)")
+        pytest.skip(f"bundled real data not found at {SHARED_DATA} (see README: Data licences)")
     return SHARED_DATA

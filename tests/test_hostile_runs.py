@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from volta3d import layout
 from volta3d.cli import main
 from volta3d.data.content import content_hashes, describe_change, volume_sha256
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.engine.checkpoint import load_checkpoint
 from volta3d.errors import InputError
-from volta3d.run_folder import LOCK_NAME, claim_output
+from volta3d.run_folder import claim_output
 from volta3d.runtime import LOGGER_NAME, MetricsCSV, file_sha256
 
 from .engine.conftest import TINY_OVERRIDES, write_volume_folder
@@ -69,7 +70,7 @@ def test_a_second_pretrain_into_a_busy_folder_is_refused_and_the_first_completes
     first = subprocess.Popen([*cli, *_pretrain_argv(data, out)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
     try:
-        _wait_for(out / LOCK_NAME, first)
+        _wait_for(out / layout.LOCK, first)
         second = subprocess.run([*cli, *_pretrain_argv(data, out, "optim.lr=2e-3")],
                                 capture_output=True, text=True, env=ENV, timeout=120)  # fmt: skip
         _, err = first.communicate(timeout=300)
@@ -86,7 +87,7 @@ def test_a_second_pretrain_into_a_busy_folder_is_refused_and_the_first_completes
     assert load_checkpoint(out / "checkpoints/last.pt")["step"] == 4
     assert json.loads((out / "encoder.json").read_text())["training"]["step"] == 4
     assert "lr: 0.001" in (out / "config.yaml").read_text()
-    assert not (out / LOCK_NAME).exists()
+    assert not (out / layout.LOCK).exists()
 
 
 HOLD = "import sys, time\nfrom volta3d.run_folder import claim_output\nwith claim_output(sys.argv[1], 'pretrain'):\n    time.sleep(600)\n"  # fmt: skip
@@ -98,7 +99,7 @@ def test_a_killed_run_never_blocks_its_resume(tmp_path):
         [sys.executable, "-c", HOLD, str(out)], stderr=subprocess.PIPE, text=True, env=ENV
     )
     try:
-        _wait_for(out / LOCK_NAME, holder)
+        _wait_for(out / layout.LOCK, holder)
         time.sleep(0.3)  # the holder writes its record right after taking the lock
         with pytest.raises(
             InputError, match=rf"in use by volta3d pretrain \(pid {holder.pid} on .*, started "
@@ -109,8 +110,8 @@ def test_a_killed_run_never_blocks_its_resume(tmp_path):
     finally:
         holder.kill()
     with claim_output(out, "pretrain"):  # the kernel released the dead holder's lock
-        assert (out / LOCK_NAME).exists()
-    assert not (out / LOCK_NAME).exists()
+        assert (out / layout.LOCK).exists()
+    assert not (out / layout.LOCK).exists()
 
 
 def test_claims_nest_in_one_process_but_not_across_processes(tmp_path):
@@ -126,7 +127,7 @@ def test_claims_nest_in_one_process_but_not_across_processes(tmp_path):
             child.returncode == 1
             and f"lies inside {parent.resolve()}, which is in use by volta3d demo" in child.stderr
         )
-    assert not any(p.name == LOCK_NAME for p in parent.rglob("*"))
+    assert not any(p.name == layout.LOCK for p in parent.rglob("*"))
 
 
 def test_the_demo_runs_its_stages_inside_its_own_claim(monkeypatch, tmp_path):
@@ -146,7 +147,7 @@ def test_the_demo_runs_its_stages_inside_its_own_claim(monkeypatch, tmp_path):
     assert main(["demo", "--output", str(out), "--shared-data", str(tmp_path / "shared")]) == 0
     assert json.loads((out / "stages.json").read_text())["stages"][0]["status"] == "done"
     assert (out / "selection/selection.csv").is_file() and not any(
-        p.name == LOCK_NAME for p in out.rglob("*")
+        p.name == layout.LOCK for p in out.rglob("*")
     )
 
 
@@ -175,7 +176,7 @@ def test_probe_into_a_pretraining_folder_is_refused_before_its_config_is_replace
     argv = ["probe", "--embeddings", "e.npz", "--data", "d", "--label", "sex", "--output", str(run)]
     assert main(argv) == 2
     assert "holds a `volta3d pretrain` run (checkpoints)" in _error_line(capsys, "probe")
-    assert (run / "config.yaml").read_text() == "seed: 0\n" and not (run / LOCK_NAME).exists()
+    assert (run / "config.yaml").read_text() == "seed: 0\n" and not (run / layout.LOCK).exists()
 
 
 def test_embed_output_naming_a_folder_is_refused(tmp_path, capsys):
@@ -305,8 +306,8 @@ def test_an_external_test_set_holding_the_training_scans_is_refused(tmp_path, ca
 
 
 def test_the_same_scan_kept_on_one_side_and_conflicting_labels_are_warned(tmp_path, logged):
-    from volta3d.downstream.labels import prepare_labels
-    from volta3d.downstream.leakage import check_run_rows
+    from volta3d.protocol.labels import prepare_labels
+    from volta3d.protocol.leakage import check_run_rows
 
     data = _labelled(tmp_path)
     shutil.copy(data / "s0.npy", data / "s3.npy")
@@ -345,7 +346,7 @@ def test_repeated_or_overlapping_test_folds_are_refused(tmp_path, capsys, tests,
 
 
 def test_subjects_no_fold_tests_are_warned(tmp_path, logged):
-    from volta3d.downstream.leakage import check_run_rows
+    from volta3d.protocol.leakage import check_run_rows
 
     table = read_manifest(_labelled(tmp_path))
     folds = {"folds": [{"train": ["s2", "s3", "s4", "s5"], "test": ["s0"]},
@@ -356,7 +357,7 @@ def test_subjects_no_fold_tests_are_warned(tmp_path, logged):
 
 def _results(path: Path, splits: dict, *, label: str = "sex", kind: str = "binary", seed: int = 0) -> Path:
     """A finished run's results.json and predictions.csv (one row per test subject)."""
-    from volta3d.evaluation.results import save_run
+    from volta3d.protocol.results import save_run
 
     rng = np.random.default_rng(seed)
     rows, folds = [], []
@@ -421,17 +422,18 @@ def test_one_fold_compares_per_subject_not_with_a_zero_width_ci(tmp_path):
 
 
 def test_predict_refuses_a_fold_without_its_model_json(tmp_path, capsys):
-    from volta3d.downstream.saved import MODEL_FORMAT, MODEL_META, MODEL_WEIGHTS
+    from volta3d import layout
+    from volta3d.downstream.saved import MODEL_FORMAT
 
     models = tmp_path / "run/models"
     for k in (0, 1):
         (models / f"fold{k}").mkdir(parents=True)
-        (models / f"fold{k}" / MODEL_WEIGHTS).write_bytes(b"")
-    (models / "fold0" / MODEL_META).write_text(
+        (models / f"fold{k}" / layout.MODEL_WEIGHTS).write_bytes(b"")
+    (models / "fold0" / layout.MODEL_META).write_text(
         json.dumps({"format": MODEL_FORMAT, "format_version": 1, "fold": 0})
     )
     assert main(["predict", str(tmp_path / "run"), "scan.nii.gz", "--output", str(tmp_path / "pred")]) == 2
-    assert f"saved model incomplete: {models / 'fold1' / MODEL_META}" in _error_line(capsys, "predict")
+    assert f"saved model incomplete: {models / 'fold1' / layout.MODEL_META}" in _error_line(capsys, "predict")
     shutil.rmtree(models / "fold1")  # the whole fold folder gone: the run's splits.json still has 2 folds
     (tmp_path / "run/splits.json").write_text(json.dumps({"folds": [{}, {}]}))
     assert main(["predict", str(tmp_path / "run"), "scan.nii.gz", "--output", str(tmp_path / "pred")]) == 2

@@ -16,12 +16,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from volta3d import layout
 from volta3d.config_rules import ConfigValueError, validate_config
 from volta3d.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-RESOLVED_NAME = "config.yaml"
 # A YAML tag (`!!python/object ...`, `!x`) starts a node: the value, a flow item or a mapping value.
 YAML_TAG = re.compile(r"(?:^|[\[\{,]|:\s)\s*!")
 
@@ -112,7 +112,7 @@ def _merge_file(cfg: DictConfig, path: Path, seen: set[Path]) -> DictConfig:
 
 def save_config(cfg: DictConfig, out_dir: str | Path) -> Path:
     """Write the resolved config next to a run's outputs."""
-    out = Path(out_dir) / RESOLVED_NAME
+    out = Path(out_dir) / layout.CONFIG
     out.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out, resolve=True)
     return out

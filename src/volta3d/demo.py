@@ -21,11 +21,11 @@ from typing import Any
 
 import pandas as pd
 
+from volta3d import layout
 from volta3d.data.bundled import write_bundled_manifests
 from volta3d.errors import InputError, InputFileNotFound
 from volta3d.runtime import atomic_write, get_logger, setup_logging
 
-STAGES_NAME = "stages.json"
 # --quick: a smoke run of every stage on a few scans (about 1.5 minutes on 2 cores).
 QUICK_SUBJECTS = {"ixi": 30, "msd": 30}
 QUICK_OVERRIDES = {
@@ -56,7 +56,7 @@ RunCommand = Callable[[list[str]], int]  # a `volta3d` command line -> its exit 
 Flag = str | Path | bool | list[str] | None
 CONFIGS = ["tiny-cpu", "demo"]
 # Fine-tuning settings chosen per model and label by benchmarks/finetune_study.py on the selection subjects (never
-# reported here), three candidates per model, 3 seeds, best mean of the primary metric (README, "The fine-tuning
+# reported here), three candidates per model, 3 seeds, best mean of the primary metric (docs/evaluation.md, "The fine-tuning
 # study"); demo.yaml's classify settings (today's: lr 1e-4, no warm-up, no drop path) won for ViT-scratch sex
 # and stay for the Swin baseline, which the study did not tune.
 VOLTA3D_FT = ["classify.layer_decay=0.75", "classify.lr=3e-4", "classify.head_lr_scale=10", "classify.lp_epochs=2",
@@ -79,11 +79,14 @@ class _Planner:
         self.ixi, self.msd = self.out / "prep" / "ixi", self.out / "prep" / "msd"
         # `volta3d select`: the online probe sees only the selection subjects; every reported IXI result the others
         self.selection = self.out / "selection"
-        self.ixi_select, self.ixi_eval = self.selection / "selection.csv", self.selection / "evaluation.csv"
+        self.ixi_select, self.ixi_eval = (
+            self.selection / layout.SELECTION_CSV,
+            self.selection / layout.EVALUATION_CSV,
+        )
         self.enc = self.out / "pretrain"
-        self.sex_splits = self.out / "classify-sex" / "vit-scratch" / "splits.json"
-        self.age_splits = self.out / "probe-age" / "random-init" / "splits.json"
-        self.seg_splits = self.out / "segment" / "unet-scratch" / "splits.json"
+        self.sex_splits = self.out / "classify-sex" / "vit-scratch" / layout.SPLITS
+        self.age_splits = self.out / "probe-age" / "random-init" / layout.SPLITS
+        self.seg_splits = self.out / "segment" / "unet-scratch" / layout.SPLITS
 
     def quick_overrides(self, kind: str) -> list[str]:
         return QUICK_OVERRIDES[kind] if self.quick else []
@@ -134,9 +137,9 @@ def _data_stages(p: _Planner, shared: Path) -> list[Stage]:
     ixi_settings = ["preprocess.size=[64,64,64]", "preprocess.crop=foreground", "preprocess.resize=true"]
     return [
         Stage("manifests", manifests, expected_s=1),
-        Stage("preprocess-ixi", p.command("preprocess", man / "ixi-demo.csv", output=p.ixi, **common,
+        Stage("preprocess-ixi", p.command("preprocess", man / layout.DEMO_IXI_MANIFEST, output=p.ixi, **common,
                                           overrides=ixi_settings), ["manifests"], 80),
-        Stage("preprocess-msd", p.command("preprocess", man / "msd-demo.csv", output=p.msd, **common,
+        Stage("preprocess-msd", p.command("preprocess", man / layout.DEMO_MSD_MANIFEST, output=p.msd, **common,
                                           overrides=["preprocess.size=[48,64,48]"]), ["manifests"], 5),
         # quick: half of 30 subjects, so age has more than 10 values and is probed as a number
         Stage("select", p.command("select", p.ixi, label="sex", output=p.selection, fraction="0.5" if p.quick else None),
@@ -246,8 +249,8 @@ def run_demo(
             f"bundled data not found in {shared} (expected ixi_t1_2mm/ and msd_task04_hippocampus/)"
         )
     out.mkdir(parents=True, exist_ok=True)
-    log = setup_logging(out, "demo.log")
-    path = out / STAGES_NAME
+    log = setup_logging(out, layout.DEMO_LOG)
+    path = out / layout.STAGES
     state = _load(path)
     if state and state.get("settings", {}).get("quick") != quick:
         raise InputError(
@@ -291,7 +294,7 @@ def run_demo(
     total = sum(s["seconds"] for s in state["stages"])
     failed = [n for n, s in status.items() if s != "done"]
     log.info("demo finished: %d/%d stages done, %.1f min of stage time; report: %s", len(stages) - len(failed),
-             len(stages), total / 60, out / "report" / "report.html")  # fmt: skip
+             len(stages), total / 60, out / "report" / layout.REPORT_HTML)  # fmt: skip
     if failed:
         log.error("not done: %s (see %s)", ", ".join(failed), path)
     return 1 if failed else 0
@@ -307,7 +310,7 @@ def _run_stage(stage: Stage, out: Path) -> tuple[int, float]:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         get_logger().error("stage %s failed: %s", stage.name, reason)
         code = 1
-    setup_logging(out, "demo.log")  # the command logged into its own folder; back to the demo's log
+    setup_logging(out, layout.DEMO_LOG)  # the command logged into its own folder; back to the demo's log
     return code, time.perf_counter() - t0
 
 

@@ -31,21 +31,10 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path
 
+from volta3d import layout
 from volta3d.errors import InputError
 from volta3d.runtime import get_logger
 
-LOCK_NAME = ".volta3d.lock"
-# Files or folders that only one command leaves in its output folder: another command there would
-# overwrite that run's config.yaml, log or results.
-SIGNATURES = {
-    "preprocess": ("records",),
-    "select": ("selection.json",),
-    "pretrain": ("checkpoints", "pretrain_data.json"),
-    "finetune": ("fingerprint.json", "folds"),
-    "probe": ("summary.json",),
-    "report": ("report.html",),
-    "demo": ("stages.json",),
-}
 RETRY_SECONDS = 0.25  # a probe of an ancestor's lock, or a holder removing its file, lasts microseconds
 
 _held: dict[Path, list[int]] = {}  # lock file -> [fd, depth] for the claims of this process
@@ -173,7 +162,7 @@ def _release(lock: Path, fd: int) -> None:
 def _refuse_held_ancestor(folder: Path) -> None:
     """Refuse a folder inside one another process holds (e.g. a stage folder of a running demo)."""
     for parent in folder.parents:
-        lock = parent / LOCK_NAME
+        lock = parent / layout.LOCK
         if lock in _held or not lock.is_file():
             continue
         try:
@@ -195,7 +184,7 @@ def _refuse_held_ancestor(folder: Path) -> None:
 
 def _refuse_foreign_run(folder: Path, command: str) -> None:
     """Refuse a folder that holds another command's run: this one would overwrite its files."""
-    for other, names in SIGNATURES.items():
+    for other, names in layout.SIGNATURES.items():
         found = [n for n in names if (folder / n).exists()]
         if other != command and found:
             raise InputError(
@@ -220,7 +209,7 @@ def claim_output(folder: str | Path, command: str, shard: tuple[int, int] | None
     path.mkdir(parents=True, exist_ok=True)
     try:
         with ExitStack() as stack:
-            stack.enter_context(_lock(path / LOCK_NAME, command, str(path), shared=shard is not None))
+            stack.enter_context(_lock(path / layout.LOCK, command, str(path), shared=shard is not None))
             if shard is not None:
                 tag = f"shard {shard[0]}/{shard[1]} of {path}"
                 stack.enter_context(
@@ -241,7 +230,7 @@ def claim_output_file(file: str | Path, command: str) -> Iterator[Path]:
         raise InputError(f"output {path} is a folder; give the file to write, e.g. {path / 'embeddings.npz'}")
     _refuse_held_ancestor(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(path.parent / f".{path.name}.volta3d.lock", command, str(path)):
+    with _lock(path.parent / f".{path.name}{layout.LOCK}", command, str(path)):
         yield path
 
 
@@ -264,4 +253,4 @@ def claim_command_output(args: argparse.Namespace) -> AbstractContextManager[obj
     return claim_output(output, args.command, shard=_shard(getattr(args, "shard", None)))
 
 
-__all__ = ["LOCK_NAME", "claim_command_output", "claim_output", "claim_output_file"]
+__all__ = ["claim_command_output", "claim_output", "claim_output_file"]

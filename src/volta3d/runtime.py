@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from volta3d import layout
 from volta3d.errors import InputError, InputFileNotFound
 
 if TYPE_CHECKING:  # torch is imported where it is used: `volta3d --help` must not pay for it
@@ -175,7 +176,7 @@ def get_logger() -> logging.Logger:
 
 
 def setup_logging(
-    run_dir: str | Path | None = None, filename: str = "log.txt", verbose: bool = True
+    run_dir: str | Path | None = None, filename: str = layout.LOG, verbose: bool = True
 ) -> logging.Logger:
     """Log to stderr and, when ``run_dir`` is given, append to ``run_dir/filename`` (kept across resumes)."""
     logger = get_logger()

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from volta3d.downstream.brain_age import (
+from volta3d.errors import InputError
+from volta3d.protocol.brain_age import (
     BiasCorrection,
     brain_age_gap,
     brain_age_metrics,
@@ -16,7 +17,6 @@ from volta3d.downstream.brain_age import (
     mean_absolute_error,
     pearson_r,
 )
-from volta3d.errors import InputError
 
 
 def shrunk_cohort(n: int, seed: int, shrink: float = 0.6) -> tuple[np.ndarray, np.ndarray]:

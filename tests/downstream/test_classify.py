@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import volta3d.downstream.scoring as scoring
 import volta3d.downstream.train_classify as tc
+import volta3d.protocol.scoring as scoring
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
-from volta3d.downstream.labels import prepare_labels
-from volta3d.evaluation.splits import make_kfold_splits
+from volta3d.protocol.labels import prepare_labels
+from volta3d.protocol.splits import make_kfold_splits
 
 from .conftest import TINY_OVERRIDES, config_section
 from .synthetic import write_blob_dataset

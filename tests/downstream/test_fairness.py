@@ -15,7 +15,6 @@ from sklearn.metrics import roc_auc_score
 import volta3d.downstream.train_classify as tc
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
-from volta3d.downstream.labels import prepare_labels
 from volta3d.downstream.saved import load_fold_models
 from volta3d.evaluation.comparison import (
     architecture_warnings,
@@ -23,10 +22,11 @@ from volta3d.evaluation.comparison import (
     format_comparison,
     positive_class_warnings,
 )
-from volta3d.evaluation.splits import make_kfold_splits
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import save_encoder_export
 from volta3d.models.summariser import CLSSummariser, summariser_kwargs
+from volta3d.protocol.labels import prepare_labels
+from volta3d.protocol.splits import make_kfold_splits
 
 from .conftest import config_section
 from .test_classify import FAST

@@ -78,7 +78,7 @@ def test_segment_cli_checks_flip_label_pairs_against_the_masks(tmp_path, capsys)
 def test_segmentation_training_flips_with_the_configured_pairs(tmp_path, monkeypatch):
     import volta3d.downstream.train_segment as ts
     from volta3d.data.dataset import read_manifest
-    from volta3d.evaluation.splits import make_holdout_split
+    from volta3d.protocol.splits import make_holdout_split
 
     data = write_sphere_segmentation(tmp_path / "sph", n_subjects=4)
     for i in range(4):  # the ball's high-x half becomes label 2 ('right')

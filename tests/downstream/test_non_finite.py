@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from volta3d.cli import main
-from volta3d.downstream.embeddings import save_embeddings
 from volta3d.downstream.loop import train_model
 from volta3d.downstream.recipe import FinetuneRecipe
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import save_encoder_export
+from volta3d.protocol.embeddings import save_embeddings
 
 from .conftest import config_section
 from .synthetic import write_blob_dataset

@@ -10,10 +10,9 @@ import pandas as pd
 import pytest
 
 from volta3d.cli import main
-from volta3d.data.dataset import read_manifest
-from volta3d.downstream.saved import read_preprocessing
+from volta3d.data.dataset import read_manifest, read_preprocessing
 from volta3d.downstream.train_segment import run_segmentation
-from volta3d.evaluation.splits import make_holdout_split
+from volta3d.protocol.splits import make_holdout_split
 
 from ..data.scan_factory import write_nifti
 from .conftest import config_section

@@ -7,10 +7,10 @@ import pandas as pd
 
 from volta3d.cli import main
 from volta3d.config import load_config
-from volta3d.downstream.embeddings import load_embeddings
-from volta3d.downstream.labels import prepare_labels
-from volta3d.downstream.probes import make_probe, run_probe
-from volta3d.evaluation.splits import make_kfold_splits
+from volta3d.protocol.embeddings import load_embeddings
+from volta3d.protocol.labels import prepare_labels
+from volta3d.protocol.probes import make_probe, run_probe
+from volta3d.protocol.splits import make_kfold_splits
 
 from .conftest import TINY_OVERRIDES, config_section
 

@@ -10,7 +10,7 @@ import yaml
 
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
-from volta3d.downstream.provenance import pretraining_provenance, relate_to_pretraining
+from volta3d.models.provenance import pretraining_provenance, relate_to_pretraining
 
 from .synthetic import write_blob_dataset
 

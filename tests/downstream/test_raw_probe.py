@@ -11,8 +11,8 @@ import torch
 
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
-from volta3d.downstream.embeddings import load_embeddings, raw_volume_features, save_embeddings
 from volta3d.evaluation.report import Run, default_name, initialisation, pair_runs
+from volta3d.protocol.embeddings import load_embeddings, raw_volume_features, save_embeddings
 
 
 def _reference(volume: np.ndarray, grid: int) -> np.ndarray:
@@ -167,8 +167,8 @@ def test_token_grid_embedding_is_the_flattened_patch_tokens(tmp_path):
     import pandas as pd
 
     from volta3d.data.dataset import VolumeDataset
-    from volta3d.downstream.embeddings import extract_embeddings
     from volta3d.models.encoder import VolTAEncoder
+    from volta3d.protocol.embeddings import extract_embeddings
 
     torch.manual_seed(0)
     images = torch.rand(3, 1, 32, 32, 32)

@@ -13,14 +13,14 @@ import torch.nn as nn
 import volta3d.downstream.train_classify as tc
 from volta3d.data.dataset import read_manifest
 from volta3d.downstream.classifier import ViTClassifier
-from volta3d.downstream.labels import prepare_labels
 from volta3d.downstream.loop import train_model
 from volta3d.downstream.recipe import FinetuneRecipe, lr_factors, param_groups
 from volta3d.errors import InputError
-from volta3d.evaluation.splits import make_kfold_splits
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import save_encoder_export
 from volta3d.models.summariser import CLSSummariser
+from volta3d.protocol.labels import prepare_labels
+from volta3d.protocol.splits import make_kfold_splits
 
 from .conftest import config_section
 

@@ -9,7 +9,7 @@ import pytest
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
 from volta3d.downstream.train_segment import run_segmentation, scan_spacings
-from volta3d.evaluation.splits import make_holdout_split
+from volta3d.protocol.splits import make_holdout_split
 
 from .conftest import TINY_OVERRIDES, config_section
 from .synthetic import write_sphere_segmentation

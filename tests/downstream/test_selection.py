@@ -11,8 +11,8 @@ import pytest
 
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
-from volta3d.downstream.selection import write_selection
 from volta3d.errors import InputError
+from volta3d.protocol.selection import write_selection
 
 
 @pytest.fixture()

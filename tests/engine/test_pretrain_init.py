@@ -87,8 +87,8 @@ def test_online_probe_starts_from_the_imported_encoder(tmp_path, volume_folder, 
 
     from tests.engine.conftest import write_volume_folder
     from volta3d.config import load_config, to_kwargs
-    from volta3d.downstream.probes import PROBE_SETTINGS
     from volta3d.engine.online_eval import OnlineProbe
+    from volta3d.protocol.probes import PROBE_SETTINGS
     from volta3d.runtime import MetricsCSV
 
     labelled = write_volume_folder(tmp_path / "labelled", n=12, seed=3)

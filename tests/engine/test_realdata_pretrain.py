@@ -46,7 +46,7 @@ def test_losses_go_down_on_real_scans(shared_data, tmp_path):
     log_k = math.log(64)
     # better than a uniform guess (the CLS-style loss is not held to it here: in this 32^3 toy model a
     # 16^3 local crop is a single token, too little to predict the global target from in 80 steps;
-    # the demo's run is where L_global is measured against log K, README "Representation health")
+    # the demo's run is where L_global is measured against log K, docs/health.md, "Representation health")
     assert mean("loss_local", last) < log_k
     # healthy: no alarm, a teacher that is neither uniform nor the same for every volume
     assert all(int(r["collapse_alarm"]) == 0 for r in rows)

@@ -91,6 +91,14 @@ def test_resume_refuses_changed_method_settings(tiny_overrides, volume_folder, t
         _run(tiny_overrides, volume_folder, out, "train.max_steps=2", "loss.rec_weight=1.0")
 
 
+def test_resume_ignores_downstream_sections(tiny_overrides, volume_folder, tmp_path):
+    """classify / segment / probe keys are read by other commands: a config that changed (or gained) one
+    since the checkpoint still resumes the pretraining."""
+    out = _run(tiny_overrides, volume_folder, tmp_path / "run", "train.max_steps=1")
+    _run(tiny_overrides, volume_folder, out, "train.max_steps=2", "classify.lr=0.5", "probe.n_splits=3")
+    assert load_checkpoint(out / "checkpoints/last.pt")["step"] == 2
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     code = main(["pretrain", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from volta3d.evaluation.comparison import compare_results, format_comparison
-from volta3d.evaluation.results import load_run, save_run
-from volta3d.evaluation.splits import make_kfold_splits
+from volta3d.protocol.results import load_run, save_run
+from volta3d.protocol.splits import make_kfold_splits
 
 
 def _fake_run(path, splits, signal, seed):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from volta3d.evaluation.metrics import (
+from volta3d.protocol.metrics import (
     aggregate,
     binary_metrics,
     multiclass_metrics,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from volta3d.evaluation.splits import (
+from volta3d.protocol.splits import (
     fold_row_indices,
     load_splits,
     make_holdout_split,
@@ -88,7 +88,7 @@ def test_regression_strata_bins_by_quantile():
 def test_malformed_folds_are_one_line_errors(tmp_path, folds, message):
     import json
 
-    from volta3d.evaluation.splits import load_splits
+    from volta3d.protocol.splits import load_splits
 
     path = tmp_path / "splits.json"
     path.write_text(json.dumps({"folds": folds}))
@@ -103,7 +103,7 @@ def test_malformed_folds_are_one_line_errors(tmp_path, folds, message):
     ('{"folds": [], "aggregate": null}', "has no 'aggregate' dict"),
 ])  # fmt: skip
 def test_malformed_results_files_are_one_line_errors(tmp_path, content, message):
-    from volta3d.evaluation.results import load_run
+    from volta3d.protocol.results import load_run
 
     (tmp_path / "results.json").write_text(content)
     with pytest.raises(ValueError, match=message):

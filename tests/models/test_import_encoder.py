@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from volta3d.cli import main
-from volta3d.downstream.provenance import relate_to_pretraining
 from volta3d.models import EncoderLoadError, build_from_export, interpolate_pos_embed, read_encoder_export
 from volta3d.models.imports import ImportOptions, UnsafeCheckpointError, import_encoder
+from volta3d.models.provenance import relate_to_pretraining
 
 SIZES = dict(img_size=32, patch_size=16, hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4)
 

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from volta3d.evaluation.comparison import compare_results, format_comparison
-    from volta3d.evaluation.results import write_json
+    from volta3d.protocol.results import write_json
 
     cmp = compare_results(args.run_a, args.run_b, metrics=args.metrics, n_boot=args.n_boot, seed=args.seed)
     print(format_comparison(cmp))

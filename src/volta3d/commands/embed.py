@@ -63,7 +63,7 @@ def _check_source(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from volta3d.config import load_config
-    from volta3d.downstream.embeddings import embed_folder
+    from volta3d.protocol.embeddings import embed_folder
 
     _check_source(args)
     raw_grid = (args.raw_grid if args.raw_grid is not None else RAW_GRID) if args.raw_volume else None

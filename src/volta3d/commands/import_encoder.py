@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from volta3d import layout
 from volta3d.errors import InputError
 
 LAYOUTS = (
@@ -68,7 +69,7 @@ def parse_preprocessing(items: list[str]) -> dict[str, Any]:
     """``["spacing=1.0", "size=96"]`` -> ``{"spacing": 1.0, "size": 96}`` for the settings downstream compares."""
     import yaml
 
-    from volta3d.downstream.provenance import COMPARED_SETTINGS
+    from volta3d.models.provenance import COMPARED_SETTINGS
 
     declared: dict[str, Any] = {}
     for item in items:
@@ -102,10 +103,9 @@ def _summary(record: dict[str, Any], meta: dict[str, Any], output: str) -> list[
 
 
 def run(args: argparse.Namespace) -> int:
-    from volta3d.models.export import META_NAME
     from volta3d.models.imports import ImportOptions, import_encoder
 
-    if (Path(args.output) / META_NAME).exists() and not args.overwrite:
+    if (Path(args.output) / layout.ENCODER_META).exists() and not args.overwrite:
         raise InputError(f"{args.output} already holds an encoder export; pass --overwrite to replace it")
     options = ImportOptions(
         num_heads=args.num_heads, img_size=args.img_size, input_norm=args.input_norm, prefix=args.prefix,
@@ -113,6 +113,6 @@ def run(args: argparse.Namespace) -> int:
         preprocessing=parse_preprocessing(args.preprocessing), seed=args.seed,
     )  # fmt: skip
     record = import_encoder(args.checkpoint, args.output, options)
-    meta = json.loads((Path(args.output) / META_NAME).read_text())
+    meta = json.loads((Path(args.output) / layout.ENCODER_META).read_text())
     print("\n".join(_summary(record, meta, args.output)))
     return 0

@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from volta3d.config import load_config
-    from volta3d.downstream.probes import probe_folder
+    from volta3d.protocol.probes import probe_folder
 
     probe_folder(
         load_config(args.config, args.overrides),

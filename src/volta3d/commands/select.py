@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from volta3d.downstream.selection import write_selection
+    from volta3d.protocol.selection import write_selection
 
     record = write_selection(args.data, args.label, args.fraction, args.seed, args.output)
     print(

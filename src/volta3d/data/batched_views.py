@@ -135,7 +135,7 @@ def view_overlaps(start: Tensor, size: Tensor) -> dict[str, Tensor]:
     ``view_global_overlap``: intersection over union of the two global crops (1: the same box);
     ``view_local_in_global``: the share of a local crop inside the global crop that holds most of it.
     Medians over the batch (NaN without local crops). Near 1, the cross-view prediction is close to the
-    identity map, which is what made the volume-fraction crop scales a weak task (README, "Views")."""
+    identity map, which is what made the volume-fraction crop scales a weak task (docs/method.md, "Views")."""
     volume = size.prod(dim=-1).double()  # (V, B)
     shared = _intersection(start[0], size[0], start[1], size[1])  # (B,)
     overlap = shared / (volume[0] + volume[1] - shared)
@@ -157,7 +157,7 @@ def resample_boxes(volumes: Sequence[Tensor], start: Tensor, size: Tensor, flip:
     Each box is cut as a view and resized with ``interpolate(mode="trilinear", align_corners=False)``,
     the call inside MONAI's ``Resize``, so the voxels equal the reference path's. One call per crop:
     on a CPU that was faster than one batched ``grid_sample`` or three batched separable matmuls over
-    the whole batch, which read every voxel of the volume for every crop (README, "Performance")."""
+    the whole batch, which read every voxel of the volume for every crop (docs/performance.md, "Performance")."""
     n_views, n_volumes = start.shape[:2]
     crops = volumes[0].new_empty((n_views, n_volumes, volumes[0].shape[0], out, out, out))
     boxes = torch.cat([start, start + size], dim=-1).tolist()  # one transfer: (V, B, 6) corners

@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from volta3d import layout
 from volta3d.runtime import atomic_write
 
-VOLUMES_DIR = "volumes"
-RECORDS_DIR = "records"
 # What np.load raises for a file that is not a whole .npy: short reads, and a header whose bytes were
 # overwritten (numpy parses it as a Python literal: tokenize and syntax errors too).
 NPY_READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError)
@@ -65,12 +64,12 @@ def scan_key(source: str, label_source: str | None = None) -> str:
 
 
 def record_path(out_dir: Path, key: str) -> Path:
-    return out_dir / RECORDS_DIR / f"{key}.json"
+    return out_dir / layout.RECORDS / f"{key}.json"
 
 
 def volume_paths(key: str) -> tuple[str, str]:
     """Image and mask paths relative to the output folder (so the folder can be moved)."""
-    return f"{VOLUMES_DIR}/{key}.npy", f"{VOLUMES_DIR}/{key}_mask.npy"
+    return f"{layout.CACHE_VOLUMES}/{key}.npy", f"{layout.CACHE_VOLUMES}/{key}_mask.npy"
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
@@ -101,7 +100,7 @@ def volume_spacing(volume_path: str | Path) -> tuple[float, float, float] | None
     """Voxel size (mm per axis) of a cached volume, from the output-grid affine its record holds
     (``records/<key>.json`` beside ``volumes/<key>.npy``); None when there is no such record."""
     path = Path(volume_path)
-    record = load_record(path.parent.parent / RECORDS_DIR / f"{path.stem}.json")
+    record = load_record(path.parent.parent / layout.RECORDS / f"{path.stem}.json")
     if record is None or record.get("affine") is None:
         return None
     columns = np.linalg.norm(np.asarray(record["affine"], dtype=float)[:3, :3], axis=0)
@@ -143,9 +142,9 @@ def is_current(
 def inside_volumes(out_dir: Path, rel: object) -> Path | None:
     """The cached file a record names, or None when the name leaves ``out_dir/volumes`` (a record
     must never make the manifest point at, or a re-run trust, a file elsewhere)."""
-    if not isinstance(rel, str) or not rel.startswith(f"{VOLUMES_DIR}/") or Path(rel).is_absolute():
+    if not isinstance(rel, str) or not rel.startswith(f"{layout.CACHE_VOLUMES}/") or Path(rel).is_absolute():
         return None
-    root = (out_dir / VOLUMES_DIR).resolve()
+    root = (out_dir / layout.CACHE_VOLUMES).resolve()
     path = (out_dir / rel).resolve()
     return path if path.parent == root else None
 

@@ -19,7 +19,8 @@ import functools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from volta3d.data.cache import RECORDS_DIR, VOLUMES_DIR, load_record
+from volta3d import layout
+from volta3d.data.cache import load_record
 from volta3d.errors import InputFileNotFound
 from volta3d.runtime import file_sha256
 
@@ -34,11 +35,11 @@ def _hashed(path: str, size: int, mtime_ns: int) -> str:
 
 def recorded_sha256(path: Path, size: int) -> str | None:
     """The hash preprocessing recorded for ``path`` (a volume or mask under ``volumes/``), or None."""
-    if path.parent.name != VOLUMES_DIR:
+    if path.parent.name != layout.CACHE_VOLUMES:
         return None
-    rel = f"{VOLUMES_DIR}/{path.name}"
+    rel = f"{layout.CACHE_VOLUMES}/{path.name}"
     for key in dict.fromkeys((path.stem, path.stem.removesuffix(MASK_SUFFIX))):
-        record = load_record(path.parent.parent / RECORDS_DIR / f"{key}.json")
+        record = load_record(path.parent.parent / layout.RECORDS / f"{key}.json")
         hashes, sizes = (record or {}).get("sha256"), (record or {}).get("sizes")
         if isinstance(hashes, dict) and isinstance(sizes, dict) and sizes.get(rel) == size:
             digest = hashes.get(rel)

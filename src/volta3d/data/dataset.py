@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from torch.utils.data import Dataset
 
+from volta3d import layout
 from volta3d.data.cache import NPY_READ_ERRORS
 from volta3d.data.integrity import check_volume_headers, refuse_repeated_rows
 from volta3d.errors import InputError, InputFileNotFound, MissingInputError
@@ -29,7 +31,18 @@ def manifest_file(path: str | Path) -> Path:
     """The manifest a ``--data`` argument names: ``manifest.csv`` in a preprocessed folder, or the CSV itself
     (e.g. ``selection.csv`` / ``evaluation.csv`` of ``volta3d select``)."""
     p = Path(path)
-    return p / "manifest.csv" if p.is_dir() else p
+    return p / layout.MANIFEST if p.is_dir() else p
+
+
+def read_preprocessing(data_dir: str | Path) -> dict[str, Any] | None:
+    """The ``preprocess:`` section of ``config.yaml`` that ``volta3d preprocess`` wrote into the data
+    folder (beside a manifest CSV given as ``--data``: ``volta3d select`` copies it there), or None when
+    the folder was made some other way (predict then refuses raw scans)."""
+    path = manifest_file(data_dir).parent / layout.CONFIG
+    if not path.is_file():
+        return None
+    section = (yaml.safe_load(path.read_text()) or {}).get("preprocess")
+    return dict(section) if isinstance(section, dict) else None
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from volta3d import layout
 from volta3d.errors import InputError
 
 REPRODUCE = "re-run volta3d preprocess"
@@ -41,7 +42,7 @@ def refuse_repeated_volumes(manifest: pd.DataFrame, folders: Sequence[str | Path
     seen: dict[Path, str] = {}
     for folder in folders:
         p = Path(folder).resolve()
-        manifest_csv = p / "manifest.csv" if p.is_dir() else p
+        manifest_csv = p / layout.MANIFEST if p.is_dir() else p
         if manifest_csv in seen:
             also = "" if seen[manifest_csv] == str(folder) else f" (also as {seen[manifest_csv]})"
             raise InputError(f"--data {folder} is given twice{also}; give each folder once")

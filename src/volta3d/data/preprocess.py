@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from volta3d import layout
 from volta3d.data import cache
 from volta3d.data.io import ScanError, ScanTooLarge, read_volume
 from volta3d.data.pipeline import PreprocessedScan, PreprocessSettings, preprocess_scan
@@ -32,9 +33,6 @@ from volta3d.data.sources import ScanRecord, find_scans
 from volta3d.errors import InputError, InputFileNotFound
 from volta3d.runtime import file_sha256, get_logger
 
-MANIFEST = "manifest.csv"
-REJECTED = "rejected.csv"
-LOG_NAME = "preprocess.log"
 BASE_COLUMNS = ("subject_id", "path", "source", "label_path")
 REJECTED_COLUMNS = ("subject_id", "source", "label_source", "reason")
 
@@ -79,7 +77,7 @@ def shard_of(source: str, n: int) -> int:
 
 def _part_names(shard: tuple[int, int] | None) -> tuple[str, str]:
     if shard is None:
-        return MANIFEST, REJECTED
+        return layout.MANIFEST, layout.REJECTED
     tag = f"shard-{shard[0]}-of-{shard[1]}"
     return f"manifest.{tag}.csv", f"rejected.{tag}.csv"
 
@@ -267,7 +265,7 @@ def preprocess_dataset(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = get_logger()
-    handler = logging.FileHandler(out_dir / LOG_NAME)
+    handler = logging.FileHandler(out_dir / layout.PREPROCESS_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     if log.level == logging.NOTSET or log.level > logging.INFO:
@@ -390,6 +388,6 @@ def merge_shards(out_dir: str | Path) -> tuple[Path, Path]:
         rejected.append(pd.read_csv(out_dir / r_name, keep_default_na=False))
     manifest = pd.concat(manifests, ignore_index=True).sort_values("source", kind="stable")
     rej = pd.concat(rejected, ignore_index=True).sort_values("source", kind="stable")
-    manifest.to_csv(out_dir / MANIFEST, index=False)
-    rej.to_csv(out_dir / REJECTED, index=False)
-    return out_dir / MANIFEST, out_dir / REJECTED
+    manifest.to_csv(out_dir / layout.MANIFEST, index=False)
+    rej.to_csv(out_dir / layout.REJECTED, index=False)
+    return out_dir / layout.MANIFEST, out_dir / layout.REJECTED

@@ -1,5 +1,5 @@
 """``volta3d finetune classify|segment`` as a library call: from a merged configuration and the
-command's files to a finished run folder (README, "Fine-tuning").
+command's files to a finished run folder (docs/evaluation.md, "Downstream transfer and evaluation").
 
 This module holds what the command decides beyond parsing: which folds a run uses (an explicit
 ``--splits`` file, else the folds of an interrupted run in the same folder, else new ones; an
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from volta3d import layout
 from volta3d.config import save_config, to_kwargs
-from volta3d.downstream.leakage import check_run_rows
 from volta3d.errors import InputError
+from volta3d.protocol.leakage import check_run_rows
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,9 @@ def finetune(cfg: Any, run: FinetuneInputs) -> dict[str, Any]:
     device = _prepare_output(cfg, run)
     results, provenance = (segment if run.task == "segment" else classify)(cfg, run, device)
     if provenance is not None:
-        from volta3d.evaluation.results import RESULTS_NAME, write_json
+        from volta3d.protocol.results import write_json
 
-        path = Path(run.output) / RESULTS_NAME
+        path = Path(run.output) / layout.RESULTS
         write_json(path, {**json.loads(path.read_text()), "encoder_provenance": provenance})
         results = {**results, "encoder_provenance": provenance}
     return results
@@ -92,9 +93,9 @@ def _prepare_output(cfg: Any, run: FinetuneInputs) -> Any:
 def run_splits(run: FinetuneInputs, make: Callable[[], dict]) -> dict:
     """The folds: ``--splits`` if given, else those of the interrupted run in the output folder
     (resuming), else ``make()``; saved as the run's splits.json."""
-    from volta3d.evaluation.splits import SPLITS_NAME, load_splits, save_splits
+    from volta3d.protocol.splits import load_splits, save_splits
 
-    own = Path(run.output) / SPLITS_NAME
+    own = Path(run.output) / layout.SPLITS
     if run.splits:
         splits = load_splits(run.splits)
     elif own.exists():  # resuming: the folds of the interrupted run
@@ -107,11 +108,10 @@ def run_splits(run: FinetuneInputs, make: Callable[[], dict]) -> dict:
 
 def classify(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Cross-validated classification of ``run.label``; return the results and the encoder provenance."""
-    from volta3d.data.dataset import read_manifest
+    from volta3d.data.dataset import read_manifest, read_preprocessing
     from volta3d.downstream.external import check_external_classes, test_record
-    from volta3d.downstream.labels import label_kfold_splits, prepare_labels
-    from volta3d.downstream.saved import read_preprocessing
     from volta3d.downstream.train_classify import run_classification
+    from volta3d.protocol.labels import label_kfold_splits, prepare_labels
     from volta3d.runtime import get_logger
 
     c, log = to_kwargs(cfg.classify), get_logger()
@@ -148,11 +148,10 @@ def classify(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any]
 
 def segment(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Segmentation of the manifest's masks; return the results and the encoder provenance."""
-    from volta3d.data.dataset import read_manifest
+    from volta3d.data.dataset import read_manifest, read_preprocessing
     from volta3d.downstream.external import test_record
-    from volta3d.downstream.saved import read_preprocessing
     from volta3d.downstream.train_segment import run_segmentation
-    from volta3d.evaluation.splits import make_holdout_split, make_kfold_splits
+    from volta3d.protocol.splits import make_holdout_split, make_kfold_splits
 
     s = to_kwargs(cfg.segment)
     table, external = with_external(run, read_manifest(run.data))
@@ -238,9 +237,9 @@ def like_meta(run: FinetuneInputs) -> dict[str, Any] | None:
         return None
     if run.encoder:
         raise InputError("--like builds a scratch baseline; it cannot be combined with --encoder")
-    from volta3d.models.export import read_encoder_export
+    from volta3d.models.export import read_encoder_meta
 
-    return read_encoder_export(run.like)[1]
+    return read_encoder_meta(run.like)
 
 
 def encoder_provenance(run: FinetuneInputs, tested: Any) -> dict[str, Any] | None:
@@ -249,13 +248,13 @@ def encoder_provenance(run: FinetuneInputs, tested: Any) -> dict[str, Any] | Non
     if not run.encoder:
         return None
     from volta3d.data.dataset import read_manifest
-    from volta3d.downstream.provenance import relate_to_pretraining
-    from volta3d.models.export import read_encoder_export
+    from volta3d.models.export import read_encoder_meta
+    from volta3d.models.provenance import relate_to_pretraining
     from volta3d.runtime import get_logger
 
     test_dir = run.test_data or run.data
     test = read_manifest(run.test_data) if run.test_data else tested
-    summary, warning = relate_to_pretraining(read_encoder_export(run.encoder)[1], test_dir, test)
+    summary, warning = relate_to_pretraining(read_encoder_meta(run.encoder), test_dir, test)
     log = get_logger()
     if warning:
         log.warning("warning: %s", warning)

@@ -16,14 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from volta3d import layout
 from volta3d.config import to_kwargs
 from volta3d.data.content import content_hashes, describe_change
 from volta3d.data.dataset import PATH_COLUMNS, manifest_file, read_manifest
 from volta3d.errors import InputError
-from volta3d.models.export import _export_paths
+from volta3d.models.export import export_paths
 from volta3d.runtime import atomic_write, file_sha256, flatten_dict
 
-FINGERPRINT_NAME = "fingerprint.json"
 FREE_KEYS = ("num_workers",)  # change speed, not results
 VOLUMES = "volumes"
 
@@ -37,12 +37,13 @@ def run_fingerprint(args: Any, cfg: Any) -> dict[str, Any]:
     command's inputs, e.g. ``FinetuneInputs``)."""
     name = getattr(args, "section", args.task)  # the config section the task reads
     section = {k: v for k, v in to_kwargs(cfg[name]).items() if k not in FREE_KEYS}
-    encoder = _export_paths(args.encoder)[0] if args.encoder else None  # a folder or one of its files
+    weights, meta = export_paths(args.encoder) if args.encoder else (None, None)  # a folder or a file
     record = {
         name: section, "model": to_kwargs(cfg.model), "seed": cfg.seed,
         "run": {"task": args.task, "model": args.model, "label": getattr(args, "label", None),
                 "fractions": getattr(args, "fractions", None), "like": getattr(args, "like", None),
-                "encoder_sha256": _sha256(encoder) if encoder else None,
+                "encoder_sha256": _sha256(weights) if weights else None,
+                "encoder_meta_sha256": _sha256(meta) if meta else None,
                 "data_manifest_sha256": _sha256(manifest_file(args.data)),
                 "test_manifest_sha256": _sha256(manifest_file(args.test_data)) if args.test_data else None,
                 "splits_sha256": _sha256(Path(args.splits)) if args.splits else None},
@@ -85,8 +86,8 @@ def check_fingerprint(out: Path, now: dict[str, Any]) -> None:
     Runs made before fingerprints existed (folds but no fingerprint.json) are refused too: nothing
     says what produced their folds.
     """
-    path = out / FINGERPRINT_NAME
-    folds = out / "folds"
+    path = out / layout.FINGERPRINT
+    folds = out / layout.FOLDS
     if path.is_file():
         then = json.loads(path.read_text())
         changed = _differences(then, now)
@@ -99,7 +100,7 @@ def check_fingerprint(out: Path, now: dict[str, Any]) -> None:
             raise InputError(f"{out} holds folds made with {k}={then.get(k)!r}, but this run has {now.get(k)!r}; "
                              "use a new --output folder (or delete its folds/ to redo them)")  # fmt: skip
     elif folds.is_dir() and any(folds.glob("*.json")):
-        raise InputError(f"{out} holds folds from a run that recorded no {FINGERPRINT_NAME}: nothing says what "
+        raise InputError(f"{out} holds folds from a run that recorded no {layout.FINGERPRINT}: nothing says what "
                          "produced them; use a new --output folder")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(

@@ -24,6 +24,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Invertd, Resized
 from tqdm.auto import tqdm
 
+from volta3d import layout
 from volta3d.data.io import ScanError, is_nifti, read_volume
 from volta3d.data.pipeline import PreprocessSettings, build_transform, preprocess_scan
 from volta3d.data.sources import ScanRecord, find_scans
@@ -181,8 +182,10 @@ def predict_scans(
                     scan, ensemble_probabilities(models, data["model_input"]), meta0, threshold
                 )
             )
-    tables = {"rejected.csv": pd.DataFrame(rejected, columns=REJECTED_COLUMNS)}
-    tables["volumes.csv" if meta0["task"] == "segment" else "predictions.csv"] = pd.DataFrame(rows)
+    tables = {layout.REJECTED: pd.DataFrame(rejected, columns=REJECTED_COLUMNS)}
+    tables[layout.PREDICTED_VOLUMES if meta0["task"] == "segment" else layout.PREDICTIONS] = pd.DataFrame(
+        rows
+    )
     for name, table in tables.items():
         table.to_csv(out / name, index=False)
     log.info("predict: %d scans done, %d rejected -> %s", len(rows), len(rejected), out)

@@ -15,48 +15,33 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from volta3d.data.dataset import manifest_file
+from volta3d import layout
 from volta3d.errors import InputError, InputFileNotFound
-from volta3d.evaluation.results import write_json
+from volta3d.protocol.results import write_json
 
-MODELS_DIR = "models"
-MODEL_WEIGHTS = "model.safetensors"
-MODEL_META = "model.json"
 MODEL_FORMAT = "volta3d-model"
 MODEL_FORMAT_VERSION = 1
 
 
-def read_preprocessing(data_dir: str | Path) -> dict[str, Any] | None:
-    """The ``preprocess:`` section of ``config.yaml`` that ``volta3d preprocess`` wrote into the data
-    folder (beside a manifest CSV given as ``--data``: ``volta3d select`` copies it there), or None when
-    the folder was made some other way (predict then refuses raw scans)."""
-    path = manifest_file(data_dir).parent / "config.yaml"
-    if not path.is_file():
-        return None
-    section = (yaml.safe_load(path.read_text()) or {}).get("preprocess")
-    return dict(section) if isinstance(section, dict) else None
-
-
 def save_fold_model(run_dir: str | Path, key: str, net: nn.Module, meta: dict[str, Any]) -> Path:
     """Write the fold's weights and rebuild record under ``run_dir/models/<key>``; return the folder."""
-    folder = Path(run_dir) / MODELS_DIR / key
+    folder = Path(run_dir) / layout.MODELS / key
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(net.cpu(), str(folder / MODEL_WEIGHTS), metadata={"format": MODEL_FORMAT})
+    save_model(net.cpu(), str(folder / layout.MODEL_WEIGHTS), metadata={"format": MODEL_FORMAT})
     write_json(
-        folder / MODEL_META,
+        folder / layout.MODEL_META,
         {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "key": key, **meta},
     )
     return folder
 
 
 def read_model_meta(folder: Path) -> dict[str, Any]:
-    path = folder / MODEL_META
-    if not path.is_file() or not (folder / MODEL_WEIGHTS).is_file():
-        raise InputFileNotFound(f"saved model incomplete: {path} or {folder / MODEL_WEIGHTS} missing")
+    path = folder / layout.MODEL_META
+    if not path.is_file() or not (folder / layout.MODEL_WEIGHTS).is_file():
+        raise InputFileNotFound(f"saved model incomplete: {path} or {folder / layout.MODEL_WEIGHTS} missing")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -102,7 +87,7 @@ def _missing_folds(run_dir: Path, present: set[int], wanted: list[int] | None) -
     """The folds asked for (by default every fold of the run's splits.json) that have no saved model."""
     if wanted is None:
         try:
-            wanted = list(range(len(json.loads((run_dir / "splits.json").read_text())["folds"])))
+            wanted = list(range(len(json.loads((run_dir / layout.SPLITS).read_text())["folds"])))
         except (OSError, ValueError, KeyError, TypeError):  # no readable splits: the folders are all there is
             wanted = []
     return sorted(set(wanted) - present)
@@ -112,7 +97,7 @@ def load_fold_models(
     run_dir: str | Path, folds: list[int] | None = None
 ) -> list[tuple[nn.Module, dict[str, Any]]]:
     """Every saved fold model of a run (the largest training fraction only), in eval mode."""
-    root = Path(run_dir) / MODELS_DIR
+    root = Path(run_dir) / layout.MODELS
     # every fold folder: one without its model.json is refused (read_model_meta), not left out of the ensemble
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not folders:
@@ -135,10 +120,10 @@ def load_fold_models(
         check_record_fits_weights(folder, meta)  # before anything of the record's size is allocated
         net = build_saved(meta)
         try:
-            load_model(net, str(folder / MODEL_WEIGHTS), strict=True)
+            load_model(net, str(folder / layout.MODEL_WEIGHTS), strict=True)
         except (RuntimeError, OSError) as err:
             raise InputError(
-                f"{folder / MODEL_WEIGHTS} does not fit {folder / MODEL_META}: {' '.join(str(err).split())}"
+                f"{folder / layout.MODEL_WEIGHTS} does not fit {folder / layout.MODEL_META}: {' '.join(str(err).split())}"
             ) from None
         out.append((net.eval(), meta))
     return out
@@ -186,7 +171,7 @@ def check_record_fits_weights(folder: Path, meta: dict[str, Any]) -> None:
     edited to width 2048 fails in milliseconds, not after gigabytes. A ViT's depth is compared with the
     weights' blocks first (a build on torch's meta device, shapes only, still costs time per layer); then
     the network is built there and every key and shape compared."""
-    weights, record = folder / MODEL_WEIGHTS, folder / MODEL_META
+    weights, record = folder / layout.MODEL_WEIGHTS, folder / layout.MODEL_META
     stored = _stored_shapes(weights)
     depth = _declared_depth(meta.get("build") or {})
     blocks = len({k.split(".blocks.")[1].split(".")[0] for k in stored if ".blocks." in k})

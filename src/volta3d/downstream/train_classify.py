@@ -32,16 +32,16 @@ from volta3d.downstream.classifier import (
     build_classifier,
     swin_kwargs,
 )
-from volta3d.downstream.cv import Fold, label_results, plan_folds, run_folds
 from volta3d.downstream.external import test_record
-from volta3d.downstream.labels import LabelSet
 from volta3d.downstream.loop import train_model
 from volta3d.downstream.recipe import FinetuneRecipe
 from volta3d.downstream.saved import save_fold_model
-from volta3d.downstream.scoring import fold_metrics, positive_index, prediction_rows
 from volta3d.downstream.sfcn import SFCN, sfcn_kwargs
 from volta3d.errors import InputError
-from volta3d.evaluation.splits import make_holdout_split
+from volta3d.protocol.cv import Fold, label_results, plan_folds, run_folds
+from volta3d.protocol.labels import LabelSet
+from volta3d.protocol.scoring import fold_metrics, positive_index, prediction_rows
+from volta3d.protocol.splits import make_holdout_split
 from volta3d.runtime import get_logger
 
 __all__ = [
@@ -200,7 +200,7 @@ def run_classification(
 ) -> dict[str, Any]:
     """Run every (fraction, fold) of ``splits`` with the ``classify:`` config ``section`` (keys as in
     default.yaml), write ``results.json`` / ``predictions.csv`` into ``out_dir`` and return the results
-    dictionary (layout in ``volta3d.downstream.cv``). Without ``encoder`` (an export to fine-tune) the
+    dictionary (layout in ``volta3d.protocol.cv``). Without ``encoder`` (an export to fine-tune) the
     model is built from scratch: a ViT from ``encoder_kwargs`` / ``summariser_kwargs``, a Swin from
     ``section["swin"]`` or an SFCN from ``section["sfcn"]``."""
     setup = _setup(
@@ -313,7 +313,7 @@ def _results_extra(
     test_set: dict[str, Any] | None,
     architecture: dict[str, Any],
 ) -> dict[str, Any]:
-    """The classification-only keys of results.json (see ``volta3d.downstream.cv``)."""
+    """The classification-only keys of results.json (see ``volta3d.protocol.cv``)."""
     binary = labels.kind == "binary"
     extra: dict[str, Any] = {
         "test": test_set or test_record(None),

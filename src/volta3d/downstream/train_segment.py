@@ -29,9 +29,9 @@ from monai.networks.nets import UNet
 from monai.transforms import Compose, Lambdad, RandCropByPosNegLabeld, SpatialPadd
 from torch.utils.data import DataLoader, Subset
 
+from volta3d import layout
 from volta3d.data.cache import volume_spacing
 from volta3d.data.dataset import VolumeDataset, load_volume
-from volta3d.downstream.cv import Fold, RunResults, plan_folds, run_folds
 from volta3d.downstream.external import test_record
 from volta3d.downstream.flip import RandLeftRightFlipd, check_label_pairs
 from volta3d.downstream.loop import train_model
@@ -39,9 +39,10 @@ from volta3d.downstream.recipe import FinetuneRecipe
 from volta3d.downstream.saved import save_fold_model
 from volta3d.downstream.segmenter import AnyPatchUNETR, build_segmenter
 from volta3d.errors import InputError
-from volta3d.evaluation.metrics import segmentation_metrics
-from volta3d.evaluation.splits import make_holdout_split
-from volta3d.models.export import encoder_kwargs_from_meta, read_encoder_export
+from volta3d.models.export import encoder_kwargs_from_meta, read_encoder_meta
+from volta3d.protocol.cv import Fold, RunResults, plan_folds, run_folds
+from volta3d.protocol.metrics import segmentation_metrics
+from volta3d.protocol.splits import make_holdout_split
 from volta3d.runtime import get_logger
 
 
@@ -90,7 +91,7 @@ def effective_unetr_kwargs(encoder: str | Path | None, unetr_kwargs: dict[str, A
     """``build_unetr`` keyword arguments as built: with an export, its ViT sizes replace the given ones."""
     arch = dict(unetr_kwargs or {})
     if encoder is not None:
-        meta = encoder_kwargs_from_meta(read_encoder_export(encoder)[1])
+        meta = encoder_kwargs_from_meta(read_encoder_meta(encoder))
         sizes = ("patch_size", "num_layers", "hidden_size", "mlp_dim", "num_heads", "qkv_bias", "input_norm")
         arch.update({k: meta[k] for k in sizes})
     return arch
@@ -351,7 +352,7 @@ def _write_prediction_index(run: SegmentRun, plan: Sequence[Fold], pred_dir: Pat
     pd.DataFrame(
         [r for r in index if (pred_dir / r["prediction"]).exists()],
         columns=["subject_id", "fold", "image", "label", "prediction"],
-    ).to_csv(pred_dir / "index.csv", index=False)
+    ).to_csv(pred_dir / layout.SEGMENT_INDEX, index=False)
 
 
 def run_segmentation(

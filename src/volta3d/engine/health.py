@@ -217,7 +217,7 @@ class CollapseMonitor:
             if sign not in self.warned:
                 self.warned.add(sign)
                 self.logger.warning(
-                    "collapse alarm at step %d: %s for %d steps (%s); see the README's 'Representation "
+                    "collapse alarm at step %d: %s for %d steps (%s); see docs/health.md, 'Representation "
                     "health' for remedies", step, sign, self.counts[sign], signs[sign],
                 )  # fmt: skip
         return int(bool(firing))

@@ -17,11 +17,11 @@ from typing import Any
 
 from volta3d.engine.meta_arch import VolTA3D
 from volta3d.models.export import (
-    WEIGHTS_NAME,
     EncoderLoadError,
     build_from_export,
     encoder_kwargs_from_meta,
-    read_encoder_export,
+    export_paths,
+    read_encoder_meta,
 )
 from volta3d.models.imports import cube_edge
 from volta3d.runtime import file_sha256
@@ -32,15 +32,10 @@ ENCODER_KEYS = ("patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads
 UNKNOWN_INIT_DATA = {"pretraining_data": "unknown: the init export records none"}
 
 
-def _weights_path(export: str | Path) -> Path:
-    path = Path(export)
-    return path / WEIGHTS_NAME if path.is_dir() else path.with_suffix(".safetensors")
-
-
 def init_overrides(export: str | Path) -> list[str]:
     """``key=value`` config overrides that give ``model:`` the export's architecture (and its summariser's)
     and set ``train.init``; they go last, so the export's sizes win over a config file's."""
-    _, meta = read_encoder_export(export)
+    meta = read_encoder_meta(export)
     kwargs = encoder_kwargs_from_meta(meta)
     out = [
         f"model.{k}={str(kwargs[k]).lower() if isinstance(kwargs[k], bool) else kwargs[k]}"
@@ -99,7 +94,7 @@ def init_record(export: str | Path, init_meta: dict[str, Any]) -> dict[str, Any]
     """What the run started from, for ``encoder.json`` and ``pretrain_data.json``."""
     return {
         "encoder": str(Path(export).resolve()),
-        "weights_sha256": file_sha256(_weights_path(export)),
+        "weights_sha256": file_sha256(export_paths(export)[0]),
         "architecture": encoder_kwargs_from_meta(init_meta),
         "training": init_meta.get("training"),
         "summariser": "export" if init_meta.get("summariser") else "fresh",
@@ -112,7 +107,7 @@ def start_from_export(
 ) -> dict[str, Any]:
     """``pretrain --init``: load the export into ``model`` (None: a resumed run, whose checkpoint holds its
     weights) and return ``data_record`` with the init recorded in its provenance."""
-    _, meta = read_encoder_export(export)
+    meta = read_encoder_meta(export)
     if model is not None:
         load_init_weights(model, export)
         logger.info("student and teacher start from %s; projection heads fresh", export)

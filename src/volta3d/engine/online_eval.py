@@ -21,17 +21,17 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from volta3d import layout
 from volta3d.config import to_kwargs
 from volta3d.data.dataset import VolumeDataset, read_manifest
-from volta3d.downstream.embeddings import embedding_rows, extract_embeddings, extract_raw_embeddings
-from volta3d.downstream.labels import LabelSet, label_kfold_splits, prepare_labels
-from volta3d.downstream.probes import PROBE_SETTINGS, run_probe
 from volta3d.engine.meta_arch import Student
 from volta3d.errors import InputError
-from volta3d.evaluation.pretrain_health import ONLINE_EVAL_NAME
-from volta3d.evaluation.splits import load_splits, save_splits
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.summariser import CLSSummariser
+from volta3d.protocol.embeddings import embedding_rows, extract_embeddings, extract_raw_embeddings
+from volta3d.protocol.labels import LabelSet, label_kfold_splits, prepare_labels
+from volta3d.protocol.probes import PROBE_SETTINGS, run_probe
+from volta3d.protocol.splits import load_splits, save_splits
 from volta3d.runtime import MetricsCSV
 
 PROBES = ("linear", "knn")
@@ -175,7 +175,7 @@ def online_evaluation(
         probe_kwargs={k: v for k, v in to_kwargs(pc).items() if k in PROBE_SETTINGS},
         features=list(cfg.eval.features),
     )  # fmt: skip
-    evaluation = OnlineEvaluation(probe, MetricsCSV(out / ONLINE_EVAL_NAME, keep_until_step=step), logger)
+    evaluation = OnlineEvaluation(probe, MetricsCSV(out / layout.ONLINE_EVAL, keep_until_step=step), logger)
     if step == 0:
         evaluation.start(teacher, device)
     return evaluation

@@ -24,12 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from volta3d import layout
 from volta3d.config import save_config, to_kwargs
 from volta3d.data.batched_views import PretrainVolumesDataset, build_views, collate_volumes, move_batch
 from volta3d.data.content import content_hashes, describe_change
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.data.integrity import refuse_repeated_volumes
-from volta3d.downstream.provenance import pretraining_provenance
 from volta3d.engine.checkpoint import load_checkpoint, save_checkpoint
 from volta3d.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from volta3d.engine.health import HealthTracker
@@ -45,8 +45,8 @@ from volta3d.engine.optim import (
 from volta3d.engine.sampler import ResumableSampler
 from volta3d.engine.schedules import Schedules, build_schedules, scaled_lr
 from volta3d.errors import InputError
-from volta3d.evaluation.pretrain_health import PRETRAIN_DATA_NAME
-from volta3d.models.export import META_NAME, WEIGHTS_NAME, save_encoder_export
+from volta3d.models.export import save_encoder_export
+from volta3d.models.provenance import pretraining_provenance
 from volta3d.runtime import (
     MetricsCSV,
     atomic_write,
@@ -56,7 +56,7 @@ from volta3d.runtime import (
     setup_logging,
 )
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINT = Path(layout.CHECKPOINTS) / layout.LAST_CHECKPOINT
 METRIC_COLUMNS = [
     "step", "epoch", "loss", "loss_global", "loss_local", "loss_rec", "koleo", "log_k", "lr", "weight_decay",
     "momentum", "teacher_init_share", "teacher_temp", "teacher_patch_temp",
@@ -74,7 +74,9 @@ VIEW_COLUMNS = ("view_global_overlap", "view_local_in_global")  # how much the v
 RESUME_FREE_KEYS = ("train.num_workers", "train.log_every", "train.checkpoint_every", "train.max_steps",
                     "train.tensorboard", "device", "optim.batch_size", "optim.accum_steps", "train.collapse_patience",
                     "train.collapse_max_cosine", "train.rank_buffer")  # fmt: skip
-RESUME_FREE_PREFIXES = ("eval.",)  # what is evaluated, and how often, does not alter the optimisation
+# what is evaluated, how often, and the downstream sections (read by other commands) do not alter the
+# optimisation: a config that gained a downstream key since the checkpoint still resumes
+RESUME_FREE_PREFIXES = ("eval.", "classify.", "segment.", "probe.")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,7 +101,7 @@ def pretrain(
     _train(run, progress)
     if dist_info.is_main:  # the last step was checkpointed and exported inside the loop
         _check_export(run)
-        logger.info("finished at step %d; encoder export in %s", run.step, out / "encoder.safetensors")
+        logger.info("finished at step %d; encoder export in %s", run.step, out / layout.ENCODER_WEIGHTS)
     barrier()
     return out
 
@@ -159,7 +161,7 @@ def _prepare_run(
     if dist_info.is_main:
         save_config(cfg, out)
         atomic_write(
-            out / PRETRAIN_DATA_NAME, lambda f: f.write((json.dumps(data_record, indent=1) + "\n").encode())
+            out / layout.PRETRAIN_DATA, lambda f: f.write((json.dumps(data_record, indent=1) + "\n").encode())
         )
         logger.info(
             "pretraining on %d volumes: %d epochs x %d steps, effective batch %d (%d x %d accumulation x %d ranks), "
@@ -178,7 +180,7 @@ class _Records:
     def __init__(self, run: _Run, progress: bool) -> None:
         cfg, main = run.cfg, run.dist_info.is_main
         self.run = run
-        self.metrics = MetricsCSV(run.out / "metrics.csv", keep_until_step=run.step) if main else None
+        self.metrics = MetricsCSV(run.out / layout.METRICS, keep_until_step=run.step) if main else None
         self.board = _tensorboard(run.out) if (main and cfg.train.tensorboard) else None
         self.health = HealthTracker(run.model.log_k, run.logger,
                                     **{k: cfg.train[k] for k in ("rank_buffer", "collapse_patience",
@@ -521,10 +523,10 @@ def _check_export(run: _Run) -> None:
     (each file is replaced atomically, encoder.json last, so its step dates both), which a re-run that
     finds the training finished would otherwise keep. Such an export is written again from the checkpoint."""
     try:
-        step = json.loads((run.out / META_NAME).read_text())["training"]["step"]
+        step = json.loads((run.out / layout.ENCODER_META).read_text())["training"]["step"]
     except (OSError, ValueError, KeyError, TypeError):
         step = None
-    if run.step == 0 or (step == run.step and (run.out / WEIGHTS_NAME).is_file()):
+    if run.step == 0 or (step == run.step and (run.out / layout.ENCODER_WEIGHTS).is_file()):
         return
     run.logger.warning("the encoder export is from step %s, not the checkpoint's step %d (interrupted while "
                        "exporting?): exporting it again", step, run.step)  # fmt: skip

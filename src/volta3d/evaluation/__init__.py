@@ -1,9 +1,9 @@
 """volta3d.evaluation: subject-grouped splits, metrics, paired statistics and results files."""
 
 from volta3d.evaluation.comparison import compare_results, format_comparison
-from volta3d.evaluation.results import FoldStore, load_run, save_run
-from volta3d.evaluation.splits import load_splits, make_holdout_split, make_kfold_splits, save_splits
 from volta3d.evaluation.statistics import bootstrap_ci, delong_test, paired_difference
+from volta3d.protocol.results import FoldStore, load_run, save_run
+from volta3d.protocol.splits import load_splits, make_holdout_split, make_kfold_splits, save_splits
 
 __all__ = [
     "FoldStore",

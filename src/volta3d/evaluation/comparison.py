@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from volta3d.errors import InputError
-from volta3d.evaluation.results import load_run
-from volta3d.evaluation.splits import same_folds
 from volta3d.evaluation.statistics import bootstrap_ci, delong_test, paired_difference, rank_auc
+from volta3d.protocol.results import load_run
+from volta3d.protocol.splits import same_folds
 from volta3d.runtime import flatten_dict
 
 NOT_COMPARED = {"youden_threshold", "n_train", "n_test"}

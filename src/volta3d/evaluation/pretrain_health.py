@@ -24,7 +24,8 @@ from typing import Any
 
 import pandas as pd
 
-ONLINE_EVAL_NAME, PRETRAIN_DATA_NAME = "online_eval.csv", "pretrain_data.json"
+from volta3d import layout
+
 ONLINE_COLUMNS = ("step", "source", "feature", "probe", "metric", "value")
 HEALTH_WINDOW = 10  # logged steps averaged at each end: one noisy step should not decide a verdict
 ALIGNMENT_LOSSES = ("loss_global", "loss_local")
@@ -111,7 +112,7 @@ def health_sentence(rows: list[HealthRow], alarm: tuple[int, int] | None, alarm_
 def read_online_eval(pretrain: Path) -> pd.DataFrame | str | None:
     """``online_eval.csv`` with a ``label`` column (``""`` when the file has none) and numeric
     step / value; None when absent, or a one-line reason when it cannot be used."""
-    path = pretrain / ONLINE_EVAL_NAME
+    path = pretrain / layout.ONLINE_EVAL
     if not path.is_file():
         return None
     table = pd.read_csv(
@@ -156,7 +157,7 @@ def online_summary(table: pd.DataFrame) -> list[dict[str, Any]]:
 
 def read_pretrain_data(pretrain: Path) -> dict[str, Any] | str | None:
     """``pretrain_data.json``; None when absent, or a one-line reason when it cannot be used."""
-    path = pretrain / PRETRAIN_DATA_NAME
+    path = pretrain / layout.PRETRAIN_DATA
     if not path.is_file():
         return None
     try:

@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from volta3d import layout
 from volta3d.errors import InputError, InputFileNotFound
 from volta3d.evaluation.comparison import compare_results
 from volta3d.evaluation.report_doc import (
@@ -63,7 +64,6 @@ __all__ = [
     "pair_runs",
 ]  # what other modules import here
 
-REPORT_NAME, SUMMARY_NAME, FIGURES_DIR = "report.html", "summary.md", "figures"
 PRETRAIN_HIGHLIGHTS = [
     "seed", "model.img_size", "model.patch_size", "model.hidden_size", "model.num_layers", "model.num_heads",
     "head.out_dim", "views.global_size", "views.local_size", "views.n_local", "masking.ratio",
@@ -108,13 +108,13 @@ def settings_section(runs: list[Run], pretrain: Path | None, info: Mapping[str, 
     times, and the software versions."""
     sec = Section("Run settings, data and software", "settings")
     if pretrain is not None:
-        cfg = flatten(read_config(pretrain / "config.yaml"))
+        cfg = flatten(read_config(pretrain / layout.CONFIG))
         rows = [[k, str(cfg[k])] for k in PRETRAIN_HIGHLIGHTS if k in cfg]
         sec.blocks.append(
             Table(
                 ["setting", "value"],
                 rows,
-                f"Pretraining configuration highlights ({pretrain / 'config.yaml'})",
+                f"Pretraining configuration highlights ({pretrain / layout.CONFIG})",
             )
         )
     if runs:
@@ -198,7 +198,7 @@ def _compare(
 
 
 def _fresh_figures(out: Path) -> Path:
-    fig_dir = out / FIGURES_DIR
+    fig_dir = out / layout.REPORT_FIGURES
     fig_dir.mkdir(parents=True, exist_ok=True)
     for old in fig_dir.glob("*.png"):  # figures of an earlier report of other runs must not linger
         old.unlink()
@@ -248,7 +248,7 @@ def build_report(
         f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by volta3d report from "
         f"{len(inputs.runs)} results file(s); bootstrap: {n_boot} resamples, seed {seed}."
     )
-    (out / SUMMARY_NAME).write_text(render_markdown(title, sections, generated, out))
-    path = out / REPORT_NAME
+    (out / layout.REPORT_SUMMARY).write_text(render_markdown(title, sections, generated, out))
+    path = out / layout.REPORT_HTML
     path.write_text(render_html(title, sections, generated))
     return path

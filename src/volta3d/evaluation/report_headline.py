@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from volta3d import layout
 from volta3d.evaluation import pretrain_health as health
 from volta3d.evaluation import report_plots
 from volta3d.evaluation.report_doc import (
@@ -59,7 +60,6 @@ TABLE_ID, FOREST_ID, PROVENANCE_ID = (
     "forest-plot",
     "provenance",
 )  # element ids: the page test finds them
-FOREST_NAME = "forest.png"
 
 
 @dataclass
@@ -318,8 +318,8 @@ def _rule_notes(rows: Sequence[HeadlineRow], who: str) -> list[Note]:
 
 def _pretrain_device(pretrain: Path) -> str:
     """The device pretraining ran on: the config's, or the resolved one its log names when 'auto'."""
-    device = str(read_config(pretrain / "config.yaml").get("device", "auto"))
-    log = pretrain / "log.txt"
+    device = str(read_config(pretrain / layout.CONFIG).get("device", "auto"))
+    log = pretrain / layout.LOG
     if device == "auto" and log.is_file():
         found = re.findall(r"x (\d+) ranks\), lr \S+, device (\S+)", log.read_text(errors="replace"))
         if found:
@@ -333,7 +333,7 @@ def _wall_time(pretrain: Path, stages: Mapping[str, Any]) -> str:
     for s in stages.get("stages", []):
         if isinstance(s, Mapping) and s.get("name") == "pretrain" and s.get("status") == "done":
             return f"took {fmt_hms(s.get('seconds'))} (wall time)"
-    metrics = pd.read_csv(pretrain / "metrics.csv", usecols=lambda c: c == "seconds_per_step")
+    metrics = pd.read_csv(pretrain / layout.METRICS, usecols=lambda c: c == "seconds_per_step")
     if "seconds_per_step" in metrics.columns and metrics["seconds_per_step"].notna().any():
         return (
             f"took about {fmt_hms(float(metrics['seconds_per_step'].sum()))} (sum of the logged step times)"
@@ -357,7 +357,7 @@ def provenance_line(pretrain: Path | None, runs: Sequence[Run], stages: Mapping[
             tested.setdefault(task_title(r.task_key), set()).update(test_subjects(r))
         data = health.provenance_sentence(info, tested)
     else:
-        data = f"Pretraining data not recorded ({info or f'no {health.PRETRAIN_DATA_NAME} in {pretrain}'})."
+        data = f"Pretraining data not recorded ({info or f'no {layout.PRETRAIN_DATA} in {pretrain}'})."
     machine = (
         stages.get("settings", {}).get("machine") if isinstance(stages.get("settings"), Mapping) else None
     )
@@ -378,7 +378,7 @@ def headline_section(
     sec.blocks += [provenance, headline_table(rows, who), headline_summary(rows, who)]
     panels = forest_panels(rows, who)
     if panels:
-        path = report_plots.forest_figure(panels, fig_dir / FOREST_NAME)
+        path = report_plots.forest_figure(panels, fig_dir / layout.FOREST_PLOT)
         sec.blocks.append(
             Figure(
                 path,

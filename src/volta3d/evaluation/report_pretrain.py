@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from volta3d import layout
 from volta3d.evaluation import pretrain_health as health
 from volta3d.evaluation import report_plots
 from volta3d.evaluation.report_doc import (
@@ -34,7 +35,7 @@ from volta3d.evaluation.report_runs import better_when_lower, flatten, read_conf
 
 def _curve_blocks(pretrain: Path, metrics: pd.DataFrame, logk: float | None, fig_dir: Path) -> list[Block]:
     """The training curves and the first / last logged values."""
-    path = report_plots.pretraining_figure(metrics, fig_dir / "pretraining.png", logk)
+    path = report_plots.pretraining_figure(metrics, fig_dir / layout.PRETRAINING_PLOT, logk)
     blocks: list[Block] = [
         Figure(
             path,
@@ -105,9 +106,7 @@ def _health_blocks(
     ]
     health_cols = [c for _, cols in report_plots.HEALTH_PANELS for c in cols]
     if any(c in metrics.columns and metrics[c].notna().any() for c in health_cols):
-        path = report_plots.health_figure(
-            metrics, fig_dir / "pretraining_health.png", alarm[0] if alarm else None
-        )
+        path = report_plots.health_figure(metrics, fig_dir / layout.HEALTH_PLOT, alarm[0] if alarm else None)
         blocks.append(
             Figure(
                 path,
@@ -123,14 +122,14 @@ def _online_blocks(pretrain: Path, fig_dir: Path) -> list[Block]:
     """The online-probe curve per (label, metric) and its first / last values against the references."""
     table = health.read_online_eval(pretrain)
     if table is None:
-        return [Note(f"Online-probe curve not shown: no {health.ONLINE_EVAL_NAME} in {pretrain}.")]
+        return [Note(f"Online-probe curve not shown: no {layout.ONLINE_EVAL} in {pretrain}.")]
     if isinstance(table, str):
         return [Note(f"Online-probe curve not shown: {table}.")]
     panels = {}
     for (label, metric), rows in table.groupby(["label", "metric"], sort=True):
         better = "lower" if better_when_lower(metric) else "higher"
         panels[f"{label + ': ' if label else ''}{metric_label(metric)} ({better} is better)"] = rows
-    path = report_plots.online_probe_figure(panels, fig_dir / "online_probe.png")
+    path = report_plots.online_probe_figure(panels, fig_dir / layout.ONLINE_PROBE_PLOT)
     blocks: list[Block] = [
         Figure(
             path,
@@ -175,10 +174,10 @@ def pretraining_section(pretrain: Path | None, fig_dir: Path) -> Section:
     sec = Section("Pretraining", "pretraining")
     if pretrain is None:
         return omitted(sec, "no pretraining run folder (metrics.csv + config.yaml) among the inputs")
-    metrics = pd.read_csv(pretrain / "metrics.csv").apply(pd.to_numeric, errors="coerce")
+    metrics = pd.read_csv(pretrain / layout.METRICS).apply(pd.to_numeric, errors="coerce")
     if metrics.empty or "step" not in metrics.columns:
-        return omitted(sec, f"{pretrain / 'metrics.csv'} holds no logged steps")
-    logk = health.log_k(metrics, flatten(read_config(pretrain / "config.yaml")).get("head.out_dim"))
+        return omitted(sec, f"{pretrain / layout.METRICS} holds no logged steps")
+    logk = health.log_k(metrics, flatten(read_config(pretrain / layout.CONFIG)).get("head.out_dim"))
     rows, alarm = health.health_rows(metrics, logk), health.first_alarm(metrics)
     if alarm:
         sec.blocks.append(

@@ -15,12 +15,12 @@ from typing import Any
 
 import pandas as pd
 
+from volta3d import layout
 from volta3d.errors import InputError, InputFileNotFound
-from volta3d.evaluation.results import RESULTS_NAME, load_run
+from volta3d.protocol.results import load_run
 from volta3d.runtime import flatten_dict
 
-STAGES_NAME = "stages.json"
-PRETRAIN_FILES = ("metrics.csv", "config.yaml")
+PRETRAIN_FILES = (layout.METRICS, layout.CONFIG)
 LOWER_IS_BETTER = ("mae", "hd95")
 COMPARE_METRICS = {
     "binary": ["auroc", "balanced_accuracy_youden"], "multiclass": ["auroc", "balanced_accuracy"],
@@ -154,20 +154,20 @@ def discover_inputs(paths: Sequence[str | Path]) -> ReportInputs:
         if not p.exists():
             raise InputFileNotFound(f"report input not found: {p}")
         if p.is_file():
-            if p.name == STAGES_NAME:
+            if p.name == layout.STAGES:
                 stages.append(p)
             elif p.suffix == ".json":
                 results[p.resolve()] = None
             else:
                 raise InputError(f"report input {p} is neither a results.json, a stages.json nor a folder")
             continue
-        results.update((f.resolve(), None) for f in sorted(p.rglob(RESULTS_NAME)))
+        results.update((f.resolve(), None) for f in sorted(p.rglob(layout.RESULTS)))
         pretrain += [
             m.parent for m in sorted(p.rglob(PRETRAIN_FILES[0])) if (m.parent / PRETRAIN_FILES[1]).exists()
         ]
-        stages += sorted(p.rglob(STAGES_NAME), key=lambda s: len(s.parts))
+        stages += sorted(p.rglob(layout.STAGES), key=lambda s: len(s.parts))
     if not (results or pretrain or stages):
-        raise InputError(f"no {RESULTS_NAME}, pretraining run (metrics.csv + config.yaml) or {STAGES_NAME} found in "
+        raise InputError(f"no {layout.RESULTS}, pretraining run (metrics.csv + config.yaml) or {layout.STAGES} found in "
                          + ", ".join(str(p) for p in paths))  # fmt: skip
     runs = []
     for f in results:

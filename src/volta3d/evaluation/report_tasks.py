@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from volta3d import layout
 from volta3d.errors import InputError
 from volta3d.evaluation import report_plots
 from volta3d.evaluation.report_doc import (
@@ -279,7 +280,7 @@ def overlay_cases(run: Run, n: int = OVERLAY_CASES) -> tuple[list[dict[str, Any]
     """Worst, median and best test subjects by Dice (when Dice is known), loaded for overlays;
     and notes on subjects that could not be drawn."""
     pred_dir = run.dir / "predictions"
-    index = pd.read_csv(pred_dir / "index.csv", dtype={"subject_id": str})
+    index = pd.read_csv(pred_dir / layout.SEGMENT_INDEX, dtype={"subject_id": str})
     pred = run.results.get("predictions")
     if pred is not None and "dice_mean" in pred.columns:
         index = index.merge(pred[["subject_id", "fold", "dice_mean"]], on=["subject_id", "fold"], how="left")
@@ -323,7 +324,7 @@ def segmentation_blocks(group: list[Run], fig_dir: Path) -> list[Block]:
     ]
     drawn = False
     for r in group:
-        if not (r.dir / "predictions" / "index.csv").exists():
+        if not (r.dir / "predictions" / layout.SEGMENT_INDEX).exists():
             continue
         cases, notes = overlay_cases(r)
         blocks.extend(map(Note, notes))

@@ -26,6 +26,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from volta3d import layout
 from volta3d.errors import InputError, InputFileNotFound
 from volta3d.models.encoder import VolTAEncoder, interpolate_pos_embed
 from volta3d.models.summariser import CLSSummariser
@@ -33,14 +34,12 @@ from volta3d.runtime import atomic_write
 
 EXPORT_FORMAT = "volta3d-encoder"
 EXPORT_FORMAT_VERSION = 1
-WEIGHTS_NAME = "encoder.safetensors"
-META_NAME = "encoder.json"
 SUMMARISER_PREFIX = "summariser."
 DECODER_PREFIX = "conv3d_transpose"
 POS_EMBED_KEY = "patch_embedding.position_embeddings"
 # keys a MONAI ViT target may own that the export never holds (ViT(classification=True) extras)
 TARGET_ONLY_KEYS = ("cls_token", "classification_head.")
-META_DESCRIBED = f"the architecture {META_NAME} describes"
+META_DESCRIBED = f"the architecture {layout.ENCODER_META} describes"
 
 
 class EncoderLoadError(InputError):
@@ -82,24 +81,25 @@ def save_encoder_export(
         "provenance": provenance,
         "training": training,
     }
-    weights_path, meta_path = out_dir / WEIGHTS_NAME, out_dir / META_NAME
+    weights_path, meta_path = out_dir / layout.ENCODER_WEIGHTS, out_dir / layout.ENCODER_META
     atomic_write(weights_path, lambda f: f.write(save(state, metadata={"format": EXPORT_FORMAT})))
     atomic_write(meta_path, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     return weights_path, meta_path
 
 
-def _export_paths(path_or_dir: str | Path) -> tuple[Path, Path]:
+def export_paths(path_or_dir: str | Path) -> tuple[Path, Path]:
+    """``(weights, metadata)`` paths of an export given as its folder, its ``.safetensors`` or its ``.json``."""
     path = Path(path_or_dir)
     if path.is_dir():
-        return path / WEIGHTS_NAME, path / META_NAME
+        return path / layout.ENCODER_WEIGHTS, path / layout.ENCODER_META
     if path.suffix == ".json":
         return path.with_suffix(".safetensors"), path
     return path, path.with_suffix(".json")
 
 
-def read_encoder_export(path_or_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state, meta)`` from an export folder, its ``.safetensors`` or its ``.json``."""
-    weights_path, meta_path = _export_paths(path_or_dir)
+def read_encoder_meta(path_or_dir: str | Path) -> dict[str, Any]:
+    """An export's metadata, checked, without loading its weights (the file must still be there)."""
+    weights_path, meta_path = export_paths(path_or_dir)
     for p in (weights_path, meta_path):
         if not p.is_file():
             raise InputFileNotFound(f"encoder export file not found: {p}")
@@ -114,6 +114,13 @@ def read_encoder_export(path_or_dir: str | Path) -> tuple[dict[str, torch.Tensor
         raise EncoderLoadError(
             f"{meta_path} has format_version {meta.get('format_version')!r}; this volta3d reads {EXPORT_FORMAT_VERSION}"
         )
+    return meta
+
+
+def read_encoder_export(path_or_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state, meta)`` from an export folder, its ``.safetensors`` or its ``.json``."""
+    meta = read_encoder_meta(path_or_dir)
+    weights_path = export_paths(path_or_dir)[0]
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:

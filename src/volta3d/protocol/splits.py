@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from volta3d import layout
 from volta3d.errors import InputError
 from volta3d.runtime import atomic_write, read_json_file
-
-SPLITS_NAME = "splits.json"
 
 
 def regression_strata(values: Sequence[float] | np.ndarray, n_bins: int = 5) -> np.ndarray:
@@ -119,13 +118,13 @@ def fold_row_indices(
 def save_splits(splits: dict[str, Any], path: str | Path) -> Path:
     p = Path(path)
     if p.suffix != ".json":
-        p = p / SPLITS_NAME
+        p = p / layout.SPLITS
     text = json.dumps(splits, indent=1)
     return atomic_write(p, lambda f: f.write(text.encode()))
 
 
 def load_splits(path: str | Path) -> dict[str, Any]:
-    p, splits = read_json_file(path, SPLITS_NAME, "splits")
+    p, splits = read_json_file(path, layout.SPLITS, "splits")
     if not isinstance(splits, dict) or not isinstance(splits.get("folds"), list) or not splits["folds"]:
         raise InputError(f"splits file {p} has no 'folds' list")
     for k, fold in enumerate(splits["folds"]):

@@ -16,11 +16,12 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from volta3d.downstream.cv import Fold, label_results, plan_folds, run_folds
-from volta3d.downstream.labels import LabelSet
-from volta3d.downstream.leakage import check_run_rows
-from volta3d.downstream.scoring import fold_metrics, prediction_rows
+from volta3d import layout
 from volta3d.errors import InputError
+from volta3d.protocol.cv import Fold, label_results, plan_folds, run_folds
+from volta3d.protocol.labels import LabelSet
+from volta3d.protocol.leakage import check_run_rows
+from volta3d.protocol.scoring import fold_metrics, prediction_rows
 
 PROBE_SETTINGS = ("logreg_cs", "knn_k", "ridge_alphas", "inner_folds")  # the probe: keys make_probe reads
 
@@ -145,9 +146,9 @@ def _probe_inputs(
 ) -> tuple[dict, dict, LabelSet, np.ndarray, dict]:
     """The embeddings (refused when non-finite), the labels, the manifest row of each embedding and the folds."""
     from volta3d.data.dataset import read_manifest
-    from volta3d.downstream.embeddings import embedding_rows, load_embeddings
-    from volta3d.downstream.labels import label_kfold_splits, prepare_labels
-    from volta3d.evaluation.splits import load_splits
+    from volta3d.protocol.embeddings import embedding_rows, load_embeddings
+    from volta3d.protocol.labels import label_kfold_splits, prepare_labels
+    from volta3d.protocol.splits import load_splits
 
     emb, meta = load_embeddings(embeddings)
     bad = [k for k in ("cls", "mean", "tokens", "raw") if k in emb and not np.isfinite(emb[k]).all()]
@@ -174,8 +175,8 @@ def probe_folder(
     """``volta3d probe``: linear and kNN probes of each feature of ``embeddings`` for ``label`` of the
     preprocessed folder ``data``; one run folder per probe and feature, and ``summary.json``, in ``output``."""
     from volta3d.config import save_config, to_kwargs
-    from volta3d.evaluation.results import save_run, write_json
-    from volta3d.evaluation.splits import save_splits
+    from volta3d.protocol.results import save_run, write_json
+    from volta3d.protocol.splits import save_splits
     from volta3d.runtime import get_logger, setup_logging
 
     out = Path(output)
@@ -208,7 +209,7 @@ def probe_folder(
             print(
                 f"{probe:>6} probe on {feat:<4} ({meta.get('init')}): {primary} {agg['mean']:.3f} +- {agg['sd']:.3f}"
             )
-    write_json(out / "summary.json", summary)
+    write_json(out / layout.PROBE_SUMMARY, summary)
     return summary
 
 
@@ -224,13 +225,13 @@ def _embedding_record(meta: dict[str, Any], provenance: dict[str, Any] | None) -
 
 def _provenance(meta: dict, data: str | Path, table: pd.DataFrame) -> dict | None:
     """For embeddings of a pretrained export: how many probed subjects its pretraining saw."""
-    from volta3d.downstream.provenance import relate_to_pretraining
-    from volta3d.models.export import read_encoder_export
+    from volta3d.models.export import read_encoder_meta
+    from volta3d.models.provenance import relate_to_pretraining
     from volta3d.runtime import get_logger
 
     if meta.get("init") != "pretrained" or not meta.get("encoder"):
         return None
-    summary, warning = relate_to_pretraining(read_encoder_export(meta["encoder"])[1], data, table)
+    summary, warning = relate_to_pretraining(read_encoder_meta(meta["encoder"]), data, table)
     if warning:
         get_logger().warning("warning: %s", warning)
     return {**summary, "preprocessing_warning": warning}

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from volta3d.errors import InputError
-from volta3d.evaluation.splits import make_kfold_splits, regression_strata
+from volta3d.protocol.splits import make_kfold_splits, regression_strata
 
 TASKS = ("auto", "classification", "regression")
 # 'auto' treats a numeric column with more distinct values than this as a regression target (age)

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from volta3d.downstream.brain_age import brain_age_metrics, fit_bias_correction
-from volta3d.downstream.labels import LabelSet
 from volta3d.errors import InputError
-from volta3d.evaluation.metrics import binary_metrics, multiclass_metrics, regression_metrics
+from volta3d.protocol.brain_age import brain_age_metrics, fit_bias_correction
+from volta3d.protocol.labels import LabelSet
+from volta3d.protocol.metrics import binary_metrics, multiclass_metrics, regression_metrics
 
 
 def fold_metrics(kind: str, y_test, s_test, y_thr, s_thr, positive: int = 1) -> dict[str, float]:
@@ -30,7 +30,7 @@ def fold_metrics(kind: str, y_test, s_test, y_thr, s_thr, positive: int = 1) -> 
 
 
 def _gap_metrics(y_test: Any, s_test: Any, y_fit: Any, s_fit: Any | None) -> dict[str, float]:
-    """Brain-age style metrics of a regression (``volta3d.downstream.brain_age``): Pearson r, the gap's
+    """Brain-age style metrics of a regression (``volta3d.protocol.brain_age``): Pearson r, the gap's
     mean and its correlation with the true value, and that correlation after the bias correction fitted
     on ``(y_fit, s_fit)`` (the training subjects' predictions) when there are any."""
     if len(y_test) < 2:

@@ -17,13 +17,12 @@ from typing import Any
 
 import pandas as pd
 
+from volta3d import layout
 from volta3d.data.dataset import manifest_file, read_manifest
-from volta3d.downstream.labels import prepare_labels
 from volta3d.errors import InputError
-from volta3d.evaluation.splits import make_holdout_split
+from volta3d.protocol.labels import prepare_labels
+from volta3d.protocol.splits import make_holdout_split
 from volta3d.runtime import atomic_write
-
-SELECTION_NAME, EVALUATION_NAME, RECORD_NAME = "selection.csv", "evaluation.csv", "selection.json"
 
 
 def write_selection(
@@ -41,7 +40,7 @@ def write_selection(
         "fraction": float(fraction),
         "seed": int(seed),
     }
-    existing = out / RECORD_NAME
+    existing = out / layout.SELECTION_META
     if existing.exists():
         record = json.loads(existing.read_text())
         if {k: record.get(k) for k in request} != request:
@@ -59,11 +58,11 @@ def write_selection(
     in_selection = chosen_subject & table["path"].isin(labels.table["path"])
     evaluation = table[~chosen_subject]
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(table[in_selection], out / SELECTION_NAME)
-    _write_csv(evaluation, out / EVALUATION_NAME)
-    settings = manifest_file(data).parent / "config.yaml"  # the preprocessing settings, which predict reads
+    _write_csv(table[in_selection], out / layout.SELECTION_CSV)
+    _write_csv(evaluation, out / layout.EVALUATION_CSV)
+    settings = manifest_file(data).parent / layout.CONFIG  # the preprocessing settings, which predict reads
     if settings.is_file():
-        shutil.copyfile(settings, out / "config.yaml")
+        shutil.copyfile(settings, out / layout.CONFIG)
     record = {**request, "selection_subjects": sorted(chosen),
               "n_selection_rows": int(in_selection.sum()), "n_evaluation_rows": len(evaluation)}  # fmt: skip
     atomic_write(existing, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))

@@ -29,7 +29,7 @@ segmentation: ``n_val``, ``best_epoch``).
 
 ``predictions.csv`` holds every payload's ``predictions`` rows (classification: y_true, score(s),
 prediction; binary: ``score`` is the probability of ``positive_class``; segmentation: per-structure
-Dice / HD95). The other files of a run folder are listed in :mod:`volta3d.evaluation.results`.
+Dice / HD95). The other files of a run folder are listed in :mod:`volta3d.protocol.results`.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from volta3d.downstream.labels import LabelSet
-from volta3d.evaluation.metrics import aggregate
-from volta3d.evaluation.results import FoldStore, save_run
-from volta3d.evaluation.splits import fold_row_indices, nested_subsets
+from volta3d.protocol.labels import LabelSet
+from volta3d.protocol.metrics import aggregate
+from volta3d.protocol.results import FoldStore, save_run
+from volta3d.protocol.splits import fold_row_indices, nested_subsets
 from volta3d.runtime import get_logger, seed_everything
 
 

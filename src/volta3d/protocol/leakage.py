@@ -1,7 +1,7 @@
 """Leakage a cross-validated run would not notice, checked once its rows and folds are known.
 
 Folds are grouped by subject id, so they keep a subject's scans on one side; they cannot see that two
-ids name one scan. What is checked (the folds themselves in ``volta3d.evaluation.splits``):
+ids name one scan. What is checked (the folds themselves in ``volta3d.protocol.splits``):
 
 - the same volume (identical content hash, ``volta3d.data.content``) under two subject ids: refused
   when a fold trains on one and tests on the other (the test scan was seen in training, e.g. AUROC
@@ -18,8 +18,8 @@ from typing import Any
 import pandas as pd
 
 from volta3d.data.content import content_hashes
-from volta3d.downstream.labels import LabelSet
 from volta3d.errors import InputError
+from volta3d.protocol.labels import LabelSet
 from volta3d.runtime import get_logger
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from volta3d.data.content import volume_sha256
-from volta3d.downstream.saved import read_preprocessing
+from volta3d.data.dataset import read_preprocessing
 
 # settings that change what a network sees; column names and limits do not
 COMPARED_SETTINGS = ("size", "spacing", "orientation", "crop", "resize", "intensity", "lower_percentile",

@@ -1,6 +1,6 @@
 """The files every downstream run writes, and reads back on resume or for comparison.
 
-``results.json`` and ``predictions.csv``: the layout is documented once, in ``volta3d.downstream.cv``
+``results.json`` and ``predictions.csv``: the layout is documented once, in ``volta3d.protocol.cv``
 (``RunResults``), which writes them.
 ``models/<key>/model.safetensors`` + ``model.json``: each fold's network, for ``volta3d predict``.
 ``folds/<key>.json``: one finished fold each, so an interrupted run resumes without redoing it.
@@ -16,11 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from volta3d import layout
 from volta3d.errors import InputError
 from volta3d.runtime import atomic_write, read_json_file
-
-RESULTS_NAME = "results.json"
-PREDICTIONS_NAME = "predictions.csv"
 
 
 def _clean(obj: Any) -> Any:
@@ -46,22 +44,22 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def save_run(out_dir: str | Path, results: dict[str, Any], predictions: pd.DataFrame) -> tuple[Path, Path]:
     out = Path(out_dir)
-    pred_path = out / PREDICTIONS_NAME
+    pred_path = out / layout.PREDICTIONS
     out.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(pred_path, index=False)
-    return write_json(out / RESULTS_NAME, results), pred_path
+    return write_json(out / layout.RESULTS, results), pred_path
 
 
 def load_run(path: str | Path) -> dict[str, Any]:
     """Read ``results.json`` (a file or its run folder) and attach ``predictions`` (a DataFrame,
     or None when predictions.csv is absent) and ``dir``."""
-    p, results = read_json_file(path, RESULTS_NAME, "results")
+    p, results = read_json_file(path, layout.RESULTS, "results")
     if not isinstance(results, dict):
         raise InputError(f"results file {p} must hold a JSON object, not {type(results).__name__}")
     for key, kind in (("folds", list), ("aggregate", dict)):
         if not isinstance(results.get(key), kind):
             raise InputError(f"results file {p} has no '{key}' {kind.__name__}")
-    pred = p.parent / PREDICTIONS_NAME
+    pred = p.parent / layout.PREDICTIONS
     results["predictions"] = pd.read_csv(pred, dtype={"subject_id": str}) if pred.exists() else None
     results["dir"] = str(p.parent)
     return results
@@ -72,7 +70,7 @@ class FoldStore:
     when the same command runs again."""
 
     def __init__(self, run_dir: str | Path):
-        self.dir = Path(run_dir) / "folds"
+        self.dir = Path(run_dir) / layout.FOLDS
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"

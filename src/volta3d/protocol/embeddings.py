@@ -153,12 +153,12 @@ def random_init_encoder(
     """The honest baseline: an untrained encoder (and summariser) with the architecture of ``export``,
     or, without one, of the ``model:`` config section (and its ``summariser:``)."""
     from volta3d.models.encoder import build_encoder
-    from volta3d.models.export import encoder_kwargs_from_meta, read_encoder_export
+    from volta3d.models.export import encoder_kwargs_from_meta, read_encoder_meta
     from volta3d.models.summariser import build_summariser
 
     if export is None:
         return build_encoder(**model), build_summariser(**model)
-    _, meta = read_encoder_export(export)
+    meta = read_encoder_meta(export)
     encoder = VolTAEncoder(**encoder_kwargs_from_meta(meta))
     return encoder, CLSSummariser(**meta["summariser"]) if meta.get("summariser") else None
 
