@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from volta3d.config import load_config, to_kwargs
 from volta3d.data.bundled import default_shared_data, write_bundled_manifests
 from volta3d.data.dataset import VolumeDataset
 from volta3d.data.preprocess import preprocess_dataset
@@ -34,13 +35,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        scans = find_scans(write_bundled_manifests(args.shared_data, out / "sources")["ixi"])[: args.n]
+        settings = {**to_kwargs(load_config().preprocess), "size": [args.size] * 3}
+        columns = {k: settings[k] for k in ("image_column", "label_path_column", "subject_column")}
+        scans = find_scans(write_bundled_manifests(args.shared_data, out / "sources")["ixi"], **columns)[
+            : args.n
+        ]
         start = time.perf_counter()
-        summary = preprocess_dataset(
-            scans, out / "cache", {"size": [args.size] * 3}, workers=args.workers, progress=False
-        )
+        summary = preprocess_dataset(scans, out / "cache", settings, workers=args.workers, progress=False)
         wall = time.perf_counter() - start
-        rerun = preprocess_dataset(scans, out / "cache", {"size": [args.size] * 3}, progress=False)
+        rerun = preprocess_dataset(scans, out / "cache", settings, progress=False)
 
         ds = VolumeDataset(out / "cache", columns=["age", "sex"])
         passes = []

@@ -18,8 +18,11 @@ import time
 
 import torch
 
-from volta3d.downstream.sfcn import SFCN, SFCN_CHANNELS
+from volta3d.config import load_config, to_kwargs
+from volta3d.downstream.sfcn import SFCN, sfcn_kwargs
 
+SFCN_SECTION = sfcn_kwargs(**to_kwargs(load_config().classify.sfcn))  # default.yaml: the paper's widths
+SFCN_CHANNELS = tuple(SFCN_SECTION["channels"])
 CHANNEL_SETS = {
     "paper": SFCN_CHANNELS,
     "paper/2 (demo)": tuple(c // 2 for c in SFCN_CHANNELS),
@@ -32,7 +35,7 @@ def step_times(channel_sets: list[tuple[int, ...]], size: int, batch: int, repea
     """Seconds of forward + backward for one (batch, 1, size^3) batch, per channel list and timed step;
     the lists take turns, after one warm-up step each."""
     torch.manual_seed(0)
-    nets = [SFCN(1, channels=c).train() for c in channel_sets]
+    nets = [SFCN(1, **{**SFCN_SECTION, "channels": c}).train() for c in channel_sets]
     x, y = torch.rand(batch, 1, size, size, size), torch.randn(batch)
     times: list[list[float]] = [[] for _ in nets]
     for i in range(repeats + 1):
@@ -61,7 +64,7 @@ def main() -> None:
     for (name, channels), t in zip(
         CHANNEL_SETS.items(), step_times(sets, args.size, args.batch, args.repeats), strict=True
     ):
-        params = sum(p.numel() for p in SFCN(1, channels=channels).parameters())
+        params = sum(p.numel() for p in SFCN(1, **{**SFCN_SECTION, "channels": channels}).parameters())
         med = statistics.median(t)
         print(
             f"{name:15s} {list(channels)}: {params:,} parameters, forward+backward min {min(t):.2f} s, "

@@ -28,6 +28,7 @@ from volta3d.errors import InputError
 from volta3d.run_folder import claim_output
 from volta3d.runtime import LOGGER_NAME, MetricsCSV, file_sha256
 
+from .config_kwargs import kwargs_for, section_kwargs
 from .engine.conftest import TINY_OVERRIDES, write_volume_folder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -216,13 +217,13 @@ def test_preprocessing_records_content_hashes_that_change_when_preprocessed_agai
     for i in range(2):
         write_nifti(tmp_path / f"in/s{i}.nii.gz", head_like(seed=i))
     out = tmp_path / "prep"
-    preprocess_dataset(tmp_path / "in", out, {"size": [16, 16, 16]}, progress=False)
+    preprocess_dataset(tmp_path / "in", out, section_kwargs("preprocess", size=[16, 16, 16]), progress=False)
     paths = read_manifest(out)["path"]
     record = json.loads(next((out / "records").glob("*.json")).read_text())
     assert record["sha256"][record["path"]] == file_sha256(out / record["path"])
     before = content_hashes(paths)
     assert before == {p: file_sha256(p) for p in paths}
-    preprocess_dataset(tmp_path / "in", out, {"size": [12, 12, 12]}, progress=False)
+    preprocess_dataset(tmp_path / "in", out, section_kwargs("preprocess", size=[12, 12, 12]), progress=False)
     change = describe_change(before, content_hashes(paths))
     assert change is not None and change.endswith("changed (content hash) and 1 more volume(s) differ")
 
@@ -239,8 +240,7 @@ def test_finetune_fingerprint_covers_volumes_and_a_file_path_encoder(tmp_path):
 
     data, out = write_volume_folder(tmp_path / "prep"), tmp_path / "run"
     torch.manual_seed(0)
-    save_encoder_export(tmp_path / "enc", VolTAEncoder(img_size=32, patch_size=16, hidden_size=32, mlp_dim=64,
-                                                       num_layers=1, num_heads=2), None)  # fmt: skip
+    save_encoder_export(tmp_path / "enc", VolTAEncoder(**kwargs_for(VolTAEncoder, "model", img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)), None)  # fmt: skip
     args = Namespace(task="classify", model="vit", label="sex", fractions=None, like=None, data=str(data),
                      encoder=str(tmp_path / "enc/encoder.safetensors"), test_data=None, splits=None)  # fmt: skip
     cfg = load_config()

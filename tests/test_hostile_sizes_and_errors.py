@@ -30,8 +30,11 @@ from volta3d.engine.schedules import MAX_RUN_STEPS
 from volta3d.engine.trainer import _schedules
 from volta3d.errors import InputError
 
+from .config_kwargs import kwargs_for, section
 from .data.scan_factory import head_like, write_nifti
 from .downstream.synthetic import write_blob_dataset, write_sphere_segmentation
+
+MAX_VOXELS = section("preprocess")["max_voxels"]  # the voxel limit scans are read under
 
 # a ViT small enough to build in milliseconds on 16^3 volumes
 TINY = ["model.img_size=16", "model.patch_size=8", "model.hidden_size=16", "model.mlp_dim=32",
@@ -95,7 +98,9 @@ def test_an_output_cube_over_max_voxels_is_refused_before_any_scan_is_read(tmp_p
     assert "262,144,000 voxels" in line
     assert not (tmp_path / "out").exists()  # refused with the config, before the output or any scan
     with pytest.raises(InputError, match="over preprocess.max_voxels=1,000"):
-        PreprocessSettings(size=(16, 16, 16), max_voxels=1000)  # the library path, too
+        PreprocessSettings(
+            **kwargs_for(PreprocessSettings, "preprocess", size=(16, 16, 16), max_voxels=1000)
+        )  # the library path, too
 
 
 def test_a_raw_grid_finer_than_the_volume_is_refused_before_pooling(blobs, tmp_path, capsys):
@@ -202,7 +207,7 @@ def test_a_header_declaring_more_than_the_file_or_the_limit_is_refused_before_re
     tracemalloc.start()
     try:
         with pytest.raises(ScanError, match=f"{name}.*{reason}".replace("(", r"\(").replace(")", r"\)")):
-            read_volume(path)
+            read_volume(path, MAX_VOXELS)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -212,7 +217,7 @@ def test_a_header_declaring_more_than_the_file_or_the_limit_is_refused_before_re
 def test_a_real_gzip_scan_of_many_zeros_still_reads(tmp_path):
     raw = nib.Nifti1Image(np.zeros((64, 64, 64), np.float32), np.eye(4)).to_bytes()
     (tmp_path / "zeros.nii.gz").write_bytes(gzip.compress(raw, compresslevel=9))  # ~950-fold
-    assert read_volume(tmp_path / "zeros.nii.gz")[0].shape == (1, 64, 64, 64)
+    assert read_volume(tmp_path / "zeros.nii.gz", MAX_VOXELS)[0].shape == (1, 64, 64, 64)
 
 
 # ---------------------------------------------------------------- tracebacks that became one line

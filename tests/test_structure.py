@@ -65,3 +65,36 @@ def test_layout_file_names_are_spelled_only_in_layout():
         if isinstance(node, ast.Constant) and node.value in names
     }
     assert not spelled, sorted(spelled)
+
+
+def test_every_loss_term_has_a_weight_and_a_metrics_column():
+    from volta3d.config import load_config
+    from volta3d.engine.loss_terms import LOSS_TERMS
+    from volta3d.engine.trainer import METRIC_COLUMNS
+
+    loss = load_config().loss
+    for term in LOSS_TERMS:
+        assert term.weight in loss, term
+        assert term.column in METRIC_COLUMNS, term
+
+
+def test_every_network_resolves_and_is_an_allowed_config_value():
+    from volta3d.config_rules import CHOICES
+    from volta3d.downstream.networks import NETWORKS, network_builder, network_names
+
+    for name, entry in NETWORKS.items():
+        assert callable(network_builder(entry.task, name, None))
+    assert CHOICES["classify.model"] == network_names("classify") == ("vit", "swin", "sfcn")
+    assert CHOICES["segment.model"] == network_names("segment") == ("unetr", "unet")
+
+
+def test_a_network_refuses_an_encoder_it_cannot_start_from_and_an_unknown_name():
+    from volta3d.downstream.networks import network_builder
+    from volta3d.errors import InputError
+
+    with pytest.raises(
+        InputError, match="--encoder applies to UNETR; the 3D U-Net baseline is trained from scratch"
+    ):
+        network_builder("segment", "unet", "enc")
+    with pytest.raises(InputError, match=r"unknown classify model 'unet' \(choose vit, swin, sfcn\)"):
+        network_builder("classify", "unet", None)

@@ -7,19 +7,23 @@ without being listed here. Ranges and choices are listed for the keys where a wr
 otherwise run and give nonsense (``optim.lr=-1``, ``train.precision=fp8``) or fail deep inside a
 run (``train.log_every=0``). A section replaced by a value (``preprocess=5``) and sizes that would
 allocate more than a limit (the preprocessing cube against ``preprocess.max_voxels``) are refused
-here too, before any scan is read.
+here too, before any scan is read. Checks across keys that only pretraining reads (crop sides against
+the patch, reconstruction without masking, ...) are ``validate_pretrain_config``, which ``pretrain`` and
+``bench`` call. Modules take the names they implement from ``CHOICES`` and do not check a config again.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from volta3d.downstream.networks import network_names
+from volta3d.engine.loss_terms import LOSS_TERMS, WEIGHT_KEYS
 from volta3d.errors import InputError
 from volta3d.runtime import flatten_dict
 
@@ -27,8 +31,7 @@ POSITIVE = ("optim.lr", "classify.lr", "segment.lr", "loss.student_temp", "loss.
             "loss.warmup_teacher_temp", "loss.teacher_patch_temp", "loss.warmup_teacher_patch_temp",
             "preprocess.spacing", "model.summariser.mlp_ratio")  # fmt: skip
 NON_NEGATIVE = ("optim.min_lr", "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad",
-                "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "loss.global_weight", "loss.local_weight",
-                "loss.rec_weight", "loss.koleo_weight", "loss.warmup_teacher_temp_epochs", "classify.weight_decay",
+                "optim.warmup_epochs", "optim.freeze_last_layer_epochs", *WEIGHT_KEYS, "loss.warmup_teacher_temp_epochs", "classify.weight_decay",
                 "segment.weight_decay", "views.noise_std", "views.bias_field_coeff",
                 "views.intensity_scale", "views.intensity_shift", "model.dropout", "train.max_steps",
                 "eval.max_volumes", "train.num_workers", "classify.num_workers", "segment.num_workers",
@@ -63,10 +66,10 @@ CHOICES = {
     "loss.local_tokens": ("all", "masked"), "masking.fill": ("noise", "zeros"), "masking.block_shape": ("cube", "random"),
     "optim.lr_scaling": ("linear", "sqrt", "none"), "model.input_norm": ("zscore", "none"),
     "preprocess.intensity": ("minmax", "percentile"), "preprocess.crop": ("center", "foreground"),
-    "preprocess.dtype": ("float16", "float32"), "classify.model": ("vit", "swin", "sfcn"),
+    "preprocess.dtype": ("float16", "float32"), "classify.model": network_names("classify"),
     "classify.task": ("auto", "classification", "regression"), "classify.pooling": ("cls", "mean"),
     "classify.mode": ("frozen", "partial", "full"), "classify.regression_loss": ("mse", "l1"),
-    "segment.model": ("unetr", "unet"), "segment.split": ("holdout", "kfold"),
+    "segment.model": network_names("segment"), "segment.split": ("holdout", "kfold"),
 }  # fmt: skip
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -173,5 +176,37 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> None:
         if problem:
             raise ConfigValueError(f"config value {key}={value!r} {problem}")
     problem = cube_error(values["preprocess.size"], values["preprocess.max_voxels"])
+    if problem:
+        raise ConfigValueError(problem)
+
+
+def loss_weights_error(loss: Mapping[str, Any]) -> str | None:
+    """The ``loss:`` section with every loss term switched off: nothing would train (KoLeo, a regulariser,
+    is not a loss of its own)."""
+    weights = [t.weight for t in LOSS_TERMS if t.kind != "regulariser"]
+    if all(loss[w] <= 0 for w in weights):
+        return f"every loss weight is 0 ({', '.join(f'loss.{w}' for w in weights)})"
+    return None
+
+
+def pretrain_error(cfg: DictConfig) -> str | None:
+    """Pretraining settings that only fail together (crop sides against the patch, ...), or None. Every
+    loss weight at 0 is ``loss_weights_error``, which ``build_volta3d`` checks."""
+    if cfg.loss.rec_weight > 0 and cfg.masking.ratio <= 0:
+        return "loss.rec_weight > 0 needs GMML masking: set masking.ratio > 0 (or loss.rec_weight=0)"
+    if cfg.views.global_size != cfg.model.img_size:
+        return f"views.global_size ({cfg.views.global_size}) must equal model.img_size ({cfg.model.img_size})"
+    for key in ("global_size", "local_size"):
+        if cfg.views[key] % cfg.model.patch_size:
+            return f"views.{key} ({cfg.views[key]}) must be a multiple of model.patch_size ({cfg.model.patch_size})"
+    if cfg.loss.koleo_weight > 0 and cfg.optim.batch_size < 2:
+        return "loss.koleo_weight > 0 needs optim.batch_size >= 2 (KoLeo compares volumes within a batch)"
+    return None
+
+
+def validate_pretrain_config(cfg: DictConfig) -> None:
+    """Raise ``ConfigValueError`` (one line) for the first of ``pretrain_error``'s problems; ``pretrain`` and
+    ``bench`` call it before any work, other commands do not read these sections."""
+    problem = pretrain_error(cfg)
     if problem:
         raise ConfigValueError(problem)

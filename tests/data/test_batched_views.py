@@ -25,16 +25,18 @@ from volta3d.data.batched_views import (
 from volta3d.data.masking import GMMLMasker
 from volta3d.data.views import MultiCropViews, ViewSettings
 
+from ..config_kwargs import kwargs_for, section_kwargs
+
 G, L, P = 16, 8, 4  # tiny global / local crop edges and patch size
 NO_INTENSITY = {"gamma_prob": 0.0, "contrast_prob": 0.0, "noise_prob": 0.0, "bias_field_prob": 0.0}
 
 
 def _masker() -> GMMLMasker:
-    return GMMLMasker(ratio=0.5, block_size=4, patch_size=P)
+    return GMMLMasker(**kwargs_for(GMMLMasker, "masking", ratio=0.5, block_size=4, patch_size=P))
 
 
 def _settings(**kwargs) -> dict:
-    return {"global_size": G, "local_size": L, "n_local": 3, **kwargs}
+    return section_kwargs("views", **{"global_size": G, "local_size": L, "n_local": 3, **kwargs})
 
 
 def _volume(seed: int, shape=(1, 20, 22, 18)) -> torch.Tensor:
@@ -134,7 +136,7 @@ def test_intensity_draws_have_the_reference_distribution(change):
 
 @pytest.mark.parametrize("key", ["gamma_prob", "contrast_prob", "bias_field_prob", "noise_prob"])
 def test_intensity_changes_happen_as_often_as_in_the_reference(key):
-    probability = getattr(ViewSettings(), key)
+    probability = getattr(ViewSettings(**section_kwargs("views")), key)
     ours, theirs, volume = _both_paths({key: probability}, 300)
     changed = [float(((v - volume).abs().amax(dim=DIMS) > 1e-6).float().mean()) for v in (ours, theirs)]
     # contrast_prob switches scale and shift on independently: a view changes unless both stay off
@@ -249,7 +251,9 @@ def test_build_views_from_the_default_config():
 
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="global_size 16 must be a multiple of the patch size 6"):
-        BatchedMultiCrop(ViewSettings(**_settings()), GMMLMasker(patch_size=6))
+        BatchedMultiCrop(
+            ViewSettings(**_settings()), GMMLMasker(**kwargs_for(GMMLMasker, "masking", patch_size=6))
+        )
     batched = BatchedMultiCrop(ViewSettings(**_settings()))
     with pytest.raises(ValueError, match=r"batch\['image'\] must hold \(C, D, H, W\) volumes"):
         batched({"image": torch.rand(2, 16, 16, 16)})

@@ -12,6 +12,7 @@ import torch
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.data.preprocess import preprocess_dataset
 
+from ..config_kwargs import section_kwargs
 from .scan_factory import head_like, write_nifti
 
 
@@ -34,7 +35,9 @@ def prepared(tmp_path_factory):
             }
         )
     pd.DataFrame(rows).to_csv(root / "in/list.csv", index=False)
-    preprocess_dataset(root / "in/list.csv", root / "out", {"size": [16, 16, 16]}, progress=False)
+    preprocess_dataset(
+        root / "in/list.csv", root / "out", section_kwargs("preprocess", size=[16, 16, 16]), progress=False
+    )
     return root / "out"
 
 

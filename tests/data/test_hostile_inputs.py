@@ -15,9 +15,11 @@ from volta3d.data.io import ScanError, read_volume
 from volta3d.data.pipeline import PreprocessSettings, preprocess_scan
 from volta3d.data.preprocess import preprocess_dataset
 
+from ..config_kwargs import kwargs_for, section, section_kwargs
 from .scan_factory import head_like, write_nifti
 
-SMALL = {"size": [16, 16, 16]}
+SMALL = section_kwargs("preprocess", size=[16, 16, 16])
+MAX_VOXELS = section("preprocess")["max_voxels"]
 
 
 def _run(src, out, settings=None, **kw):
@@ -44,10 +46,10 @@ def _header_only_nifti(path, shape, dtype=np.uint8) -> None:
 def test_a_header_declaring_more_voxels_than_the_limit_is_refused_before_reading(tmp_path):
     _header_only_nifti(tmp_path / "huge.nii", (1200, 1200, 1200))
     with pytest.raises(ScanError, match=r"huge.nii: declares 1200 x 1200 x 1200 = 1,728,000,000 voxels"):
-        read_volume(tmp_path / "huge.nii")
+        read_volume(tmp_path / "huge.nii", MAX_VOXELS)
     _header_only_nifti(tmp_path / "giant.nii", (32767, 32767, 32767))
     with pytest.raises(ScanError, match="over the limit of 134,217,728"):
-        read_volume(tmp_path / "giant.nii")
+        read_volume(tmp_path / "giant.nii", MAX_VOXELS)
     write_nifti(tmp_path / "small.nii", head_like())  # 20 x 22 x 18 = 7920 voxels
     with pytest.raises(
         ScanError, match="small.nii: declares 20 x 22 x 18 = 7,920 voxels, over the limit of 1,000"
@@ -59,7 +61,12 @@ def test_a_huge_voxel_size_is_refused_before_resampling(tmp_path):
     image = head_like()[None]
     meta = {"affine": np.diag([1e4, 1e4, 1e4, 1.0]), "spacing": (1e4, 1e4, 1e4)}
     with pytest.raises(ScanError, match="big.nii: resampled to 1 mm would be 200000 x 220000 x 180000"):
-        preprocess_scan(image, meta, PreprocessSettings(size=(16, 16, 16)), name="big.nii")
+        preprocess_scan(
+            image,
+            meta,
+            PreprocessSettings(**kwargs_for(PreprocessSettings, "preprocess", size=(16, 16, 16))),
+            name="big.nii",
+        )
 
 
 def test_over_the_limit_is_rejected_in_the_batch_and_retried_when_the_limit_rises(tmp_path):
@@ -171,7 +178,7 @@ def test_complex_voxels_are_rejected(tmp_path):
     data = head_like().astype(np.complex64) * (1 + 1j)
     write_nifti(tmp_path / "c.nii", data)
     with pytest.raises(ScanError, match=r"c.nii: complex-valued voxels \(complex64\)"):
-        read_volume(tmp_path / "c.nii")
+        read_volume(tmp_path / "c.nii", MAX_VOXELS)
 
 
 @pytest.mark.parametrize("pixdim", [(0.0, 1.0, 1.0), (1.0, -2.0, 1.0)])
@@ -182,7 +189,7 @@ def test_bad_voxel_size_without_an_sform_is_rejected_not_patched(tmp_path, pixdi
     img.header.set_sform(None, code=0)
     nib.save(img, str(tmp_path / "p.nii"))
     with pytest.raises(ScanError, match=r"p.nii: voxel size \(pixdim\) .* is not positive"):
-        read_volume(tmp_path / "p.nii")
+        read_volume(tmp_path / "p.nii", MAX_VOXELS)
 
 
 def test_a_dicom_series_in_a_nifti_folder_is_preprocessed(tmp_path):
@@ -278,7 +285,7 @@ def test_csv_line_numbers_count_blank_lines(tmp_path):
 
     write_nifti(tmp_path / "a.nii.gz", head_like())
     (tmp_path / "m.csv").write_text("path,age\na.nii.gz,3\n\n\n,4\n")
-    scans = find_scans(tmp_path / "m.csv")
+    scans = find_scans(tmp_path / "m.csv", **kwargs_for(find_scans, "preprocess"))
     assert len(scans) == 2
     assert scans[1].source == "m.csv: line 5 (empty 'path')"
 
@@ -290,7 +297,7 @@ def test_an_unparsable_csv_is_named(tmp_path, text):
     csv = tmp_path / "m.csv"
     csv.write_bytes(text.encode() if isinstance(text, str) else text)
     with pytest.raises(ValueError, match=f"cannot parse {csv}"):
-        find_scans(csv)
+        find_scans(csv, **kwargs_for(find_scans, "preprocess"))
 
 
 def test_an_unreadable_cached_volume_is_named_by_the_dataset(tmp_path):
@@ -312,7 +319,7 @@ def test_a_truncated_dicom_header_is_not_called_a_mixed_series(tmp_path):
         paths = write_dicom_series(folder, np.arange(5 * 6 * 7).reshape(5, 6, 7) + 1.0)
         paths[2].write_bytes(paths[2].read_bytes()[:cut])
         with pytest.raises(ScanError, match=f"cut{cut}: slice_002.dcm is truncated or incomplete"):
-            read_volume(folder)
+            read_volume(folder, MAX_VOXELS)
 
 
 def test_a_reason_is_one_line(tmp_path, monkeypatch):

@@ -11,9 +11,10 @@ import pytest
 from volta3d.data.preprocess import merge_shards, parse_shard, preprocess_dataset
 from volta3d.data.sources import detect_kind, find_scans
 
+from ..config_kwargs import kwargs_for, section_kwargs
 from .scan_factory import head_like, write_bids, write_dicom_series, write_nifti
 
-SMALL = {"size": [16, 16, 16]}
+SMALL = section_kwargs("preprocess", size=[16, 16, 16])
 
 
 def _run(src, out, **kw):
@@ -67,7 +68,7 @@ def test_csv_manifest_with_labels_and_mask(tmp_path):
         {"path": ["img1.nii.gz", "img2.nii.gz"], "label_path": ["seg1.nii.gz", "seg2.nii.gz"],
          "subject_id": ["s1", "s2"], "sex": ["F", "M"], "diagnosis": ["AD", "CN"]}
     ).to_csv(tmp_path / "in/list.csv", index=False)  # fmt: skip
-    _run(tmp_path / "in/list.csv", tmp_path / "out", settings={"size": [32, 32, 32]})
+    _run(tmp_path / "in/list.csv", tmp_path / "out", settings=section_kwargs("preprocess", size=[32, 32, 32]))
     m = pd.read_csv(tmp_path / "out/manifest.csv")
     assert list(m.columns) == ["subject_id", "path", "source", "label_path", "sex", "diagnosis"]
     assert list(m.diagnosis) == ["AD", "CN"]
@@ -140,7 +141,9 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_rest_goes_on(tmp_path):
     rejected = pd.read_csv(tmp_path / "out/rejected.csv")
     assert list(rejected.columns) == ["subject_id", "source", "label_source", "reason"]
     assert list(rejected.subject_id.astype(str)) == list(reasons)
-    sources = [s.source for s in find_scans(csv) if s.subject_id in reasons]
+    sources = [
+        s.source for s in find_scans(csv, **kwargs_for(find_scans, "preprocess")) if s.subject_id in reasons
+    ]
     assert list(rejected.source) == sources  # input order, one row each
     for reason, (sid, expected) in zip(rejected.reason, reasons.items(), strict=True):
         assert expected in reason, (sid, reason)
@@ -159,7 +162,9 @@ def test_second_run_skips_and_changed_settings_or_source_recompute(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out/volumes").iterdir()} == cached
     write_nifti(tmp_path / "in/s1.nii.gz", head_like(shape=(24, 20, 18), seed=9))  # the scan was replaced
     assert _run(tmp_path / "in", tmp_path / "out").processed == 1
-    changed = _run(tmp_path / "in", tmp_path / "out", settings={"size": [20, 20, 20]})
+    changed = _run(
+        tmp_path / "in", tmp_path / "out", settings=section_kwargs("preprocess", size=[20, 20, 20])
+    )
     assert changed.processed == 3
     m = pd.read_csv(tmp_path / "out/manifest.csv")
     assert np.load(tmp_path / "out" / m.path[0]).shape == (1, 20, 20, 20)

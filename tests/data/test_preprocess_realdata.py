@@ -14,6 +14,8 @@ from volta3d.data.dataset import VolumeDataset
 from volta3d.data.preprocess import preprocess_dataset
 from volta3d.data.sources import find_scans
 
+from ..config_kwargs import kwargs_for, section_kwargs
+
 pytestmark = pytest.mark.realdata
 
 
@@ -34,8 +36,8 @@ def test_bundled_manifests(manifests):
 
 
 def test_ixi_reoriented_to_ras(manifests, tmp_path):
-    scans = find_scans(manifests["ixi"])[:2]
-    preprocess_dataset(scans, tmp_path, {"size": [32, 32, 32]}, progress=False)
+    scans = find_scans(manifests["ixi"], **kwargs_for(find_scans, "preprocess"))[:2]
+    preprocess_dataset(scans, tmp_path, section_kwargs("preprocess", size=[32, 32, 32]), progress=False)
     ds = VolumeDataset(tmp_path, columns=["age", "sex"])
     assert len(ds) == 2 and ds[0]["sex"] in ("F", "M") and 18 < ds[0]["age"] < 90
     item = ds[0]
@@ -59,8 +61,10 @@ def test_ixi_reoriented_to_ras(manifests, tmp_path):
 
 
 def test_msd_with_labels(manifests, tmp_path):
-    scans = find_scans(manifests["msd"])[:2]
-    summary = preprocess_dataset(scans, tmp_path, {"size": [48, 48, 48]}, progress=False)
+    scans = find_scans(manifests["msd"], **kwargs_for(find_scans, "preprocess"))[:2]
+    summary = preprocess_dataset(
+        scans, tmp_path, section_kwargs("preprocess", size=[48, 48, 48]), progress=False
+    )
     assert (summary.accepted, summary.rejected) == (2, 0)
     ds = VolumeDataset(tmp_path, with_mask=True)
     for i in range(2):

@@ -11,15 +11,19 @@ import torch
 from volta3d.data.masking import GMMLMasker
 from volta3d.data.views import MultiCropViews
 
+from ..config_kwargs import kwargs_for, section_kwargs
+
 G, L, P = 16, 8, 4  # tiny global / local crop edges and patch size
 
 
 def _views(n_local: int = 3, masker: GMMLMasker | None = None, **kwargs) -> MultiCropViews:
-    return MultiCropViews(global_size=G, local_size=L, n_local=n_local, masker=masker, **kwargs)
+    return MultiCropViews(
+        masker=masker, **section_kwargs("views", global_size=G, local_size=L, n_local=n_local, **kwargs)
+    )
 
 
 def _masker(fill: str = "noise") -> GMMLMasker:
-    return GMMLMasker(ratio=0.5, block_size=4, fill=fill, patch_size=P)
+    return GMMLMasker(**kwargs_for(GMMLMasker, "masking", ratio=0.5, block_size=4, fill=fill, patch_size=P))
 
 
 def _volume(seed: int = 0, shape=(1, 20, 22, 18)) -> torch.Tensor:
@@ -143,7 +147,10 @@ def test_no_local_crops():
         ({"n_local": -1}, "n_local must be an integer >= 0"),
         ({"flip_prob": 1.5}, "flip_prob must be a probability"),
         ({"noise_std": -0.1}, "noise_std must be >= 0"),
-        ({"masker": GMMLMasker(patch_size=6)}, "global_size 16 must be a multiple of the patch size 6"),
+        (
+            {"masker": GMMLMasker(**kwargs_for(GMMLMasker, "masking", patch_size=6))},
+            "global_size 16 must be a multiple of the patch size 6",
+        ),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):

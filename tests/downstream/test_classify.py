@@ -10,9 +10,11 @@ import volta3d.downstream.train_classify as tc
 import volta3d.protocol.scoring as scoring
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
+from volta3d.models.encoder import VolTAEncoder
 from volta3d.protocol.labels import prepare_labels
 from volta3d.protocol.splits import make_kfold_splits
 
+from ..config_kwargs import kwargs_for
 from .conftest import TINY_OVERRIDES, config_section
 from .synthetic import write_blob_dataset
 
@@ -83,7 +85,7 @@ def test_youden_threshold_is_fitted_on_an_inner_validation_split(blob_data, tmp_
         tmp_path,
         splits,
         config_section("classify", pooling="mean", epochs=1),
-        encoder_kwargs=_tiny_encoder(),
+        encoder_kwargs=kwargs_for(VolTAEncoder, "model", **_tiny_encoder()),
         seed=0,
         device="cpu",
         progress=False,

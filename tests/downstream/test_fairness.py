@@ -28,6 +28,7 @@ from volta3d.models.summariser import CLSSummariser, summariser_kwargs
 from volta3d.protocol.labels import prepare_labels
 from volta3d.protocol.splits import make_kfold_splits
 
+from ..config_kwargs import kwargs_for
 from .conftest import config_section
 from .test_classify import FAST
 
@@ -57,7 +58,9 @@ def _export(path, arch=TINY):
     torch.manual_seed(7)
     summariser = {**summariser_kwargs(**config_section("model")["summariser"]), "num_heads": 4}
     save_encoder_export(
-        path, VolTAEncoder(**arch, deconv_chns=8), CLSSummariser(arch["hidden_size"], **summariser)
+        path,
+        VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **arch, deconv_chns=8)),
+        CLSSummariser(arch["hidden_size"], **summariser),
     )
     return path
 
@@ -124,7 +127,14 @@ def test_frozen_mode_freezes_pretrained_encoders_only(blob_data, tmp_path, monke
     seen = _trainable_encoder_share(monkeypatch)
     section = config_section("classify", pooling="mean", mode="frozen", epochs=1)
     scratch = tc.run_classification(
-        labels, tmp_path / "s", splits, section, encoder_kwargs=TINY, seed=0, device="cpu", progress=False
+        labels,
+        tmp_path / "s",
+        splits,
+        section,
+        encoder_kwargs=kwargs_for(VolTAEncoder, "model", **TINY),
+        seed=0,
+        device="cpu",
+        progress=False,
     )
     assert scratch["mode"] == "full" and seen == [1.0, 1.0]  # the baseline trained fully
     seen.clear()

@@ -12,6 +12,7 @@ from volta3d.cli import main
 from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import save_encoder_export
 
+from ..config_kwargs import kwargs_for
 from .conftest import TINY_OVERRIDES
 
 FAST = [
@@ -30,7 +31,18 @@ def _classify(data, out, *extra):
 
 def _export(path, seed):
     torch.manual_seed(seed)
-    encoder = VolTAEncoder(img_size=32, patch_size=16, hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4)
+    encoder = VolTAEncoder(
+        **kwargs_for(
+            VolTAEncoder,
+            "model",
+            img_size=32,
+            patch_size=16,
+            hidden_size=48,
+            mlp_dim=96,
+            num_layers=2,
+            num_heads=4,
+        )
+    )
     save_encoder_export(path, encoder, None)
     return path
 

@@ -9,6 +9,7 @@ from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import EncoderLoadError, save_encoder_export
 from volta3d.models.summariser import CLSSummariser, summariser_kwargs
 
+from ..config_kwargs import kwargs_for
 from .conftest import config_section
 
 UNETR_VIT = {
@@ -27,7 +28,7 @@ CLASSIFY = config_section("classify")
 
 def _export(tmp_path, arch, with_summariser=True):
     torch.manual_seed(123)
-    enc = VolTAEncoder(**arch, deconv_chns=8)
+    enc = VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **arch, deconv_chns=8))
     summ = CLSSummariser(arch["hidden_size"], **SUMMARISER) if with_summariser else None
     with torch.no_grad():  # 'pretrained' weights: far from any fresh initialisation
         for p in [*enc.parameters(), *(summ.parameters() if summ else [])]:
@@ -42,7 +43,7 @@ def test_vit_classifier_starts_from_the_export(tmp_path):
     scratch = build_classifier(
         "vit",
         2,
-        encoder_kwargs=SMALL_VIT,
+        encoder_kwargs=kwargs_for(VolTAEncoder, "model", **SMALL_VIT),
         summariser_kwargs=SUMMARISER,
         pooling="cls",
         img_size=CLASSIFY["img_size"],
@@ -60,8 +61,17 @@ def test_vit_classifier_starts_from_the_export(tmp_path):
 
 def test_unetr_vit_starts_from_the_export_and_wrong_depth_is_refused(tmp_path):
     enc, _ = _export(tmp_path / "e12", UNETR_VIT)
-    unetr = build_unetr(1, 3, 32, encoder=tmp_path / "e12", feature_size=8)
-    scratch = build_unetr(1, 3, 32, hidden_size=48, mlp_dim=96, num_heads=4, feature_size=8)
+    unetr = build_unetr(
+        1, 3, 32, **kwargs_for(build_unetr, "model", "segment", encoder=tmp_path / "e12", feature_size=8)
+    )
+    scratch = build_unetr(
+        1,
+        3,
+        32,
+        **kwargs_for(
+            build_unetr, "model", "segment", hidden_size=48, mlp_dim=96, num_heads=4, feature_size=8
+        ),
+    )
     vit = unetr.vit.state_dict()
     for k, v in enc.state_dict().items():
         if not k.startswith("conv3d_transpose"):
@@ -72,7 +82,7 @@ def test_unetr_vit_starts_from_the_export_and_wrong_depth_is_refused(tmp_path):
     assert unetr(torch.rand(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
     _export(tmp_path / "e2", SMALL_VIT)
     with pytest.raises(EncoderLoadError, match="UNETR with patch 16 .* needs num_layers >= 4, got 2"):
-        build_unetr(1, 3, 32, encoder=tmp_path / "e2")
+        build_unetr(1, 3, 32, **kwargs_for(build_unetr, "model", "segment", encoder=tmp_path / "e2"))
 
 
 def test_cls_pooling_needs_a_summariser_in_the_export(tmp_path):
@@ -89,7 +99,7 @@ def test_partial_mode_trains_only_the_last_blocks():
     model = build_classifier(
         "vit",
         2,
-        encoder_kwargs=SMALL_VIT,
+        encoder_kwargs=kwargs_for(VolTAEncoder, "model", **SMALL_VIT),
         summariser_kwargs=SUMMARISER,
         pooling=CLASSIFY["pooling"],
         img_size=CLASSIFY["img_size"],
@@ -118,7 +128,9 @@ def test_swin_classifier_and_unet_shapes():
         },
     )
     assert swin(torch.rand(2, 1, 32, 32, 32)).shape == (2, 3)
-    unet = build_segmenter("unet", 1, 3, 32)
+    unet = build_segmenter(
+        "unet", 1, 3, 32, unet_kwargs={"num_res_units": config_section("segment")["unet_res_units"]}
+    )
     assert unet(torch.rand(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
     with pytest.raises(ValueError, match="the 3D U-Net baseline is trained from scratch"):
         build_segmenter("unet", 1, 3, 32, encoder="x")

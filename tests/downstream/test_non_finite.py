@@ -14,6 +14,7 @@ from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import save_encoder_export
 from volta3d.protocol.embeddings import save_embeddings
 
+from ..config_kwargs import kwargs_for
 from .conftest import config_section
 from .synthetic import write_blob_dataset
 
@@ -29,14 +30,25 @@ def test_nan_loss_stops_training_naming_the_fold_and_epoch():
 
     with pytest.raises(ValueError, match=r"fold2_frac1: non-finite loss \(nan\) at epoch 1, batch 2"):
         train_model(model, [{"x": torch.ones(1, 2)}] * 3, nan_on_second_batch, epochs=2,
-                    recipe=FinetuneRecipe(lr=1e-3, weight_decay=config_section("classify")["weight_decay"]), desc="fold2_frac1",
+                    recipe=FinetuneRecipe.plain(lr=1e-3, weight_decay=config_section("classify")["weight_decay"]), desc="fold2_frac1",
                     progress=False)  # fmt: skip
     assert len(seen) == 2  # stopped at once
 
 
 def test_embed_refuses_a_non_finite_encoder(tmp_path, capsys):
     data = write_blob_dataset(tmp_path / "prep", n_subjects=4, size=32)
-    encoder = VolTAEncoder(img_size=32, patch_size=16, hidden_size=16, mlp_dim=32, num_layers=1, num_heads=2)
+    encoder = VolTAEncoder(
+        **kwargs_for(
+            VolTAEncoder,
+            "model",
+            img_size=32,
+            patch_size=16,
+            hidden_size=16,
+            mlp_dim=32,
+            num_layers=1,
+            num_heads=2,
+        )
+    )
     with torch.no_grad():
         encoder.norm.weight.fill_(float("nan"))
     save_encoder_export(tmp_path / "enc", encoder, None)

@@ -14,8 +14,11 @@ from volta3d.data.dataset import read_manifest, read_preprocessing
 from volta3d.downstream.train_segment import run_segmentation
 from volta3d.protocol.splits import make_holdout_split
 
+from ..config_kwargs import section
 from ..data.scan_factory import write_nifti
 from .conftest import config_section
+
+MAX_VOXELS = section("preprocess")["max_voxels"]  # the voxel limit scans are read under
 
 
 def _world_ball(shape, affine, center_mm, radius_mm) -> np.ndarray:
@@ -260,7 +263,7 @@ def test_predict_segments_a_dicom_series_on_its_own_grid(sphere_model, tmp_path)
         == 0
     )
     volumes = pd.read_csv(out / "volumes.csv")
-    image, meta = read_volume(tmp_path / "dicom" / "series1")
+    image, meta = read_volume(tmp_path / "dicom" / "series1", MAX_VOXELS)
     seg = nib.load(out / volumes["segmentation"].item())
     mask = np.asarray(seg.dataobj).astype(bool)
     assert mask.shape == image.shape[1:] and np.allclose(seg.affine, meta["affine"])
@@ -307,7 +310,9 @@ def test_collect_scans_takes_files_folders_bids_and_csv(tmp_path):
         tmp_path / "list.csv", index=False
     )
     (tmp_path / "notes.txt").write_text("not a scan")
-    scans, rejected = collect_scans([tmp_path / "bids", one, tmp_path / "list.csv", tmp_path / "notes.txt"])
+    scans, rejected = collect_scans(
+        [tmp_path / "bids", one, tmp_path / "list.csv", tmp_path / "notes.txt"], section("preprocess")
+    )
     assert [s.subject_id for s in scans][-2:] == ["brain_1", "csv-subject"]
     assert len(scans) == 5  # three BIDS T1w scans (the T2w is ignored), the file, the CSV row
     assert len(rejected) == 1 and rejected[0]["source"].endswith("notes.txt")

@@ -14,6 +14,8 @@ from volta3d.data.dataset import read_manifest
 from volta3d.evaluation.report import Run, default_name, initialisation, pair_runs
 from volta3d.protocol.embeddings import load_embeddings, raw_volume_features, save_embeddings
 
+from ..config_kwargs import kwargs_for, section
+
 
 def _reference(volume: np.ndarray, grid: int) -> np.ndarray:
     """(C, D, H, W), every side a multiple of ``grid``: z-score over the whole volume (population
@@ -177,11 +179,24 @@ def test_token_grid_embedding_is_the_flattened_patch_tokens(tmp_path):
     table = pd.DataFrame(
         {"subject_id": [f"s{i}" for i in range(3)], "path": [str(tmp_path / f"v{i}.npy") for i in range(3)]}
     )
-    encoder = VolTAEncoder(img_size=32, patch_size=16, hidden_size=16, mlp_dim=32, num_layers=1, num_heads=2)
+    encoder = VolTAEncoder(
+        **kwargs_for(
+            VolTAEncoder,
+            "model",
+            img_size=32,
+            patch_size=16,
+            hidden_size=16,
+            mlp_dim=32,
+            num_layers=1,
+            num_heads=2,
+        )
+    )
     emb = extract_embeddings(encoder, None, VolumeDataset(table), batch_size=2, progress=False, tokens=True)
     with torch.no_grad():
         expected = encoder.forward_features(images)["patch_tokens"]  # (3, 8, 16)
     assert emb["tokens"].shape == (3, 8 * 16)
     np.testing.assert_allclose(emb["tokens"], expected.flatten(1).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(emb["mean"], expected.mean(1).numpy(), rtol=1e-5, atol=1e-6)
-    assert "tokens" not in extract_embeddings(encoder, None, VolumeDataset(table), progress=False)
+    assert "tokens" not in extract_embeddings(
+        encoder, None, VolumeDataset(table), batch_size=section("probe")["batch_size"], progress=False
+    )

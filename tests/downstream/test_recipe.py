@@ -22,6 +22,7 @@ from volta3d.models.summariser import CLSSummariser
 from volta3d.protocol.labels import prepare_labels
 from volta3d.protocol.splits import make_kfold_splits
 
+from ..config_kwargs import kwargs_for
 from .conftest import config_section
 
 TINY = {"img_size": 32, "patch_size": 16, "hidden_size": 48, "mlp_dim": 96, "num_layers": 4, "num_heads": 4}
@@ -29,7 +30,7 @@ TINY = {"img_size": 32, "patch_size": 16, "hidden_size": 48, "mlp_dim": 96, "num
 
 def _classifier(pooling: str = "cls") -> ViTClassifier:
     torch.manual_seed(0)
-    enc = VolTAEncoder(**TINY)
+    enc = VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **TINY))
     return ViTClassifier(enc, CLSSummariser(48, num_heads=4, mlp_ratio=2.0), 2, pooling=pooling)
 
 
@@ -46,7 +47,7 @@ def _expected_lr(name: str, lr: float, decay: float, head: float, layers: int) -
 
 def test_layer_decay_gives_every_parameter_its_rate_and_decay():
     net = _classifier()
-    recipe = FinetuneRecipe(lr=1e-3, weight_decay=0.05, layer_decay=0.5, head_lr_scale=10.0)
+    recipe = FinetuneRecipe.plain(lr=1e-3, weight_decay=0.05, layer_decay=0.5, head_lr_scale=10.0)
     groups = param_groups(net, recipe, num_layers=4)
     seen = {}
     for g in groups:
@@ -64,7 +65,7 @@ def test_layer_decay_gives_every_parameter_its_rate_and_decay():
 
 
 def test_scratch_recipe_has_one_rate_for_all():
-    recipe = FinetuneRecipe(lr=1e-3, weight_decay=0.0, layer_decay=0.5, head_lr_scale=10.0, lp_epochs=2)
+    recipe = FinetuneRecipe.plain(lr=1e-3, weight_decay=0.0, layer_decay=0.5, head_lr_scale=10.0, lp_epochs=2)
     scratch = recipe.for_scratch()
     assert (scratch.layer_decay, scratch.head_lr_scale, scratch.lp_epochs) == (1.0, 1.0, 0)
     assert {g["lr"] for g in param_groups(_classifier(), scratch, 4)} == {1e-3}
@@ -75,11 +76,13 @@ def test_scratch_recipe_has_one_rate_for_all():
 )
 def test_out_of_range_recipe_is_refused(bad):
     with pytest.raises(InputError, match=next(iter(bad))):
-        FinetuneRecipe(lr=1e-3, weight_decay=0.0, **bad)
+        FinetuneRecipe.plain(lr=1e-3, weight_decay=0.0, **bad)
 
 
 def test_warmup_then_cosine_per_step():
-    f = lr_factors(FinetuneRecipe(lr=1.0, weight_decay=0.0, warmup_epochs=1), epochs=3, steps_per_epoch=4)
+    f = lr_factors(
+        FinetuneRecipe.plain(lr=1.0, weight_decay=0.0, warmup_epochs=1), epochs=3, steps_per_epoch=4
+    )
     assert len(f) == 12
     assert f[:4].tolist() == pytest.approx([0.0, 0.25, 0.5, 0.75])  # linear from 0
     cos = [0.5 * (1 + math.cos(math.pi * t / 7)) for t in range(8)]  # 8 decay steps, 1 -> 0
@@ -107,7 +110,7 @@ def test_linear_probe_phase_trains_only_the_head_then_everything():
     net = _classifier()
     start = {k: v.clone() for k, v in net.state_dict().items()}
     flags = {n: p.requires_grad for n, p in net.named_parameters()}
-    recipe = FinetuneRecipe(lr=1e-3, weight_decay=0.0, lp_epochs=1)
+    recipe = FinetuneRecipe.plain(lr=1e-3, weight_decay=0.0, lp_epochs=1)
     after_lp, after_ft = _toy_loop(net, recipe, epochs=2)
     changed = {k for k in start if not torch.equal(start[k], after_lp[k])}
     assert changed == {"head.weight", "head.bias"}
@@ -119,11 +122,11 @@ def test_linear_probe_phase_trains_only_the_head_then_everything():
 
 def test_lp_epochs_must_leave_fine_tuning_epochs():
     with pytest.raises(InputError, match="lp_epochs"):
-        _toy_loop(_classifier(), FinetuneRecipe(lr=1e-3, weight_decay=0.0, lp_epochs=2), epochs=2)
+        _toy_loop(_classifier(), FinetuneRecipe.plain(lr=1e-3, weight_decay=0.0, lp_epochs=2), epochs=2)
 
 
 def test_drop_path_is_stochastic_in_training_only_and_zero_is_exact():
-    enc = VolTAEncoder(**TINY).eval()
+    enc = VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **TINY)).eval()
     x = torch.rand(2, 1, 32, 32, 32)
     reference = enc.forward_features(x)["patch_tokens"]
     enc.set_drop_path(0.5)
@@ -157,8 +160,15 @@ def test_scratch_and_pretrained_get_the_same_epochs_and_schedule(blob_data, tmp_
     )
     common = {"seed": 0, "device": "cpu", "progress": False}
     tiny = {k: v for k, v in TINY.items()} | {"num_layers": 2}
-    tc.run_classification(labels, tmp_path / "s", splits, section, encoder_kwargs=tiny, **common)
-    enc = VolTAEncoder(**tiny)
+    tc.run_classification(
+        labels,
+        tmp_path / "s",
+        splits,
+        section,
+        encoder_kwargs=kwargs_for(VolTAEncoder, "model", **tiny),
+        **common,
+    )
+    enc = VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **tiny))
     save_encoder_export(tmp_path / "enc", enc, None)
     tc.run_classification(labels, tmp_path / "p", splits, section, encoder=tmp_path / "enc", **common)
     scratch, pretrained = calls[0], calls[-1]

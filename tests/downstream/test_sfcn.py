@@ -10,13 +10,22 @@ import torch
 from volta3d.config import load_config
 from volta3d.downstream.classifier import build_classifier
 from volta3d.downstream.saved import load_fold_models, save_fold_model
-from volta3d.downstream.sfcn import SFCN, SFCN_CHANNELS, sfcn_kwargs
+from volta3d.downstream.sfcn import SFCN, sfcn_kwargs
 from volta3d.downstream.train_classify import classifier_build, model_architecture
 from volta3d.errors import InputError
 
+from ..config_kwargs import kwargs_for
 from .conftest import config_section
 
 TINY = (4, 8, 8, 8, 8, 4)  # six blocks as in the paper, narrow enough for a CPU test
+SFCN_CHANNELS = (
+    32,
+    64,
+    128,
+    256,
+    256,
+    64,
+)  # Peng et al. 2021, Fig. 1 (default.yaml's classify.sfcn.channels)
 
 
 def sfcn_parameter_count(channels: tuple[int, ...], num_outputs: int, in_channels: int = 1) -> int:
@@ -32,7 +41,7 @@ def sfcn_parameter_count(channels: tuple[int, ...], num_outputs: int, in_channel
 
 @pytest.mark.parametrize("side", [64, 32])
 def test_output_shapes(side):
-    net = SFCN(3, channels=TINY)
+    net = SFCN(3, **kwargs_for(SFCN, "classify.sfcn", channels=TINY))
     x = torch.rand(2, 1, side, side, side)
     assert net.features(x).shape == (2, TINY[-1])
     assert net(x).shape == (2, 3)
@@ -40,37 +49,41 @@ def test_output_shapes(side):
 
 def test_inputs_below_the_pooling_depth_are_refused():
     with pytest.raises(InputError, match="needs input sides >= 32"):
-        SFCN(1, channels=TINY)(torch.rand(1, 1, 32, 16, 32))
-    assert SFCN(1, channels=(4, 4, 4))(torch.rand(2, 1, 4, 4, 4)).shape == (2, 1)  # 2 pools: sides >= 4
+        SFCN(1, **kwargs_for(SFCN, "classify.sfcn", channels=TINY))(torch.rand(1, 1, 32, 16, 32))
+    assert SFCN(1, **kwargs_for(SFCN, "classify.sfcn", channels=(4, 4, 4)))(
+        torch.rand(2, 1, 4, 4, 4)
+    ).shape == (2, 1)  # 2 pools: sides >= 4
 
 
 def test_every_parameter_gets_a_finite_gradient():
     torch.manual_seed(0)
-    net = SFCN(1, channels=TINY)
+    net = SFCN(1, **kwargs_for(SFCN, "classify.sfcn", channels=TINY))
     net(torch.rand(2, 1, 32, 32, 32)).square().sum().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 def test_parameter_count_matches_the_paper():
-    assert sum(p.numel() for p in SFCN(2, channels=TINY).parameters()) == sfcn_parameter_count(TINY, 2)
+    assert sum(
+        p.numel() for p in SFCN(2, **kwargs_for(SFCN, "classify.sfcn", channels=TINY)).parameters()
+    ) == sfcn_parameter_count(TINY, 2)
     # the paper's widths and its 40 one-year age bins: "about 3 million parameters" (Peng et al. 2021)
-    paper = sum(p.numel() for p in SFCN(40).parameters())
+    paper = sum(p.numel() for p in SFCN(40, **kwargs_for(SFCN, "classify.sfcn")).parameters())
     assert paper == sfcn_parameter_count(SFCN_CHANNELS, 40) == 2_952_136
 
 
 def test_bad_arguments_are_refused():
     with pytest.raises(InputError, match="positive integer channel widths"):
-        SFCN(1, channels=(8,))
+        SFCN(1, **kwargs_for(SFCN, "classify.sfcn", channels=(8,)))
     with pytest.raises(InputError, match="positive integer channel widths"):
-        SFCN(1, channels=(8, 0, 8))
+        SFCN(1, **kwargs_for(SFCN, "classify.sfcn", channels=(8, 0, 8)))
     with pytest.raises(InputError, match="dropout"):
-        SFCN(1, channels=TINY, dropout=1.0)
+        SFCN(1, **kwargs_for(SFCN, "classify.sfcn", channels=TINY, dropout=1.0))
 
 
 @pytest.mark.parametrize("mode", ["frozen", "partial"])
 def test_only_full_training_applies(mode):
-    net = SFCN(1, channels=TINY)
+    net = SFCN(1, **kwargs_for(SFCN, "classify.sfcn", channels=TINY))
     net.set_trainable("full")
     with pytest.raises(InputError, match="trained from scratch"):
         net.set_trainable(mode, 1)
@@ -102,7 +115,7 @@ def test_config_accepts_sfcn_and_checks_its_section():
 
 def test_saved_sfcn_rebuilds_with_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    net = SFCN(1, channels=TINY, dropout=0.3)
+    net = SFCN(1, **kwargs_for(SFCN, "classify.sfcn", channels=TINY, dropout=0.3))
     x = torch.rand(2, 1, 32, 32, 32)
     net.train()(x)  # BatchNorm running statistics move away from their initial values
     net.eval()

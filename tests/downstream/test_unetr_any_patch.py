@@ -16,6 +16,8 @@ from volta3d.models.encoder import VolTAEncoder
 from volta3d.models.export import EncoderLoadError, save_encoder_export
 from volta3d.models.input_norm import standardise
 
+from ..config_kwargs import kwargs_for
+
 WIDTHS = {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4, "feature_size": 8}
 # MONAI UNETR's modules at patch 16; at patch 8 each name keeps its resolution level
 NAMES = {
@@ -28,7 +30,9 @@ def _patch8_export(path, num_layers: int = 3) -> VolTAEncoder:
     """A tiny 'pretrained' patch-8 VolTA-3D encoder (weights far from any fresh initialisation), exported."""
     torch.manual_seed(0)
     vit_widths = {k: v for k, v in WIDTHS.items() if k != "feature_size"}
-    enc = VolTAEncoder(32, 8, num_layers=num_layers, deconv_chns=8, **vit_widths)
+    enc = VolTAEncoder(
+        32, 8, **kwargs_for(VolTAEncoder, "model", num_layers=num_layers, deconv_chns=8, **vit_widths)
+    )
     with torch.no_grad():
         for p in enc.parameters():
             p.add_(torch.randn_like(p))
@@ -39,7 +43,9 @@ def _patch8_export(path, num_layers: int = 3) -> VolTAEncoder:
 def test_patch16_is_monai_unetr_key_for_key_and_output_for_output():
     torch.manual_seed(0)
     monai_unetr = UNETR(1, 3, (32,) * 3, proj_type="conv", norm_name="instance", **WIDTHS).eval()
-    ours = build_unetr(1, 3, 32, **WIDTHS).eval()  # patch 16, 12 layers, behind the z-score wrapper
+    ours = build_unetr(
+        1, 3, 32, **kwargs_for(build_unetr, "model", "segment", **WIDTHS)
+    ).eval()  # patch 16, 12 layers, behind the z-score wrapper
     expected = {k: v.shape for k, v in monai_unetr.state_dict().items()}
     assert {k: v.shape for k, v in ours.state_dict().items()} == expected
     assert [name for name, _ in ours.named_children()] == NAMES[16] and ours.taps == (3, 6, 9)
@@ -52,7 +58,12 @@ def test_patch16_is_monai_unetr_key_for_key_and_output_for_output():
 @pytest.mark.parametrize("patch_size, num_layers, taps", [(16, 4, (1, 2, 3)), (8, 3, (1, 2)), (8, 6, (2, 4))])
 def test_output_grid_equals_input_grid_and_every_parameter_learns(patch_size, num_layers, taps):
     torch.manual_seed(0)
-    net = build_unetr(1, 3, 32, patch_size=patch_size, num_layers=num_layers, **WIDTHS)
+    net = build_unetr(
+        1,
+        3,
+        32,
+        **kwargs_for(build_unetr, "model", "segment", patch_size=patch_size, num_layers=num_layers, **WIDTHS),
+    )
     assert [name for name, _ in net.named_children()] == NAMES[patch_size] and net.taps == taps
     out = net(torch.rand(2, 1, 32, 32, 32))
     assert out.shape == (2, 3, 32, 32, 32) and torch.isfinite(out).all()
@@ -63,7 +74,9 @@ def test_output_grid_equals_input_grid_and_every_parameter_learns(patch_size, nu
 
 
 def test_patch8_decoder_widths_follow_monai():
-    net = AnyPatchUNETR(1, 2, 32, patch_size=8, num_layers=3, **WIDTHS)
+    net = AnyPatchUNETR(
+        1, 2, 32, **kwargs_for(AnyPatchUNETR, "model", "segment", patch_size=8, num_layers=3, **WIDTHS)
+    )
     fs, hidden = WIDTHS["feature_size"], WIDTHS["hidden_size"]
     # level j holds feature_size * 2^j channels; the deepest decoder takes the tokens' width
     assert net.encoder3.transp_conv_init.conv.in_channels == hidden and len(net.encoder3.blocks) == 0
@@ -75,28 +88,44 @@ def test_patch8_decoder_widths_follow_monai():
 
 def test_bad_patch_depth_and_crop_are_refused(tmp_path):
     with pytest.raises(InputError, match="power of two >= 4"):
-        build_unetr(1, 2, 36, patch_size=12, **WIDTHS)
+        build_unetr(1, 2, 36, **kwargs_for(build_unetr, "model", "segment", patch_size=12, **WIDTHS))
     with pytest.raises(InputError, match="patch 16 up-samples in 4 stages and needs num_layers >= 4, got 3"):
-        build_unetr(1, 2, 32, patch_size=16, num_layers=3, **WIDTHS)
+        build_unetr(
+            1, 2, 32, **kwargs_for(build_unetr, "model", "segment", patch_size=16, num_layers=3, **WIDTHS)
+        )
     with pytest.raises(
         InputError, match=r"segment.crop_size \(40\) must be a multiple of the UNETR patch size 16"
     ):
-        build_unetr(1, 2, 40, **WIDTHS)
+        build_unetr(1, 2, 40, **kwargs_for(build_unetr, "model", "segment", **WIDTHS))
     _patch8_export(tmp_path / "p8")
     _patch8_export(tmp_path / "shallow", num_layers=2)
     with pytest.raises(EncoderLoadError, match="shallow: UNETR with patch 8 .* needs num_layers >= 3, got 2"):
-        build_unetr(1, 2, 32, encoder=tmp_path / "shallow", feature_size=8)
+        build_unetr(
+            1,
+            2,
+            32,
+            **kwargs_for(build_unetr, "model", "segment", encoder=tmp_path / "shallow", feature_size=8),
+        )
     with pytest.raises(
         InputError, match=r"segment.crop_size \(36\) must be a multiple of the UNETR patch size 8"
     ):
         # the export's patch 8 sets the rule, not the patch_size argument
-        build_unetr(1, 2, 36, encoder=tmp_path / "p8", patch_size=16, feature_size=8)
+        build_unetr(
+            1,
+            2,
+            36,
+            **kwargs_for(
+                build_unetr, "model", "segment", encoder=tmp_path / "p8", patch_size=16, feature_size=8
+            ),
+        )
 
 
 def test_patch8_export_loads_into_the_vit(tmp_path):
     enc = _patch8_export(tmp_path)
     enc.set_fused_attention(False)  # MONAI's einsum attention, as in the segmenter's ViT
-    net = build_unetr(1, 2, 32, encoder=tmp_path, feature_size=8).eval()
+    net = build_unetr(
+        1, 2, 32, **kwargs_for(build_unetr, "model", "segment", encoder=tmp_path, feature_size=8)
+    ).eval()
     assert net.patch_size == 8 and net.num_layers == 3
     vit = net.vit.state_dict()
     for k, v in enc.state_dict().items():
@@ -117,6 +146,9 @@ def test_saved_fold_model_rebuilds_for_predict(tmp_path, from_export):
     if encoder is not None:
         _patch8_export(encoder)
     sizes = {"feature_size": 8} if from_export else {"patch_size": 8, "num_layers": 3, **WIDTHS}
+    sizes = kwargs_for(
+        build_unetr, "model", "segment", **sizes
+    )  # the rest from default.yaml, as finetune does
     net = build_unetr(1, 2, 32, encoder=encoder, **sizes).eval()
     save_segmenter(tmp_path / "run", "fold0", net, 0, 2, model="unetr", encoder=encoder, unetr_kwargs=sizes,
                    unet_kwargs=None, crop_size=32, sw_batch_size=1, sw_overlap=0.25, preprocessing=None)  # fmt: skip

@@ -23,8 +23,11 @@ from volta3d.engine.health import (
 )
 from volta3d.engine.meta_arch import _rank_rows, rank_token_indices
 
+from ..config_kwargs import section
+
 LOG_K = math.log(64)
 LOGGER = logging.getLogger("t")
+MAX_COSINE = section("train")["collapse_max_cosine"]
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -197,7 +200,7 @@ def _fire_flags(monitor: CollapseMonitor, rows) -> list[int]:
     ({"student_cls_cosine": 0.999}, "same embedding"),
 ])  # fmt: skip
 def test_each_sign_fires_after_patience_and_logs_once_with_its_values(change, sign, caplog):
-    monitor = CollapseMonitor(LOG_K, patience=3, logger=LOGGER)
+    monitor = CollapseMonitor(LOG_K, patience=3, logger=LOGGER, max_cosine=MAX_COSINE)
     row = {**_healthy_row(), **change}
     with caplog.at_level(logging.WARNING):
         assert _fire_flags(monitor, [row] * 5) == [0, 0, 1, 1, 1]
@@ -207,19 +210,19 @@ def test_each_sign_fires_after_patience_and_logs_once_with_its_values(change, si
 
 
 def test_healthy_row_and_missing_or_nan_columns_raise_no_sign():
-    monitor = CollapseMonitor(LOG_K, patience=1, logger=LOGGER)
+    monitor = CollapseMonitor(LOG_K, patience=1, logger=LOGGER, max_cosine=MAX_COSINE)
     assert monitor.signs(_healthy_row()) == {}
     assert monitor.signs({}) == {}  # a branch switched off logs nothing
     assert monitor.signs({"teacher_entropy_gap": math.nan, "teacher_cls_spread": ""}) == {}
 
 
 def test_low_rank_waits_for_a_buffer_that_allows_a_higher_rank():
-    monitor = CollapseMonitor(LOG_K, patience=1, logger=LOGGER)
+    monitor = CollapseMonitor(LOG_K, patience=1, logger=LOGGER, max_cosine=MAX_COSINE)
     assert monitor.signs({**_healthy_row(), "cls_rank": 1.9, "cls_rank_max": 4}) == {}
 
 
 def test_alarm_needs_consecutive_steps():
-    monitor = CollapseMonitor(LOG_K, patience=2, logger=LOGGER)
+    monitor = CollapseMonitor(LOG_K, patience=2, logger=LOGGER, max_cosine=MAX_COSINE)
     bad = {**_healthy_row(), "student_cls_cosine": 0.999}
     assert _fire_flags(monitor, [bad, _healthy_row(), bad, _healthy_row()]) == [0, 0, 0, 0]
 
@@ -237,7 +240,7 @@ def test_alarm_fires_on_targets_collapsed_onto_two_prototypes(caplog):
     mixture[:, :2] = 0.5
     row = _target_row(mixture, mixture)
     assert row["teacher_marginal_entropy"] == pytest.approx(math.log(2), abs=1e-6)
-    monitor = CollapseMonitor(LOG_K, patience=3, logger=LOGGER)
+    monitor = CollapseMonitor(LOG_K, patience=3, logger=LOGGER, max_cosine=MAX_COSINE)
     with caplog.at_level(logging.WARNING):
         assert _fire_flags(monitor, [row] * 4) == [0, 0, 1, 1]
     assert "targets ignore the volume" in caplog.text
@@ -253,7 +256,7 @@ def test_alarm_stays_quiet_on_two_clusters_of_volumes():
     row = _target_row(clusters, clusters)
     assert row["teacher_entropy_gap"] == pytest.approx(math.log(2), abs=1e-6)
     assert row["teacher_entropy_gap"] > GAP_MIN
-    assert CollapseMonitor(LOG_K, patience=1, logger=LOGGER).signs(row) == {}
+    assert CollapseMonitor(LOG_K, patience=1, logger=LOGGER, max_cosine=MAX_COSINE).signs(row) == {}
 
 
 def _tracker(patience: int) -> HealthTracker:

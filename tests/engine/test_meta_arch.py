@@ -7,6 +7,8 @@ from volta3d.config import load_config, to_kwargs
 from volta3d.engine.meta_arch import build_volta3d
 from volta3d.engine.optim import apply_schedule_values, build_optimizer
 
+from ..config_kwargs import section
+
 
 def _model(overrides, **loss):
     cfg = load_config(overrides=overrides + [f"loss.{k}={v}" for k, v in loss.items()])
@@ -104,7 +106,7 @@ def test_accumulation_matches_one_big_batch(tiny_overrides):
 
 def test_teacher_moves_only_through_ema(tiny_overrides):
     model = _model(tiny_overrides)
-    opt = build_optimizer(model.student)
+    opt = build_optimizer(model.student, section("optim")["betas"])
     apply_schedule_values(opt, lr=1e-2, weight_decay=0.0)
     teacher_before = [p.clone() for p in model.teacher.parameters()]
     model.compute_losses(_batch(), 0.04, 0.04)["loss"].backward()

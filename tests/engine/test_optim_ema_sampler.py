@@ -12,6 +12,8 @@ from volta3d.engine.optim import (
 )
 from volta3d.engine.sampler import ResumableSampler
 
+from ..config_kwargs import section
+
 
 def test_ema_matches_formula():
     torch.manual_seed(0)
@@ -30,7 +32,7 @@ def test_param_groups_exclude_biases_and_norms_from_decay():
     decay, no_decay = param_groups(m)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
-    opt = build_optimizer(m)
+    opt = build_optimizer(m, section("optim")["betas"])
     apply_schedule_values(opt, lr=0.1, weight_decay=0.5)
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
@@ -48,7 +50,7 @@ def test_per_tensor_clipping():
 
 def test_cancelled_parameters_are_not_updated():
     m = nn.Linear(3, 2)
-    opt = build_optimizer(m)
+    opt = build_optimizer(m, section("optim")["betas"])
     apply_schedule_values(opt, lr=0.1, weight_decay=0.1)
     m(torch.randn(4, 3)).sum().backward()
     before = m.weight.detach().clone()

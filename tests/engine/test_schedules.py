@@ -12,6 +12,8 @@ from volta3d.engine.schedules import (
     warmup_constant_schedule,
 )
 
+from ..config_kwargs import kwargs_for
+
 
 def test_cosine_endpoints_and_warmup():
     s = cosine_schedule(1.0, 0.1, total_steps=20, warmup_steps=5, warmup_start=0.0)
@@ -51,7 +53,7 @@ def test_bad_lengths_raise():
             steps_per_epoch=0, epochs=3, lr=1, min_lr=0, warmup_epochs=0, weight_decay=0, weight_decay_end=0,
             momentum_teacher=0.9, momentum_teacher_end=1, teacher_max_init_share=1.0, teacher_temp=0.07, warmup_teacher_temp=0.04,
             warmup_teacher_temp_epochs=1, teacher_patch_temp=0.07, warmup_teacher_patch_temp=0.04,
-            freeze_last_layer_epochs=1,
+            freeze_last_layer_epochs=1, **kwargs_for(build_schedules, "train"),
         )  # fmt: skip
 
 
@@ -61,7 +63,7 @@ def test_build_schedules_by_optimiser_step():
         weight_decay_end=0.4, momentum_teacher=0.996, momentum_teacher_end=1.0, teacher_max_init_share=1.0,
         teacher_temp=0.07,
         warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=2, teacher_patch_temp=0.06,
-        warmup_teacher_patch_temp=0.03, freeze_last_layer_epochs=1,
+        warmup_teacher_patch_temp=0.03, freeze_last_layer_epochs=1, **kwargs_for(build_schedules, "train"),
     )  # fmt: skip
     assert s.total_steps == 20
     assert s.lr[5] == pytest.approx(1e-3) and s.lr[-1] == pytest.approx(1e-6) and s.lr[0] == 0.0
@@ -111,7 +113,7 @@ def test_schedules_report_the_running_initial_share():
         steps_per_epoch=10, epochs=3, lr=1e-3, min_lr=1e-6, warmup_epochs=0, weight_decay=0.04,
         weight_decay_end=0.4, momentum_teacher=0.996, momentum_teacher_end=1.0, teacher_max_init_share=0.05,
         teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0, teacher_patch_temp=0.07,
-        warmup_teacher_patch_temp=0.04, freeze_last_layer_epochs=0,
+        warmup_teacher_patch_temp=0.04, freeze_last_layer_epochs=0, **kwargs_for(build_schedules, "train"),
     )  # fmt: skip
     assert s.teacher_init_share[0] == pytest.approx(s.momentum[0])
     assert s.teacher_init_share[-1] == pytest.approx(0.05, rel=1e-6)

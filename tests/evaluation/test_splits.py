@@ -14,6 +14,8 @@ from volta3d.protocol.splits import (
     save_splits,
 )
 
+from ..config_kwargs import section
+
 
 def _rows(n_subjects=30, scans=3):
     subjects = [f"s{i:02d}" for i in range(n_subjects) for _ in range(scans)]
@@ -39,9 +41,13 @@ def test_kfold_is_subject_disjoint_complete_and_stratified():
 
 def test_kfold_is_reproducible_with_a_seed_and_changes_with_it():
     subjects, labels = _rows()
-    a = make_kfold_splits(subjects, labels, seed=1)
-    assert same_folds(a, make_kfold_splits(subjects, labels, seed=1))
-    assert not same_folds(a, make_kfold_splits(subjects, labels, seed=2))
+    a = make_kfold_splits(subjects, labels, n_splits=section("classify")["n_splits"], seed=1)
+    assert same_folds(
+        a, make_kfold_splits(subjects, labels, n_splits=section("classify")["n_splits"], seed=1)
+    )
+    assert not same_folds(
+        a, make_kfold_splits(subjects, labels, n_splits=section("classify")["n_splits"], seed=2)
+    )
 
 
 def test_splits_roundtrip_and_unknown_subject(tmp_path):

@@ -16,6 +16,10 @@ import torch.multiprocessing as mp
 from volta3d.engine.distributed import all_reduce_max, all_reduce_sum
 from volta3d.losses import Center, sinkhorn_knopp_probs
 
+from ..config_kwargs import section
+
+LOSS = section("loss")  # default.yaml's center_momentum and sinkhorn_iterations
+
 
 def _np_softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
@@ -69,7 +73,7 @@ def test_teacher_probs_center_and_sharpen_without_grad():
 
 
 def test_teacher_probs_are_finite_for_extreme_bf16_logits():
-    center = Center(out_dim=4)
+    center = Center(out_dim=4, momentum=LOSS["center_momentum"])
     logits = torch.tensor([[1e4, -1e4, 0.0, 3e4]], dtype=torch.bfloat16)
     probs = center.teacher_probs(logits, temp=0.04)
     assert torch.isfinite(probs).all()
@@ -86,7 +90,7 @@ def test_teacher_probs_are_finite_for_extreme_bf16_logits():
 )
 def test_bad_inputs_raise(call, message):
     with pytest.raises(ValueError, match=message):
-        call(Center(out_dim=3))
+        call(Center(out_dim=3, momentum=LOSS["center_momentum"]))
 
 
 def test_bad_momentum_raises():
@@ -143,11 +147,11 @@ def test_sinkhorn_is_finite_at_temperature_0_01():
     logits = _uniform_logits(2, 5, 16, seed=1)  # (B, N, K) patch logits
     logits[0, 0] = -1.0
     logits[1, 0, 0] = 1.0
-    out = sinkhorn_knopp_probs(logits, temp=0.01)
+    out = sinkhorn_knopp_probs(logits, temp=0.01, n_iterations=LOSS["sinkhorn_iterations"])
     assert out.shape == logits.shape and torch.isfinite(out).all()
     torch.testing.assert_close(out.sum(-1), torch.ones(2, 5))
     with pytest.raises(ValueError, match="temperature"):
-        sinkhorn_knopp_probs(logits, temp=0.0)
+        sinkhorn_knopp_probs(logits, temp=0.0, n_iterations=LOSS["sinkhorn_iterations"])
 
 
 class _Lockstep:
@@ -179,6 +183,7 @@ def test_two_ranks_in_lockstep_equal_one_process_on_the_whole_batch():
         return sinkhorn_knopp_probs(
             halves[r],
             temp=0.05,
+            n_iterations=LOSS["sinkhorn_iterations"],
             reduce_sum=group.reducer(r, lambda s: s.sum(dim=0)),
             reduce_max=group.reducer(r, lambda s: s.amax(dim=0)),
         )
@@ -186,7 +191,10 @@ def test_two_ranks_in_lockstep_equal_one_process_on_the_whole_batch():
     with ThreadPoolExecutor(max_workers=2) as pool:
         per_rank = [f.result() for f in [pool.submit(rank, r) for r in range(2)]]
     torch.testing.assert_close(
-        torch.cat(per_rank), sinkhorn_knopp_probs(logits, temp=0.05), rtol=1e-5, atol=1e-7
+        torch.cat(per_rank),
+        sinkhorn_knopp_probs(logits, temp=0.05, n_iterations=LOSS["sinkhorn_iterations"]),
+        rtol=1e-5,
+        atol=1e-7,
     )
 
 
@@ -199,9 +207,15 @@ def _sinkhorn_on_a_gloo_rank(rank: int, init_file: str) -> None:
         logits = _uniform_logits(8, 12, seed=4)
         logits[5:] -= 0.5
         out = sinkhorn_knopp_probs(
-            logits.chunk(2)[rank], temp=0.05, reduce_sum=all_reduce_sum, reduce_max=all_reduce_max
+            logits.chunk(2)[rank],
+            temp=0.05,
+            n_iterations=LOSS["sinkhorn_iterations"],
+            reduce_sum=all_reduce_sum,
+            reduce_max=all_reduce_max,
         )
-        expected = sinkhorn_knopp_probs(logits, temp=0.05).chunk(2)[rank]
+        expected = sinkhorn_knopp_probs(logits, temp=0.05, n_iterations=LOSS["sinkhorn_iterations"]).chunk(2)[
+            rank
+        ]
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
     finally:
         dist.destroy_process_group()

@@ -2,18 +2,35 @@ import torch
 
 from volta3d.models.encoder import VolTAEncoder
 
+from ..config_kwargs import kwargs_for
+
 
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    plain = VolTAEncoder(img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2)
+    plain = VolTAEncoder(
+        **kwargs_for(
+            VolTAEncoder,
+            "model",
+            img_size=32,
+            patch_size=16,
+            hidden_size=32,
+            mlp_dim=64,
+            num_layers=2,
+            num_heads=2,
+        )
+    )
     recompute = VolTAEncoder(
-        img_size=32,
-        patch_size=16,
-        hidden_size=32,
-        mlp_dim=64,
-        num_layers=2,
-        num_heads=2,
-        activation_checkpointing=True,
+        **kwargs_for(
+            VolTAEncoder,
+            "model",
+            img_size=32,
+            patch_size=16,
+            hidden_size=32,
+            mlp_dim=64,
+            num_layers=2,
+            num_heads=2,
+            activation_checkpointing=True,
+        )
     )
     recompute.load_state_dict(plain.state_dict())
     x = torch.rand(2, 1, 32, 32, 32)

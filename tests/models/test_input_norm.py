@@ -4,6 +4,8 @@ import torch
 from volta3d.downstream.segmenter import build_unet, build_unetr
 from volta3d.models.input_norm import apply_input_norm, standardise
 
+from ..config_kwargs import kwargs_for
+
 
 def test_standardise_per_volume():
     x = torch.stack([torch.rand(1, 4, 4, 4) * 3 + 1, torch.rand(1, 4, 4, 4) * 0.1])
@@ -26,7 +28,14 @@ def test_unknown_norm_is_an_error():
     "build",
     [
         lambda: build_unet(1, 2, channels=(4, 8), strides=(2,), num_res_units=0),
-        lambda: build_unetr(1, 2, 32, hidden_size=32, mlp_dim=64, num_heads=2, feature_size=4),
+        lambda: build_unetr(
+            1,
+            2,
+            32,
+            **kwargs_for(
+                build_unetr, "model", "segment", hidden_size=32, mlp_dim=64, num_heads=2, feature_size=4
+            ),
+        ),
     ],
 )
 def test_segmenters_are_intensity_invariant(build):

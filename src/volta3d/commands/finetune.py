@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from volta3d.commands.common import add_config_arguments
+from volta3d.downstream.networks import network_names
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -46,7 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _model_and_fractions(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", choices=["vit", "swin", "sfcn"], default=None, help="network (default: classify.model)"
+        "--model", choices=network_names("classify"), default=None, help="network (default: classify.model)"
     )
     p.add_argument(
         "--fractions",
@@ -96,7 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     _common(s)
     s.add_argument(
-        "--model", choices=["unetr", "unet"], default=None, help="segmenter (default: segment.model)"
+        "--model", choices=network_names("segment"), default=None, help="segmenter (default: segment.model)"
     )
 
 

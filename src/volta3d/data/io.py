@@ -26,11 +26,10 @@ from pydicom.pixels import apply_rescale
 from volta3d.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# 512^3: twice the edge of a 0.5 mm whole-head scan; 0.5 GB as float32. Headers declaring more are
-# refused before any voxel is read (a 4 KB file can declare terabytes).
-MAX_VOXELS = 512**3
-# Bytes a voxel may take on disk under the limit: a float32 volume of MAX_VOXELS is read whole, a
-# float64 one of as many voxels would need 1 GB for its raw bytes plus 0.5 GB for the float32 copy.
+# The voxel limit is preprocess.max_voxels (512^3 in default.yaml): headers declaring more are refused
+# before any voxel is read (a 4 KB file can declare terabytes).
+# Bytes a voxel may take on disk under the limit: a float32 volume of max_voxels is read whole, a
+# float64 one of as many voxels would need twice the bytes for its raw data plus the float32 copy.
 MAX_BYTES_PER_VOXEL = 4
 # Deflate (gzip) inflates at most 1032-fold: a header declaring more than that many times the file's
 # size describes voxels the file cannot hold, and nibabel would allocate them before finding out.
@@ -76,11 +75,12 @@ def make_meta(affine: np.ndarray) -> dict[str, Any]:
     }
 
 
-def read_volume(path: str | Path, max_voxels: int = MAX_VOXELS) -> tuple[np.ndarray, dict[str, Any]]:
+def read_volume(path: str | Path, max_voxels: int) -> tuple[np.ndarray, dict[str, Any]]:
     """Read a NIfTI file or a DICOM series folder.
 
     Returns ``(array, meta)`` with ``array`` of shape ``(1, D, H, W)`` float32 (file axis order;
-    reorientation happens later, from ``meta['affine']``). Raises :class:`ScanError`.
+    reorientation happens later, from ``meta['affine']``). Raises :class:`ScanError`, also for a grid of
+    more than ``max_voxels`` (``preprocess.max_voxels``) voxels.
     """
     path = Path(path)
     _check_openable(path)
@@ -125,7 +125,7 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def read_nifti(path: Path, max_voxels: int = MAX_VOXELS) -> tuple[np.ndarray, dict[str, Any]]:
+def read_nifti(path: Path, max_voxels: int) -> tuple[np.ndarray, dict[str, Any]]:
     """NIfTI (or any format nibabel reads): ``(1, D, H, W)`` float32 + meta."""
     try:
         # nib.load is annotated as returning any file-based image; NIfTI / MGH / Analyze are spatial
@@ -211,7 +211,7 @@ def _as_channel_first(data: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(data)[None]
 
 
-def read_dicom_series(folder: Path, max_voxels: int = MAX_VOXELS) -> tuple[np.ndarray, dict[str, Any]]:
+def read_dicom_series(folder: Path, max_voxels: int) -> tuple[np.ndarray, dict[str, Any]]:
     """One folder = one DICOM series: validate, sort slices along their normal, stack.
 
     Hand-written rather than MONAI's ``PydicomReader`` because that reader orders slices by

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-FILLS = ("noise", "zeros")
-BLOCK_SHAPES = ("cube", "random")
+from volta3d.config_rules import CHOICES
+
+FILLS = CHOICES["masking.fill"]
+BLOCK_SHAPES = CHOICES["masking.block_shape"]
 _POSITIONS_PER_DRAW = 256  # block corners drawn per generator call (fixes the random stream)
 _NEVER = 2**31 - 1  # block number of a voxel no block covers
 _MAX_SCATTER = 1 << 22  # block-voxel indices per scatter chunk: bounds memory, not the result
@@ -38,14 +40,16 @@ class GMMLMasker:
 
     def __init__(
         self,
-        ratio: float = 0.5,
-        block_size: int = 8,
-        fill: str = "noise",
-        token_masked_fraction: float = 0.5,
-        patch_size: int = 16,
-        block_shape: str = "cube",
-        max_block_fraction: float = 0.3,
+        *,
+        ratio: float,
+        block_size: int,
+        fill: str,
+        token_masked_fraction: float,
+        patch_size: int,
+        block_shape: str,
+        max_block_fraction: float,
     ) -> None:
+        """The ``masking:`` config section's keys and the encoder's ``model.patch_size``."""
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
         if int(block_size) != block_size or block_size < 1:

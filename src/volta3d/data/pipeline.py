@@ -28,8 +28,8 @@ from monai.transforms import (
     Spacingd,
 )
 
-from volta3d.config_rules import cube_error
-from volta3d.data.io import MAX_VOXELS, ScanError, check_voxel_count
+from volta3d.config_rules import CHOICES, cube_error
+from volta3d.data.io import ScanError, check_voxel_count
 from volta3d.errors import InputError
 
 # A stored cube with fewer voxels than this off its most common value is treated as constant.
@@ -43,24 +43,24 @@ OUTPUT_KEYS = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PreprocessSettings:
     """The ``preprocess:`` config section as plain values (see default.yaml for each key)."""
 
-    size: tuple[int, int, int] = (96, 96, 96)
-    spacing: float = 1.0
-    orientation: str = "RAS"
-    crop: str = "center"
-    foreground_threshold: float = 0.0
-    resize: bool = False
-    intensity: str = "minmax"
-    lower_percentile: float = 0.5
-    upper_percentile: float = 99.5
-    dtype: str = "float16"
-    image_column: str = "path"
-    label_path_column: str = "label_path"
-    subject_column: str = "subject_id"
-    max_voxels: int = MAX_VOXELS  # a scan's declared and resampled grid; not an output setting
+    size: tuple[int, int, int]
+    spacing: float
+    orientation: str
+    crop: str
+    foreground_threshold: float
+    resize: bool
+    intensity: str
+    lower_percentile: float
+    upper_percentile: float
+    dtype: str
+    image_column: str
+    label_path_column: str
+    subject_column: str
+    max_voxels: int  # a scan's declared and resampled grid; not an output setting
 
     def __post_init__(self) -> None:
         size = tuple(int(s) for s in self.size)
@@ -78,12 +78,8 @@ class PreprocessSettings:
             raise InputError(
                 f"preprocess.orientation must be 3 axis codes such as RAS, got '{self.orientation}'"
             )
-        choices = {
-            "crop": ("center", "foreground"),
-            "intensity": ("minmax", "percentile"),
-            "dtype": ("float16", "float32"),
-        }
-        for key, allowed in choices.items():
+        for key in ("crop", "intensity", "dtype"):
+            allowed = CHOICES[f"preprocess.{key}"]
             if getattr(self, key) not in allowed:
                 raise InputError(
                     f"preprocess.{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'"

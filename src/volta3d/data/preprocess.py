@@ -247,7 +247,7 @@ def _run_all(
 def preprocess_dataset(
     records_or_input: str | Path | Sequence[ScanRecord],
     out_dir: str | Path,
-    settings: dict[str, Any] | PreprocessSettings | None = None,
+    settings: dict[str, Any] | PreprocessSettings,
     workers: int = 1,
     shard: tuple[int, int] | None = None,
     kind: str = "auto",
@@ -257,11 +257,9 @@ def preprocess_dataset(
 
     Writes ``volumes/*.npy``, ``records/*.json``, ``manifest.csv`` and ``rejected.csv`` (per-shard
     names with ``shard``) and appends to ``preprocess.log``. Scans already cached from the same files
-    with the same output settings are not recomputed.
+    with the same output settings are not recomputed. ``settings``: the ``preprocess:`` config section.
     """
-    settings = (
-        settings if isinstance(settings, PreprocessSettings) else PreprocessSettings(**(settings or {}))
-    )
+    settings = settings if isinstance(settings, PreprocessSettings) else PreprocessSettings(**settings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = get_logger()
@@ -290,8 +288,9 @@ def _preprocess(
     log = get_logger()
     if isinstance(records_or_input, (str, Path)):
         scans = find_scans(
-            records_or_input, kind, settings.image_column, settings.label_path_column, settings.subject_column
-        )
+            records_or_input, kind, image_column=settings.image_column,
+            label_path_column=settings.label_path_column, subject_column=settings.subject_column,
+        )  # fmt: skip
     else:
         scans = list(records_or_input)
         if not scans:

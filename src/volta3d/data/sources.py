@@ -60,11 +60,13 @@ def detect_kind(input_path: str | Path) -> str:
 def find_scans(
     input_path: str | Path,
     kind: str = "auto",
-    image_column: str = "path",
-    label_path_column: str = "label_path",
-    subject_column: str = "subject_id",
+    *,
+    image_column: str,
+    label_path_column: str,
+    subject_column: str,
 ) -> list[ScanRecord]:
-    """List the scans of ``input_path`` (sorted, deterministic). Raises on an unusable input."""
+    """List the scans of ``input_path`` (sorted, deterministic); a CSV manifest's columns are named by the
+    ``preprocess:`` keys of the same names. Raises on an unusable input."""
     if kind not in KINDS:
         raise InputError(f"unknown input kind '{kind}' (choose from {', '.join(KINDS)})")
     p = Path(input_path)

@@ -46,7 +46,7 @@ def _check_prob(name: str, value: float) -> float:
     return float(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ViewSettings:
     """The ``views:`` config section, checked: crop sizes and scales, flips and intensity changes.
 
@@ -63,23 +63,23 @@ class ViewSettings:
     larger than the differences between brains).
     """
 
-    global_size: int = 96
-    local_size: int = 48
-    n_local: int = 8
-    global_edge_scale: Sequence[float] = (0.7, 1.0)
-    local_edge_scale: Sequence[float] = (0.4, 0.7)
-    aspect_range: Sequence[float] = (0.9, 1.0 / 0.9)
-    flip_prob: float = 0.5
-    flip_axes: Sequence[int] = (0, 1, 2)
-    gamma_prob: float = 0.5
-    gamma_range: Sequence[float] = (0.7, 1.5)
-    contrast_prob: float = 0.5
-    intensity_scale: float = 0.1
-    intensity_shift: float = 0.1
-    noise_prob: float = 0.2
-    noise_std: float = 0.02
-    bias_field_prob: float = 0.3
-    bias_field_coeff: float = 0.05
+    global_size: int
+    local_size: int
+    n_local: int
+    global_edge_scale: Sequence[float]
+    local_edge_scale: Sequence[float]
+    aspect_range: Sequence[float]
+    flip_prob: float
+    flip_axes: Sequence[int]
+    gamma_prob: float
+    gamma_range: Sequence[float]
+    contrast_prob: float
+    intensity_scale: float
+    intensity_shift: float
+    noise_prob: float
+    noise_std: float
+    bias_field_prob: float
+    bias_field_coeff: float
 
     def __post_init__(self) -> None:
         for name in ("global_size", "local_size"):

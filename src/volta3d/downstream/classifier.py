@@ -13,6 +13,7 @@ Training modes (``set_trainable``): ``frozen`` (encoder fixed; summariser and he
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,17 @@ import torch
 import torch.nn as nn
 from monai.networks.nets.swin_unetr import SwinTransformer
 
+from volta3d.config_rules import CHOICES
+from volta3d.downstream.networks import network_builder
 from volta3d.downstream.sfcn import SFCN
 from volta3d.errors import InputError
-from volta3d.models.encoder import VolTAEncoder
+from volta3d.models.encoder import VolTAEncoder, encoder_from_architecture
 from volta3d.models.export import build_from_export
 from volta3d.models.input_norm import standardise
 from volta3d.models.summariser import CLSSummariser
 
-POOLINGS = ("cls", "mean")
-MODES = ("frozen", "partial", "full")
+POOLINGS = CHOICES["classify.pooling"]
+MODES = CHOICES["classify.mode"]
 
 
 class ViTClassifier(nn.Module):
@@ -150,6 +153,47 @@ def swin_kwargs(
     }
 
 
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """What any classifier is built from: ``pooling`` and ``img_size`` (the cube edge it sees, None: the
+    input's) are the ``classify:`` section's; each network reads its own keyword arguments."""
+
+    num_outputs: int
+    pooling: str
+    img_size: int | None
+    encoder: str | Path | None = None  # a VolTA-3D export to start from
+    encoder_kwargs: dict[str, Any] | None = None  # the model: section, for a ViT from scratch
+    summariser_kwargs: dict[str, Any] | None = None
+    swin_kwargs: dict[str, Any] | None = None
+    sfcn_kwargs: dict[str, Any] | None = None
+
+
+def vit_classifier(spec: ClassifierSpec) -> ViTClassifier:
+    """The VolTA-3D ViT from the export at ``spec.encoder`` (its position embedding resampled to
+    ``img_size``), or from scratch with ``encoder_kwargs`` and ``summariser_kwargs``."""
+    if spec.encoder is not None:
+        enc, summ = build_from_export(spec.encoder, img_size=spec.img_size)
+        if spec.pooling == "cls" and summ is None:
+            raise InputError(f"encoder export {spec.encoder} has no summariser; use classify.pooling=mean")
+    else:
+        kwargs = dict(spec.encoder_kwargs or {})
+        if spec.img_size is not None:
+            kwargs["img_size"] = spec.img_size
+        enc = encoder_from_architecture(kwargs)  # a saved model's record holds no run-time switches
+        summ = (
+            CLSSummariser(enc.embed_dim, **(spec.summariser_kwargs or {})) if spec.pooling == "cls" else None
+        )
+    return ViTClassifier(enc, summ, spec.num_outputs, pooling=spec.pooling)
+
+
+def swin_classifier(spec: ClassifierSpec) -> SwinClassifier:
+    return SwinClassifier(spec.num_outputs, **(spec.swin_kwargs or {}))
+
+
+def sfcn_classifier(spec: ClassifierSpec) -> SFCN:
+    return SFCN(spec.num_outputs, **(spec.sfcn_kwargs or {}))
+
+
 def build_classifier(
     model: str,
     num_outputs: int,
@@ -162,33 +206,9 @@ def build_classifier(
     swin_kwargs: dict[str, Any] | None = None,
     sfcn_kwargs: dict[str, Any] | None = None,
 ) -> Classifier:
-    """``model``: ``vit`` (from the export at ``encoder``, or from scratch with ``encoder_kwargs``,
-    the ``model:`` config section, and ``summariser_kwargs``), ``swin`` (from scratch with
-    ``swin_kwargs``) or ``sfcn`` (from scratch with ``sfcn_kwargs``). ``pooling``, ``img_size``: the
-    ``classify:`` section's; ``img_size`` is the cube edge the classifier sees (None: the input's), the
-    export's position embedding is resampled to it."""
-    if model == "swin":
-        if encoder is not None:
-            raise InputError(
-                "--encoder applies to the ViT classifier; the Swin baseline is trained from scratch"
-            )
-        return SwinClassifier(num_outputs, **(swin_kwargs or {}))
-    if model == "sfcn":
-        if encoder is not None:
-            raise InputError(
-                "--encoder applies to the ViT classifier; the SFCN baseline is trained from scratch"
-            )
-        return SFCN(num_outputs, **(sfcn_kwargs or {}))
-    if model != "vit":
-        raise InputError(f"unknown classifier model '{model}' (choose vit, swin or sfcn)")
-    if encoder is not None:
-        enc, summ = build_from_export(encoder, img_size=img_size)
-        if pooling == "cls" and summ is None:
-            raise InputError(f"encoder export {encoder} has no summariser; use classify.pooling=mean")
-    else:
-        kwargs = dict(encoder_kwargs or {})
-        if img_size is not None:
-            kwargs["img_size"] = img_size
-        enc = VolTAEncoder(**kwargs)
-        summ = CLSSummariser(enc.embed_dim, **(summariser_kwargs or {})) if pooling == "cls" else None
-    return ViTClassifier(enc, summ, num_outputs, pooling=pooling)
+    """The classifier ``model`` names (``volta3d.downstream.networks``), built from a ``ClassifierSpec``
+    of the other arguments."""
+    spec = ClassifierSpec(
+        num_outputs, pooling, img_size, encoder, encoder_kwargs, summariser_kwargs, swin_kwargs, sfcn_kwargs
+    )
+    return network_builder("classify", model, encoder)(spec)  # type: ignore[no-any-return]

@@ -20,8 +20,21 @@ from typing import Any
 
 from volta3d import layout
 from volta3d.config import save_config, to_kwargs
+from volta3d.data.dataset import read_manifest, read_preprocessing
+from volta3d.downstream.external import check_external_classes, combine_external, test_record
+from volta3d.downstream.fingerprint import check_fingerprint, run_fingerprint
+from volta3d.downstream.train_classify import run_classification
+from volta3d.downstream.train_segment import run_segmentation
 from volta3d.errors import InputError
+from volta3d.models.encoder import split_model_section
+from volta3d.models.export import encoder_kwargs_from_meta, read_encoder_meta
+from volta3d.models.provenance import relate_to_pretraining
+from volta3d.models.summariser import summariser_kwargs
+from volta3d.protocol.labels import label_kfold_splits, prepare_labels
 from volta3d.protocol.leakage import check_run_rows
+from volta3d.protocol.results import write_json
+from volta3d.protocol.splits import load_splits, make_holdout_split, make_kfold_splits, save_splits
+from volta3d.runtime import get_logger, resolve_device, seed_everything, setup_logging
 
 
 @dataclass(frozen=True)
@@ -69,8 +82,6 @@ def finetune(cfg: Any, run: FinetuneInputs) -> dict[str, Any]:
     device = _prepare_output(cfg, run)
     results, provenance = (segment if run.task == "segment" else classify)(cfg, run, device)
     if provenance is not None:
-        from volta3d.protocol.results import write_json
-
         path = Path(run.output) / layout.RESULTS
         write_json(path, {**json.loads(path.read_text()), "encoder_provenance": provenance})
         results = {**results, "encoder_provenance": provenance}
@@ -79,9 +90,6 @@ def finetune(cfg: Any, run: FinetuneInputs) -> dict[str, Any]:
 
 def _prepare_output(cfg: Any, run: FinetuneInputs) -> Any:
     """Refuse a folder holding another run's folds, start the log, save the config, seed; return the device."""
-    from volta3d.downstream.fingerprint import check_fingerprint, run_fingerprint
-    from volta3d.runtime import resolve_device, seed_everything, setup_logging
-
     out = Path(run.output)
     check_fingerprint(out, run_fingerprint(run, cfg))  # before anything in the folder is overwritten
     setup_logging(out)
@@ -93,8 +101,6 @@ def _prepare_output(cfg: Any, run: FinetuneInputs) -> Any:
 def run_splits(run: FinetuneInputs, make: Callable[[], dict]) -> dict:
     """The folds: ``--splits`` if given, else those of the interrupted run in the output folder
     (resuming), else ``make()``; saved as the run's splits.json."""
-    from volta3d.protocol.splits import load_splits, save_splits
-
     own = Path(run.output) / layout.SPLITS
     if run.splits:
         splits = load_splits(run.splits)
@@ -108,12 +114,6 @@ def run_splits(run: FinetuneInputs, make: Callable[[], dict]) -> dict:
 
 def classify(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Cross-validated classification of ``run.label``; return the results and the encoder provenance."""
-    from volta3d.data.dataset import read_manifest, read_preprocessing
-    from volta3d.downstream.external import check_external_classes, test_record
-    from volta3d.downstream.train_classify import run_classification
-    from volta3d.protocol.labels import label_kfold_splits, prepare_labels
-    from volta3d.runtime import get_logger
-
     c, log = to_kwargs(cfg.classify), get_logger()
     if run.label is None:
         raise InputError("finetune classify needs --label: the manifest column to predict")
@@ -148,18 +148,11 @@ def classify(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any]
 
 def segment(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Segmentation of the manifest's masks; return the results and the encoder provenance."""
-    from volta3d.data.dataset import read_manifest, read_preprocessing
-    from volta3d.downstream.external import test_record
-    from volta3d.downstream.train_segment import run_segmentation
-    from volta3d.protocol.splits import make_holdout_split, make_kfold_splits
-
     s = to_kwargs(cfg.segment)
     table, external = with_external(run, read_manifest(run.data))
     if "label_path" not in table.columns or table["label_path"].isna().any():
         raise InputError(f"manifest in {run.data} needs a 'label_path' (mask) for every scan to segment")
     subjects = table["subject_id"].astype(str)
-    if s["split"] not in ("holdout", "kfold"):
-        raise InputError(f"segment.split must be holdout or kfold (got '{s['split']}')")
     splits = run_splits(
         run,
         lambda: (
@@ -185,10 +178,6 @@ def segment(cfg: Any, run: FinetuneInputs, device: Any) -> tuple[dict[str, Any],
 def vit_sizes(model: dict[str, Any], like: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Encoder and summariser keyword arguments of the ViT classifier: the ``model:`` section (with
     its ``summariser:``), or, with ``--like``, that export's sizes over them."""
-    from volta3d.models.encoder import split_model_section
-    from volta3d.models.export import encoder_kwargs_from_meta
-    from volta3d.models.summariser import summariser_kwargs
-
     encoder_kwargs, section = split_model_section(**model)
     summ = summariser_kwargs(**section)
     if like is None:
@@ -225,8 +214,6 @@ def with_external(run: FinetuneInputs, table: Any) -> tuple[Any, dict | None]:
         return table, None
     if run.splits:
         raise InputError("--test-data fixes the split (train on --data, test on it); drop --splits")
-    from volta3d.data.dataset import read_manifest
-    from volta3d.downstream.external import combine_external
 
     return combine_external(table, read_manifest(run.test_data), run.test_data)
 
@@ -237,7 +224,6 @@ def like_meta(run: FinetuneInputs) -> dict[str, Any] | None:
         return None
     if run.encoder:
         raise InputError("--like builds a scratch baseline; it cannot be combined with --encoder")
-    from volta3d.models.export import read_encoder_meta
 
     return read_encoder_meta(run.like)
 
@@ -247,10 +233,6 @@ def encoder_provenance(run: FinetuneInputs, tested: Any) -> dict[str, Any] | Non
     logged now, recorded in results.json after the run."""
     if not run.encoder:
         return None
-    from volta3d.data.dataset import read_manifest
-    from volta3d.models.export import read_encoder_meta
-    from volta3d.models.provenance import relate_to_pretraining
-    from volta3d.runtime import get_logger
 
     test_dir = run.test_data or run.data
     test = read_manifest(run.test_data) if run.test_data else tested

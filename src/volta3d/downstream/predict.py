@@ -9,7 +9,7 @@ pad undone) before the arg-max, so the written mask lies on the input's voxels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from monai.transforms import Compose, Invertd, Resized
 from tqdm.auto import tqdm
 
 from volta3d import layout
+from volta3d.config import load_config, to_kwargs
 from volta3d.data.io import ScanError, is_nifti, read_volume
 from volta3d.data.pipeline import PreprocessSettings, build_transform, preprocess_scan
 from volta3d.data.sources import ScanRecord, find_scans
@@ -34,9 +35,13 @@ from volta3d.runtime import get_logger
 REJECTED_COLUMNS = ["source", "reason"]
 
 
-def collect_scans(inputs: Sequence[str | Path]) -> tuple[list[ScanRecord], list[dict[str, str]]]:
-    """NIfTI files, DICOM series folders, NIfTI / DICOM / BIDS folders or CSV manifests -> scans;
-    an input that cannot be listed becomes a rejected row instead of stopping the others."""
+def collect_scans(
+    inputs: Sequence[str | Path], preprocess: Mapping[str, Any]
+) -> tuple[list[ScanRecord], list[dict[str, str]]]:
+    """NIfTI files, DICOM series folders, NIfTI / DICOM / BIDS folders or CSV manifests (columns named by
+    the ``preprocess:`` section) -> scans; an input that cannot be listed becomes a rejected row instead
+    of stopping the others."""
+    columns = {k: preprocess[k] for k in ("image_column", "label_path_column", "subject_column")}
     scans, rejected = [], []
     for item in inputs:
         p = Path(item)
@@ -45,20 +50,20 @@ def collect_scans(inputs: Sequence[str | Path]) -> tuple[list[ScanRecord], list[
                 name = p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem
                 scans.append(ScanRecord(str(p), name))
             else:
-                scans.extend(find_scans(p))
+                scans.extend(find_scans(p, **columns))
         except (FileNotFoundError, ValueError, ScanError) as err:
             rejected.append({"source": str(item), "reason": str(err).splitlines()[0]})
     return scans, rejected
 
 
 def preprocess_for_model(
-    scan: ScanRecord, settings: PreprocessSettings
+    scan: ScanRecord, settings: PreprocessSettings, max_voxels: int
 ) -> tuple[dict[str, Any], Compose, dict]:
     """Read and preprocess one scan exactly as ``volta3d preprocess`` does (``preprocess_scan``: the
     same checks and output, rounded to the cache's dtype), and replay the pipeline on a MetaTensor to
-    keep the transform trace that ``Invertd`` needs. Returns ``(data, transform, input meta)``;
-    raises ScanError."""
-    image, meta = read_volume(scan.source)
+    keep the transform trace that ``Invertd`` needs; the scan is read under ``max_voxels``. Returns
+    ``(data, transform, input meta)``; raises ScanError."""
+    image, meta = read_volume(scan.source, max_voxels)
     prepared = preprocess_scan(image, meta, settings, name=Path(scan.source).name)
     transform = build_transform(settings, with_mask=False)
     data = transform({"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(meta["affine"]))})
@@ -154,15 +159,18 @@ def predict_scans(
         raise InputError(
             f"saved model {meta0['key']} has preprocessing setting '{unknown[0]}' unknown to this volta3d"
         )
-    settings = PreprocessSettings(**meta0["preprocessing"])
+    # default.yaml's preprocess: section gives the keys a record written before they existed lacks, the
+    # manifest columns scans are listed with and the voxel limit they are read under
+    defaults = to_kwargs(load_config().preprocess)
+    settings = PreprocessSettings(**{**defaults, **meta0["preprocessing"]})
     thresholds = [m.get("youden_threshold") for _, m in models]
     known = [float(t) for t in thresholds if t is not None]
     threshold = float(np.mean(known)) if known and len(known) == len(thresholds) else None
-    scans, rejected = collect_scans(inputs)
+    scans, rejected = collect_scans(inputs, defaults)
     rows: list[dict[str, Any]] = []
     for scan in tqdm(scans, desc="predict", unit="scan", disable=not progress):
         try:
-            data, transform, meta = preprocess_for_model(scan, settings)
+            data, transform, meta = preprocess_for_model(scan, settings, defaults["max_voxels"])
         except ScanError as err:
             rejected.append({"source": scan.source, "reason": str(err).splitlines()[0]})
             log.warning("rejected %s: %s", scan.source, rejected[-1]["reason"])

@@ -39,19 +39,28 @@ RECIPE_KEYS = (
 BACKBONES = ("encoder.", "vit.")
 TOP_PREFIXES = ("summariser.",)  # pretrained parts above the last block: layer L + 1
 NO_DECAY_NAMES = ("position_embeddings", "summariser.token")  # embeddings, as BEiT/MAE exclude pos_embed
+# the recipe switched off: every parameter at lr from the first step, as a section without these keys trains
+PLAIN: dict[str, Any] = {
+    "layer_decay": 1.0,
+    "head_lr_scale": 1.0,
+    "warmup_epochs": 0.0,
+    "lp_epochs": 0,
+    "drop_path": 0.0,
+}
 
 
 @dataclass(frozen=True)
 class FinetuneRecipe:
-    """The optimiser and schedule settings of one fine-tuning run (the ``classify:`` keys of that name)."""
+    """The optimiser and schedule settings of one fine-tuning run (the ``classify:`` keys of that name);
+    ``plain`` is the recipe of a section that has only ``lr`` and ``weight_decay`` (``segment:``)."""
 
     lr: float
     weight_decay: float
-    layer_decay: float = 1.0
-    head_lr_scale: float = 1.0
-    warmup_epochs: float = 0.0
-    lp_epochs: int = 0
-    drop_path: float = 0.0
+    layer_decay: float
+    head_lr_scale: float
+    warmup_epochs: float
+    lp_epochs: int
+    drop_path: float
 
     def __post_init__(self) -> None:
         checks = {
@@ -73,9 +82,17 @@ class FinetuneRecipe:
         """The recipe from a config section holding ``RECIPE_KEYS`` (``classify:``)."""
         return cls(**{k: section[k] for k in RECIPE_KEYS})
 
+    @classmethod
+    def plain(cls, lr: float, weight_decay: float, **settings: Any) -> FinetuneRecipe:
+        """AdamW at ``lr`` for every parameter: no layer-wise decay, head scale, warm-up, drop path or
+        linear-probe phase, except as ``settings`` give."""
+        return cls(**{**PLAIN, "lr": lr, "weight_decay": weight_decay, **settings})
+
     def for_scratch(self) -> FinetuneRecipe:
         """A scratch network: no layer-wise decay, no head scale, no linear-probe phase."""
-        return dataclasses.replace(self, layer_decay=1.0, head_lr_scale=1.0, lp_epochs=0)
+        return dataclasses.replace(
+            self, **{k: PLAIN[k] for k in ("layer_decay", "head_lr_scale", "lp_epochs")}
+        )
 
 
 def backbone_layer(name: str, num_layers: int) -> int | None:

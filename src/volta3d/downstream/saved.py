@@ -59,14 +59,14 @@ def build_saved(meta: dict[str, Any]) -> nn.Module:
     """The untrained network a ``model.json`` describes (no encoder weights are read)."""
     b = meta["build"]
     if meta["task"] == "segment":
-        from volta3d.downstream.segmenter import build_segmenter
+        from volta3d.downstream.segmenter import UNRECORDED_UNETR_SIZES, build_segmenter
 
         return build_segmenter(
             b["model"],
             b["in_channels"],
             b["out_channels"],
             b["img_size"],
-            unetr_kwargs=b["unetr_kwargs"],
+            unetr_kwargs={**UNRECORDED_UNETR_SIZES, **(b["unetr_kwargs"] or {})},
             unet_kwargs=b["unet_kwargs"],
         )
     from volta3d.downstream.classifier import build_classifier

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from monai.networks.nets import UNet, ViT
 
+from volta3d.downstream.networks import network_builder
 from volta3d.errors import InputError
 from volta3d.models.export import (
     EncoderLoadError,
@@ -66,15 +68,15 @@ class AnyPatchUNETR(nn.Module):
         out_channels: int,
         img_size: int,
         *,
-        patch_size: int = 16,
-        num_layers: int = 12,
-        feature_size: int = 16,
-        hidden_size: int = 768,
-        mlp_dim: int = 3072,
-        num_heads: int = 12,
+        patch_size: int,
+        num_layers: int,
+        feature_size: int,
+        hidden_size: int,
+        mlp_dim: int,
+        num_heads: int,
+        qkv_bias: bool,
         norm_name: str = "instance",
         dropout_rate: float = 0.0,
-        qkv_bias: bool = False,
     ) -> None:
         super().__init__()
         stages = unetr_stages(patch_size, num_layers)
@@ -142,26 +144,32 @@ def _export_sizes(encoder: str | Path, in_channels: int) -> tuple[dict[str, torc
     return state, {k: arch[k] for k in names}
 
 
+# A model.json v1 record written before build_unetr took patch_size and num_layers omits them: that UNETR
+# had MONAI UNETR's fixed patch 16 and 12 layers (volta3d.downstream.saved rebuilds it with these).
+UNRECORDED_UNETR_SIZES: dict[str, Any] = {"patch_size": 16, "num_layers": 12}
+
+
 def build_unetr(
     in_channels: int,
     out_channels: int,
     img_size: int,
     *,
     encoder: str | Path | None = None,
-    patch_size: int = 16,
-    num_layers: int = 12,
-    hidden_size: int = 768,
-    mlp_dim: int = 3072,
-    num_heads: int = 12,
-    qkv_bias: bool = False,
-    feature_size: int = 16,
+    patch_size: int,
+    num_layers: int,
+    hidden_size: int,
+    mlp_dim: int,
+    num_heads: int,
+    qkv_bias: bool,
+    feature_size: int,
+    input_norm: str,
     dropout: float = 0.0,
-    input_norm: str = "zscore",
 ) -> AnyPatchUNETR:
-    """UNETR for ``img_size``^3 crops. With ``encoder``, the ViT's patch, depth, width / heads / MLP /
-    qkv bias and the input normalisation come from the export (the arguments are ignored). The
-    defaults (patch 16, 12 layers) are MONAI UNETR's, which model records saved before these
-    arguments existed were built with."""
+    """UNETR for ``img_size``^3 crops: the ViT's sizes are the ``model:`` keys of the same names, the
+    decoder width ``segment.feature_size``. With ``encoder``, the ViT's patch, depth, width / heads / MLP /
+    qkv bias and the input normalisation come from the export (those arguments are ignored). ``dropout``
+    is UNETR's own (0: not ``model.dropout``, which is the pretraining encoder's); a saved model's record
+    omits it."""
     sizes: dict[str, Any] = dict(
         patch_size=patch_size, num_layers=num_layers, hidden_size=hidden_size, mlp_dim=mlp_dim,
         num_heads=num_heads, qkv_bias=qkv_bias, input_norm=input_norm,
@@ -189,11 +197,12 @@ def build_unet(
     out_channels: int,
     channels: Sequence[int] = (16, 32, 64, 128, 256),
     strides: Sequence[int] = (2, 2, 2, 2),
-    num_res_units: int = 2,
+    *,
+    num_res_units: int,
     dropout: float = 0.0,
 ) -> UNet:
     """3D U-Net from scratch (paper II-C channels and strides; MONAI's residual units, as in its
-    spleen / BTCV tutorials)."""
+    spleen / BTCV tutorials: ``num_res_units`` is ``segment.unet_res_units``)."""
     return ZScoreUNet(
         spatial_dims=3,
         in_channels=in_channels,
@@ -206,6 +215,35 @@ def build_unet(
     )
 
 
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """What any segmenter is built from; each network reads its own keyword arguments."""
+
+    in_channels: int
+    out_channels: int
+    img_size: int  # the crop edge
+    encoder: str | Path | None = None  # a VolTA-3D export to start from
+    unetr_kwargs: dict[str, Any] | None = None
+    unet_kwargs: dict[str, Any] | None = None
+
+
+def unetr_segmenter(spec: SegmenterSpec) -> AnyPatchUNETR:
+    return build_unetr(
+        spec.in_channels, spec.out_channels, spec.img_size, encoder=spec.encoder, **(spec.unetr_kwargs or {})
+    )
+
+
+def unet_segmenter(spec: SegmenterSpec) -> UNet:
+    unet = build_unet(spec.in_channels, spec.out_channels, **(spec.unet_kwargs or {}))
+    stride = math.prod(unet.strides)  # each level halves the crop; its skip must match on the way up
+    if spec.img_size % stride:
+        raise InputError(
+            f"segment.crop_size ({spec.img_size}) must be a multiple of the 3D U-Net's total stride {stride} "
+            f"(strides {list(unet.strides)})"
+        )
+    return unet
+
+
 def build_segmenter(
     model: str,
     in_channels: int,
@@ -216,17 +254,6 @@ def build_segmenter(
     unetr_kwargs: dict[str, Any] | None = None,
     unet_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
-    if model == "unetr":
-        return build_unetr(in_channels, out_channels, img_size, encoder=encoder, **(unetr_kwargs or {}))
-    if model == "unet":
-        if encoder is not None:
-            raise InputError("--encoder applies to UNETR; the 3D U-Net baseline is trained from scratch")
-        unet = build_unet(in_channels, out_channels, **(unet_kwargs or {}))
-        stride = math.prod(unet.strides)  # each level halves the crop; its skip must match on the way up
-        if img_size % stride:
-            raise InputError(
-                f"segment.crop_size ({img_size}) must be a multiple of the 3D U-Net's total stride {stride} "
-                f"(strides {list(unet.strides)})"
-            )
-        return unet
-    raise InputError(f"unknown segmentation model '{model}' (choose unetr or unet)")
+    """The segmenter ``model`` names (``volta3d.downstream.networks``), built from a ``SegmenterSpec``."""
+    spec = SegmenterSpec(in_channels, out_channels, img_size, encoder, unetr_kwargs, unet_kwargs)
+    return network_builder("segment", model, encoder)(spec)  # type: ignore[no-any-return]

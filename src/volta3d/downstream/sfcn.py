@@ -24,9 +24,6 @@ import torch.nn as nn
 from volta3d.errors import InputError
 from volta3d.models.input_norm import standardise
 
-SFCN_CHANNELS = (32, 64, 128, 256, 256, 64)  # Peng et al. 2021, Fig. 1
-SFCN_DROPOUT = 0.5  # Peng et al. 2021: dropout before the last convolution
-
 
 def _block(c_in: int, c_out: int, *, pool: bool) -> nn.Sequential:
     """Conv -> BN (-> MaxPool 2) -> ReLU. The convolution has no bias: BatchNorm subtracts the batch
@@ -43,14 +40,15 @@ class SFCN(nn.Module):
     """``(B, C, D, H, W) -> (B, num_outputs)``. ``channels``: widths of the blocks, the last one 1x1x1
     without pooling and every earlier one 3x3x3 with a 2x max-pool, so input sides must be at least
     ``2 ** (len(channels) - 1)`` (32 for the paper's six blocks). The paper's fixed average-pool
-    window covers its whole last feature map, so it is a global average pool here, for any input size."""
+    window covers its whole last feature map, so it is a global average pool here, for any input size.
+    ``channels`` and ``dropout`` are the ``classify.sfcn:`` keys (default.yaml holds the paper's)."""
 
     def __init__(
         self,
         num_outputs: int,
         *,
-        channels: Sequence[int] = SFCN_CHANNELS,
-        dropout: float = SFCN_DROPOUT,
+        channels: Sequence[int],
+        dropout: float,
         in_channels: int = 1,
     ) -> None:
         super().__init__()

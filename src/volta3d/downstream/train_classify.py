@@ -13,6 +13,7 @@ sorted class), so sensitivity means sensitivity to that class.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,15 @@ from torch.utils.data import DataLoader, Subset
 
 from volta3d.data.dataset import VolumeDataset
 from volta3d.downstream.classifier import (
-    MODES,
     Classifier,
+    ClassifierSpec,
     SwinClassifier,
     ViTClassifier,
-    build_classifier,
     swin_kwargs,
 )
 from volta3d.downstream.external import test_record
 from volta3d.downstream.loop import train_model
+from volta3d.downstream.networks import network_builder
 from volta3d.downstream.recipe import FinetuneRecipe
 from volta3d.downstream.saved import save_fold_model
 from volta3d.downstream.sfcn import SFCN, sfcn_kwargs
@@ -153,32 +154,59 @@ def classifier_build(
     }
 
 
+@dataclass(frozen=True)
+class ClassifyRun:
+    """What every fold of a classification (or regression) run shares: the ``classify:`` settings it
+    uses, the recipe, the network's spec and where it trains."""
+
+    model: str
+    mode: str  # frozen / partial / full (full for a scratch network)
+    unfreeze_last: int
+    augment: bool
+    epochs: int
+    batch_size: int
+    class_weighting: bool
+    regression_loss: str
+    num_workers: int
+    recipe: FinetuneRecipe
+    positive: int  # index of the positive class (binary labels)
+    spec: ClassifierSpec
+    device: torch.device
+    progress: bool
+
+    @property
+    def encoder(self) -> str | Path | None:
+        return self.spec.encoder
+
+    def build(self) -> Classifier:
+        """A fresh classifier for one fold."""
+        return network_builder("classify", self.model, self.encoder)(self.spec)  # type: ignore[no-any-return]
+
+
 def save_classifier(
     out_dir: str | Path,
     key: str,
     net: Classifier,
     payload: dict[str, Any],
     labels: LabelSet,
-    setup: dict[str, Any],
+    run: ClassifyRun,
     preprocessing: dict[str, Any] | None,
 ) -> None:
     """The fold's model and everything ``volta3d predict`` needs to apply it to new scans."""
-    positive = setup["positive"]
+    positive = run.positive
     save_fold_model(out_dir, key, net, {
         "task": "classify", "kind": labels.kind, "label": labels.column, "classes": labels.classes,
         "positive_class": labels.classes[positive] if labels.kind == "binary" else None,
         "youden_threshold": payload["metrics"].get("youden_threshold"), "fold": payload["fold"],
         "fraction": payload["fraction"], "standardisation": payload.get("standardisation"),
-        "build": classifier_build(net, labels, setup["model"], setup["pooling"], setup["img_size"]),
-        "preprocessing": preprocessing, "encoder": str(setup["encoder"]) if setup["encoder"] else None,
+        "build": classifier_build(net, labels, run.model, run.spec.pooling, run.spec.img_size),
+        "preprocessing": preprocessing, "encoder": str(run.encoder) if run.encoder else None,
     })  # fmt: skip
 
 
 def effective_mode(mode: str, encoder: str | Path | None) -> str:
     """Frozen / partial transfer applies to a pretrained encoder; a scratch baseline always trains
-    fully (a frozen random encoder is no baseline)."""
-    if mode not in MODES:
-        raise InputError(f"classify.mode must be one of {MODES} (got '{mode}')")
+    fully (a frozen random encoder is no baseline). ``mode`` is ``classify.mode``, checked with the config."""
     return mode if encoder is not None else "full"
 
 
@@ -203,7 +231,7 @@ def run_classification(
     dictionary (layout in ``volta3d.protocol.cv``). Without ``encoder`` (an export to fine-tune) the
     model is built from scratch: a ViT from ``encoder_kwargs`` / ``summariser_kwargs``, a Swin from
     ``section["swin"]`` or an SFCN from ``section["sfcn"]``."""
-    setup = _setup(
+    run = _setup(
         labels,
         section,
         encoder=encoder,
@@ -216,16 +244,16 @@ def run_classification(
 
     def fit_fold(fold: Fold) -> dict[str, Any]:
         fit_rows, thr_rows = _fold_rows(labels, fold, section["youden_val_fraction"])
-        payload, net = train_fold(labels, fold, fit_rows, thr_rows, setup)
-        built["architecture"] = model_architecture(net, setup["model"], setup["pooling"])
-        save_classifier(out_dir, fold.key, net, payload, labels, setup, preprocessing)
+        payload, net = train_fold(labels, fold, fit_rows, thr_rows, run)
+        built["architecture"] = model_architecture(net, run.model, run.spec.pooling)
+        save_classifier(out_dir, fold.key, net, payload, labels, run, preprocessing)
         return payload
 
     per_fraction = run_folds(_plan(labels, splits, section, seed), fit_fold, out_dir=out_dir)
     if "architecture" not in built:  # every fold resumed: rebuild once to record the sizes
-        built["architecture"] = model_architecture(_build(labels, **setup), setup["model"], setup["pooling"])
-    extra = _results_extra(labels, setup, section["youden_val_fraction"], test_set, built["architecture"])
-    model_name = f"{setup['model']}-{'pretrained' if encoder else 'scratch'}"
+        built["architecture"] = model_architecture(run.build(), run.model, run.spec.pooling)
+    extra = _results_extra(labels, run, section["youden_val_fraction"], test_set, built["architecture"])
+    model_name = f"{run.model}-{'pretrained' if encoder else 'scratch'}"
     return label_results(
         labels,
         per_fraction,
@@ -254,13 +282,8 @@ def _setup(
     summariser_kwargs: dict[str, Any] | None,
     device: str | torch.device,
     progress: bool,
-) -> dict[str, Any]:
-    """What every fold needs, checked before any fold runs (a bad loss or class name fails at once)."""
-    if section["regression_loss"] not in REGRESSION_LOSSES:
-        raise InputError(
-            f"classify.regression_loss must be one of {sorted(REGRESSION_LOSSES)} "
-            f"(got '{section['regression_loss']}')"
-        )
+) -> ClassifyRun:
+    """What every fold needs, checked before any fold runs (a bad class name fails at once)."""
     positive = positive_index(labels, section["positive_class"])
     train_mode = effective_mode(section["mode"], encoder)
     if train_mode != section["mode"]:
@@ -268,32 +291,18 @@ def _setup(
             f"classify.mode={section['mode']} applies to pretrained encoders; "
             "the scratch baseline trains fully"
         )
-    keys = (
-        "model",
-        "pooling",
-        "unfreeze_last",
-        "img_size",
-        "augment",
-        "epochs",
-        "batch_size",
-        "class_weighting",
-        "regression_loss",
-        "num_workers",
-    )
     recipe = FinetuneRecipe.from_section(section)
-    return {
-        **{k: section[k] for k in keys},
-        "recipe": recipe if encoder is not None else recipe.for_scratch(),
-        "mode": train_mode,
-        "positive": positive,
-        "encoder": encoder,
-        "encoder_kwargs": encoder_kwargs,
-        "summariser_kwargs": summariser_kwargs,
-        "swin_kwargs": swin_kwargs(**section["swin"]),
-        "sfcn_kwargs": sfcn_kwargs(**section["sfcn"]),
-        "device": torch.device(device),
-        "progress": progress,
-    }
+    spec = ClassifierSpec(
+        labels.num_outputs, section["pooling"], section["img_size"], encoder, encoder_kwargs, summariser_kwargs,
+        swin_kwargs(**section["swin"]), sfcn_kwargs(**section["sfcn"]),
+    )  # fmt: skip
+    return ClassifyRun(
+        model=section["model"], mode=train_mode, unfreeze_last=section["unfreeze_last"],
+        augment=section["augment"], epochs=section["epochs"], batch_size=section["batch_size"],
+        class_weighting=section["class_weighting"], regression_loss=section["regression_loss"],
+        num_workers=section["num_workers"], recipe=recipe if encoder is not None else recipe.for_scratch(),
+        positive=positive, spec=spec, device=torch.device(device), progress=progress,
+    )  # fmt: skip
 
 
 def _fold_rows(labels: LabelSet, fold: Fold, youden_val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -308,7 +317,7 @@ def _fold_rows(labels: LabelSet, fold: Fold, youden_val_fraction: float) -> tupl
 
 def _results_extra(
     labels: LabelSet,
-    setup: dict[str, Any],
+    run: ClassifyRun,
     youden_val_fraction: float,
     test_set: dict[str, Any] | None,
     architecture: dict[str, Any],
@@ -317,8 +326,8 @@ def _results_extra(
     binary = labels.kind == "binary"
     extra: dict[str, Any] = {
         "test": test_set or test_record(None),
-        "positive_class": labels.classes[setup["positive"]] if binary else None,
-        "mode": setup["mode"],
+        "positive_class": labels.classes[run.positive] if binary else None,
+        "mode": run.mode,
     }
     if binary:
         extra["youden_fit"] = {
@@ -330,46 +339,13 @@ def _results_extra(
     return extra
 
 
-def _build(
-    labels: LabelSet,
-    *,
-    model: str,
-    encoder: str | Path | None,
-    encoder_kwargs: dict[str, Any] | None,
-    summariser_kwargs: dict[str, Any] | None,
-    swin_kwargs: dict[str, Any] | None,
-    sfcn_kwargs: dict[str, Any] | None,
-    pooling: str,
-    img_size: int | None,
-    **_: Any,
-) -> Classifier:
-    """A fresh classifier for one fold (``setup`` carries more keys than the builder takes)."""
-    return build_classifier(
-        model,
-        labels.num_outputs,
-        encoder=encoder,
-        encoder_kwargs=encoder_kwargs,
-        summariser_kwargs=summariser_kwargs,
-        pooling=pooling,
-        img_size=img_size,
-        swin_kwargs=swin_kwargs,
-        sfcn_kwargs=sfcn_kwargs,
-    )
-
-
-def _criterion(
-    labels: LabelSet, fit_rows: np.ndarray, setup: dict[str, Any]
-) -> tuple[nn.Module, float, float]:
+def _criterion(labels: LabelSet, fit_rows: np.ndarray, run: ClassifyRun) -> tuple[nn.Module, float, float]:
     """The loss and the target standardisation ``(mean, sd)``: standardised regression targets let
     one learning rate suit ages and volumes alike; classes may be balanced (scikit-learn's weights)."""
     if labels.kind == "regression":
         mu, sd = float(labels.targets[fit_rows].mean()), float(labels.targets[fit_rows].std() or 1.0)
-        return REGRESSION_LOSSES[setup["regression_loss"]](), mu, sd
-    w = (
-        balanced_class_weights(labels.targets[fit_rows], labels.num_outputs)
-        if setup["class_weighting"]
-        else None
-    )
+        return REGRESSION_LOSSES[run.regression_loss](), mu, sd
+    w = balanced_class_weights(labels.targets[fit_rows], labels.num_outputs) if run.class_weighting else None
     return nn.CrossEntropyLoss(weight=None if w is None else torch.tensor(w, dtype=torch.float32)), 0.0, 1.0
 
 
@@ -380,21 +356,21 @@ def _fit(
     fit_rows: np.ndarray,
     train_tf: Compose,
     seed: int,
-    setup: dict[str, Any],
+    run: ClassifyRun,
 ) -> tuple[dict[str, Any], float, float]:
     """Train ``net`` on ``fit_rows``; return ``train_model``'s record and the target standardisation."""
-    device, bs, kind = setup["device"], setup["batch_size"], labels.kind
+    device, bs, kind = run.device, run.batch_size, labels.kind
     train_ds = VolumeDataset(labels.table, transform=train_tf)
     loader = DataLoader(
         Subset(train_ds, fit_rows.tolist()),
         batch_size=bs,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
-        num_workers=setup["num_workers"],
+        num_workers=run.num_workers,
         drop_last=len(fit_rows) > bs,
     )
     targets = torch.from_numpy(np.array(labels.targets))  # a writable copy
-    criterion, mu, sd = _criterion(labels, fit_rows, setup)
+    criterion, mu, sd = _criterion(labels, fit_rows, run)
     criterion.to(device)
 
     def batch_loss(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -406,39 +382,39 @@ def _fit(
         net,
         loader,
         batch_loss,
-        epochs=setup["epochs"],
-        recipe=setup["recipe"],
+        epochs=run.epochs,
+        recipe=run.recipe,
         num_layers=net.encoder.num_layers if isinstance(net, ViTClassifier) else 0,
         desc=key,
-        progress=setup["progress"],
+        progress=run.progress,
     )
     return fit, mu, sd
 
 
 def train_fold(
-    labels: LabelSet, fold: Fold, fit_rows: np.ndarray, thr_rows: np.ndarray, setup: dict[str, Any]
+    labels: LabelSet, fold: Fold, fit_rows: np.ndarray, thr_rows: np.ndarray, run: ClassifyRun
 ) -> tuple[dict[str, Any], Classifier]:
     """Train one fold's model on ``fit_rows``, fit the threshold on ``thr_rows``, score the fold's test
     rows; return the fold payload and the trained network."""
     log, kind, k, frac = get_logger(), labels.kind, fold.index, fold.fraction
-    train_tf, eval_tf = _transforms(setup["img_size"], setup["augment"], fold.seed)
-    net = _build(labels, **setup)
-    net.set_trainable(setup["mode"], setup["unfreeze_last"])
+    train_tf, eval_tf = _transforms(run.spec.img_size, run.augment, fold.seed)
+    net = run.build()
+    net.set_trainable(run.mode, run.unfreeze_last)
     if isinstance(net, ViTClassifier):
-        net.encoder.set_drop_path(setup["recipe"].drop_path)
-    net.to(setup["device"])
+        net.encoder.set_drop_path(run.recipe.drop_path)
+    net.to(run.device)
     log.info(
         f"{fold.key}: training on {len(fit_rows)} scans (threshold {len(thr_rows)}), "
         f"testing on {len(fold.test)}"
     )
-    fit, mu, sd = _fit(net, labels, fold.key, fit_rows, train_tf, fold.seed, setup)
+    fit, mu, sd = _fit(net, labels, fold.key, fit_rows, train_tf, fold.seed, run)
     eval_ds = VolumeDataset(labels.table, transform=eval_tf)
 
     def scores(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         loader = DataLoader(
-            Subset(eval_ds, rows.tolist()), batch_size=setup["batch_size"], num_workers=setup["num_workers"]
+            Subset(eval_ds, rows.tolist()), batch_size=run.batch_size, num_workers=run.num_workers
         )
-        idx, out = predict(net, loader, setup["device"])
+        idx, out = predict(net, loader, run.device)
         return idx, output_scores(kind, out, mu, sd)
 
     test_idx, s_test = scores(fold.test)
@@ -447,7 +423,7 @@ def train_fold(
     held_in = fit_rows if kind == "regression" else thr_rows
     thr_idx, s_thr = scores(held_in) if len(held_in) else (held_in, None)
     metrics = fold_metrics(
-        kind, labels.targets[test_idx], s_test, labels.targets[thr_idx], s_thr, setup["positive"]
+        kind, labels.targets[test_idx], s_test, labels.targets[thr_idx], s_thr, run.positive
     )
     log.info(f"{fold.key}: " + ", ".join(f"{m} {v:.3f}" for m, v in metrics.items() if v is not None))
     subjects = labels.table["subject_id"].astype(str)
@@ -455,7 +431,7 @@ def train_fold(
         "fold": k, "fraction": frac, "n_train": int(len(fit_rows)), "n_threshold": int(len(thr_rows)),
         "threshold_subjects": sorted(set(subjects.iloc[thr_rows])), "n_test": int(len(fold.test)),
         "metrics": metrics, "final_loss": fit["history"][-1]["loss"] if fit["history"] else None,
-        "predictions": prediction_rows(labels, test_idx, s_test, k, frac, setup["positive"]),
+        "predictions": prediction_rows(labels, test_idx, s_test, k, frac, run.positive),
     }  # fmt: skip
     if kind == "regression":
         payload["standardisation"] = {"mean": mu, "sd": sd}

@@ -323,7 +323,7 @@ def _train(
         loader,
         batch_loss,
         epochs=s["epochs"],
-        recipe=FinetuneRecipe(lr=s["lr"], weight_decay=s["weight_decay"]),
+        recipe=FinetuneRecipe.plain(s["lr"], s["weight_decay"]),
         validate=validate if len(val_rows) else None,
         val_every=s["val_every"],
         desc=fold.key,

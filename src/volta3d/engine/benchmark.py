@@ -26,12 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from volta3d.config import to_kwargs
+from volta3d.config_rules import validate_pretrain_config
 from volta3d.data.batched_views import build_views, collate_volumes
 from volta3d.engine.distributed import DistInfo
 from volta3d.engine.meta_arch import VolTA3D, build_volta3d
 from volta3d.engine.optim import build_optimizer
 from volta3d.engine.schedules import Schedules
-from volta3d.engine.trainer import StepSettings, train_step, validate_pretrain_config
+from volta3d.engine.trainer import StepSettings, train_step
 from volta3d.errors import InputError
 
 

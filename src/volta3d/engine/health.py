@@ -138,7 +138,7 @@ def effective_rank(embeddings: Tensor, eps: float = 1e-7) -> float:
 class RollingRank:
     """Effective rank over the embeddings of the last ``capacity`` rows seen (one step is too few)."""
 
-    def __init__(self, capacity: int = 256) -> None:
+    def __init__(self, capacity: int) -> None:
         if capacity < 2:
             raise ValueError(f"capacity must be >= 2, got {capacity}")
         self.rows: deque[Tensor] = deque(maxlen=capacity)
@@ -184,7 +184,7 @@ class CollapseMonitor:
     hold. The alarm is logged once per sign and reported in every row while it holds (``collapse_alarm`` 1).
     """
 
-    def __init__(self, log_k: float, patience: int, logger: Any, max_cosine: float = 0.99) -> None:
+    def __init__(self, log_k: float, patience: int, logger: Any, max_cosine: float) -> None:
         self.log_k, self.patience, self.logger, self.max_cosine = log_k, patience, logger, max_cosine
         self.counts: dict[str, int] = {}
         self.warned: set[str] = set()

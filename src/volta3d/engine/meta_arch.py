@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from volta3d.config_rules import CHOICES, loss_weights_error
 from volta3d.engine.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 from volta3d.engine.ema import ema_update
 from volta3d.engine.health import cls_spread, cross_volume_cosine, entropy_stats, view_agreement
@@ -91,7 +92,6 @@ class Student(nn.Module):
         return [p for p in params if p.requires_grad]
 
 
-CENTERINGS = ("ema", "sinkhorn")
 PATCH_TOKENS_FOR_RANK = 8  # patch tokens per view fed to the rolling effective-rank buffer
 
 
@@ -111,27 +111,22 @@ class VolTA3D(nn.Module):
         student: Student,
         *,
         out_dim: int,
-        global_weight: float = 1.0,
-        local_weight: float = 1.0,
-        rec_weight: float = 100.0,
-        student_temp: float = 0.1,
-        local_tokens: str = "all",
-        center_momentum: float = 0.9,
-        centering: str = "ema",
-        sinkhorn_iterations: int = 3,
-        koleo_weight: float = 0.0,
+        global_weight: float,
+        local_weight: float,
+        rec_weight: float,
+        student_temp: float,
+        local_tokens: str,
+        center_momentum: float,
+        centering: str,
+        sinkhorn_iterations: int,
+        koleo_weight: float,
     ) -> None:
+        """``out_dim`` is ``head.out_dim``; the others are the ``loss:`` keys of the same names, checked
+        with the rest of the config (``volta3d.config_rules``)."""
         super().__init__()
-        if centering not in CENTERINGS:
-            raise InputError(f"loss.centering must be one of {', '.join(CENTERINGS)}, got '{centering}'")
-        if koleo_weight < 0:
-            raise InputError(f"loss.koleo_weight must be >= 0, got {koleo_weight}")
-        if local_tokens not in ("all", "masked"):
-            raise InputError(f"loss.local_tokens must be 'all' or 'masked', got '{local_tokens}'")
-        if global_weight <= 0 and local_weight <= 0 and rec_weight <= 0:
-            raise InputError(
-                "every loss weight is 0 (loss.global_weight, loss.local_weight, loss.rec_weight)"
-            )
+        for key, value in (("loss.centering", centering), ("loss.local_tokens", local_tokens)):
+            if value not in CHOICES[key]:  # built without load_config: a programming error, not bad input
+                raise ValueError(f"{key} must be one of {CHOICES[key]} (got {value!r})")
         self.student = student
         self.teacher = copy.deepcopy(student)  # DINO: the teacher starts equal to the student
         self.teacher.requires_grad_(False)
@@ -316,6 +311,9 @@ def _rank_rows(t_out: Mapping[str, torch.Tensor], n_global: int) -> dict[str, to
 
 def build_volta3d(model: Mapping[str, Any], head: Mapping[str, Any], loss: Mapping[str, Any]) -> VolTA3D:
     """Config sections (plain dicts) -> the meta-architecture."""
+    problem = loss_weights_error(loss)
+    if problem:
+        raise InputError(problem)
     summariser = build_summariser(**model)
     encoder = build_encoder(**model)
     global_head, patch_head = build_heads(embed_dim=model["hidden_size"], **head)

@@ -23,7 +23,8 @@ def param_groups(module: nn.Module) -> list[dict]:
     ]
 
 
-def build_optimizer(module: nn.Module, betas: Sequence[float] = (0.9, 0.999)) -> torch.optim.AdamW:
+def build_optimizer(module: nn.Module, betas: Sequence[float]) -> torch.optim.AdamW:
+    """AdamW over ``module``'s parameter groups with ``optim.betas``."""
     # lr and weight decay are set from the schedules at the top of every step.
     beta1, beta2 = betas
     return torch.optim.AdamW(param_groups(module), lr=0.0, weight_decay=0.0, betas=(beta1, beta2))

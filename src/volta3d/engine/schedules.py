@@ -187,7 +187,7 @@ def build_schedules(
     teacher_patch_temp: float,
     warmup_teacher_patch_temp: float,
     freeze_last_layer_epochs: float,
-    max_steps: int = 0,
+    max_steps: int,
 ) -> Schedules:
     """``lr`` here is already scaled for the effective batch; ``max_steps`` (``train.max_steps``, 0: the
     whole run) is where the run stops, and the arrays hold the steps before it."""

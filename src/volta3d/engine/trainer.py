@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from volta3d import layout
 from volta3d.config import save_config, to_kwargs
+from volta3d.config_rules import validate_pretrain_config
 from volta3d.data.batched_views import PretrainVolumesDataset, build_views, collate_volumes, move_batch
 from volta3d.data.content import content_hashes, describe_change
 from volta3d.data.dataset import VolumeDataset, read_manifest
@@ -34,6 +35,7 @@ from volta3d.engine.checkpoint import load_checkpoint, save_checkpoint
 from volta3d.engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from volta3d.engine.health import HealthTracker
 from volta3d.engine.init_weights import start_from_export
+from volta3d.engine.loss_terms import LOSS_COLUMNS, TERM_COLUMNS
 from volta3d.engine.meta_arch import VolTA3D, build_volta3d
 from volta3d.engine.online_eval import online_evaluation
 from volta3d.engine.optim import (
@@ -58,7 +60,7 @@ from volta3d.runtime import (
 
 CHECKPOINT = Path(layout.CHECKPOINTS) / layout.LAST_CHECKPOINT
 METRIC_COLUMNS = [
-    "step", "epoch", "loss", "loss_global", "loss_local", "loss_rec", "koleo", "log_k", "lr", "weight_decay",
+    "step", "epoch", "loss", *TERM_COLUMNS, "log_k", "lr", "weight_decay",
     "momentum", "teacher_init_share", "teacher_temp", "teacher_patch_temp",
     "view_global_overlap", "view_local_in_global",
     "teacher_entropy", "teacher_marginal_entropy", "teacher_entropy_gap",
@@ -68,7 +70,7 @@ METRIC_COLUMNS = [
     "collapse_alarm",
     "center_norm", "patch_center_norm", "grad_norm", "seconds_per_step",
 ]  # fmt: skip
-LOGGED_PREFIXES = ("loss", "teacher_", "student_", "koleo", "view_")
+LOGGED_PREFIXES = ("loss", "teacher_", "student_", "view_", *TERM_COLUMNS)
 VIEW_COLUMNS = ("view_global_overlap", "view_local_in_global")  # how much the views share (batched_views)
 # Keys that may change between a run and its resume: they do not alter the optimisation.
 RESUME_FREE_KEYS = ("train.num_workers", "train.log_every", "train.checkpoint_every", "train.max_steps",
@@ -200,7 +202,7 @@ class _Records:
         self.health.observe(step, row, embeddings)
         if self.online is not None and (step % run.cfg.eval.every == 0 or step == run.last_step):
             self.online.run(step, {"teacher": run.model.teacher, "student": run.model.student}, run.device)
-        losses = {k: f"{row[k]:.3g}" for k in ("loss", "loss_global", "loss_local", "loss_rec") if k in row}
+        losses = {k: f"{row[k]:.3g}" for k in ("loss", *LOSS_COLUMNS) if k in row}
         self.bar.update(1)
         self.bar.set_postfix(losses)
         if self.log_every and (step - self.first_step) % self.log_every == 0:
@@ -396,31 +398,6 @@ def build_pretrain_loader(
     return dataset, sampler, loader
 
 
-def validate_pretrain_config(cfg: DictConfig) -> None:
-    """One-line InputErrors for settings that only fail together (crop sides against the patch, ...)."""
-    if cfg.loss.rec_weight > 0 and cfg.masking.ratio <= 0:
-        raise InputError(
-            "loss.rec_weight > 0 needs GMML masking: set masking.ratio > 0 (or loss.rec_weight=0)"
-        )
-    if cfg.views.global_size != cfg.model.img_size:
-        raise InputError(
-            f"views.global_size ({cfg.views.global_size}) must equal model.img_size ({cfg.model.img_size})"
-        )
-    for key in ("global_size", "local_size"):
-        if cfg.views[key] % cfg.model.patch_size:
-            raise InputError(
-                f"views.{key} ({cfg.views[key]}) must be a multiple of model.patch_size ({cfg.model.patch_size})"
-            )
-    if cfg.optim.accum_steps < 1 or cfg.optim.batch_size < 1:
-        raise InputError("optim.batch_size and optim.accum_steps must be >= 1")
-    if cfg.loss.koleo_weight > 0 and cfg.optim.batch_size < 2:
-        raise InputError(
-            "loss.koleo_weight > 0 needs optim.batch_size >= 2 (KoLeo compares volumes within a batch)"
-        )
-    if cfg.eval.data and cfg.eval.every < 1:
-        raise InputError(f"eval.every must be >= 1, got {cfg.eval.every}")
-
-
 def _schedules(cfg: DictConfig, steps_per_epoch: int, effective_batch: int) -> Schedules:
     o, lo = cfg.optim, cfg.loss
     return build_schedules(
@@ -561,5 +538,4 @@ __all__ = [
     "build_pretrain_loader",
     "pretrain",
     "train_step",
-    "validate_pretrain_config",
 ]

@@ -25,10 +25,10 @@ from typing import Any
 import pandas as pd
 
 from volta3d import layout
+from volta3d.engine.loss_terms import ALIGNMENT_LOSSES
 
 ONLINE_COLUMNS = ("step", "source", "feature", "probe", "metric", "value")
 HEALTH_WINDOW = 10  # logged steps averaged at each end: one noisy step should not decide a verdict
-ALIGNMENT_LOSSES = ("loss_global", "loss_local")
 # column -> what a collapsed run shows, for the table's reading column
 HEALTH_READINGS = {
     "teacher_entropy_gap": "0 = CLS targets independent of the volume (collapse); at most log B",

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from volta3d import layout
+from volta3d.engine.loss_terms import LOSS_COLUMNS, LOSS_TERMS
 from volta3d.errors import InputError, InputFileNotFound
 from volta3d.evaluation.comparison import compare_results
 from volta3d.evaluation.report_doc import (
@@ -67,7 +68,7 @@ __all__ = [
 PRETRAIN_HIGHLIGHTS = [
     "seed", "model.img_size", "model.patch_size", "model.hidden_size", "model.num_layers", "model.num_heads",
     "head.out_dim", "views.global_size", "views.local_size", "views.n_local", "masking.ratio",
-    "loss.global_weight", "loss.local_weight", "loss.rec_weight", "loss.teacher_temp", "optim.epochs",
+    *(f"loss.{t.weight}" for t in LOSS_TERMS if t.column in LOSS_COLUMNS), "loss.teacher_temp", "optim.epochs",
     "optim.batch_size", "optim.accum_steps", "optim.lr", "optim.warmup_epochs", "optim.momentum_teacher",
     "train.max_steps", "train.precision", "device",
 ]  # fmt: skip

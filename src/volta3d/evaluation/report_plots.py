@@ -20,6 +20,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
+from volta3d.engine.loss_terms import LOSS_COLUMNS  # noqa: E402
+
 DPI = 100
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
@@ -210,7 +212,7 @@ def pretraining_figure(metrics: pd.DataFrame, path: Path, log_k: float | None = 
     """Losses, teacher entropies, learning rate and gradient norm vs optimiser step (metrics.csv).
     ``log_k``: log of the number of prototypes, the entropy of a uniform (collapsed) teacher."""
     panels = [
-        ("losses", ["loss", "loss_global", "loss_local", "loss_rec"]),
+        ("losses", ["loss", *LOSS_COLUMNS]),
         ("teacher entropy (nats)", ["teacher_entropy", "teacher_marginal_entropy", "teacher_patch_entropy"]),
         ("learning rate", ["lr"]),
         ("gradient norm", ["grad_norm"]),

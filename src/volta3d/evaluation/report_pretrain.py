@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from volta3d import layout
+from volta3d.engine.loss_terms import LOSS_COLUMNS
 from volta3d.evaluation import pretrain_health as health
 from volta3d.evaluation import report_plots
 from volta3d.evaluation.report_doc import (
@@ -47,9 +48,7 @@ def _curve_blocks(pretrain: Path, metrics: pd.DataFrame, logk: float | None, fig
         c
         for c in (
             "loss",
-            "loss_global",
-            "loss_local",
-            "loss_rec",
+            *LOSS_COLUMNS,
             "teacher_entropy",
             "teacher_marginal_entropy",
             "teacher_patch_entropy",

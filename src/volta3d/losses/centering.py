@@ -21,7 +21,8 @@ class Center(nn.Module):
 
     center: Tensor
 
-    def __init__(self, out_dim: int, momentum: float = 0.9) -> None:
+    def __init__(self, out_dim: int, momentum: float) -> None:
+        """``momentum``: ``loss.center_momentum``."""
         super().__init__()
         if out_dim < 1:
             raise ValueError(f"out_dim must be >= 1, got {out_dim}")
@@ -66,14 +67,14 @@ class Center(nn.Module):
 def sinkhorn_knopp_probs(
     teacher_logits: Tensor,
     temp: float,
-    n_iterations: int = 3,
+    n_iterations: int,
     reduce_sum: Callable[..., None] | None = None,
     reduce_max: Callable[..., None] | None = None,
 ) -> Tensor:
     """Teacher targets by Sinkhorn-Knopp instead of an EMA center (SwAV; DINOv2 ``sinkhorn_knopp_teacher``).
 
     ``(..., K) -> (..., K)`` float32 rows that sum to 1. DINOv2's convention: ``Q = exp(logits / temp)``
-    over all M rows of the batch is scaled to total mass 1, then ``n_iterations`` times every prototype
+    over all M rows of the batch is scaled to total mass 1, then ``n_iterations`` (``loss.sinkhorn_iterations``) times every prototype
     gets mass 1/K over the rows and every row mass 1/M; the result is ``Q * M``. The first prototype step
     sees the raw ``exp``, so a per-row softmax start gives other targets after finitely many iterations.
     The equal partition forbids the same output for every volume, which EMA centering only discourages

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -116,17 +116,18 @@ class VolTAEncoder(ViTAutoEnc):
         self,
         img_size: int,
         patch_size: int,
-        hidden_size: int = 768,
-        mlp_dim: int = 3072,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        in_channels: int = 1,
-        dropout: float = 0.0,
-        qkv_bias: bool = False,
-        deconv_chns: int = 16,
-        fused_attention: bool = True,
-        activation_checkpointing: bool = False,
-        input_norm: str = "zscore",
+        *,
+        hidden_size: int,
+        mlp_dim: int,
+        num_layers: int,
+        num_heads: int,
+        in_channels: int,
+        dropout: float,
+        qkv_bias: bool,
+        deconv_chns: int,
+        fused_attention: bool,
+        activation_checkpointing: bool,
+        input_norm: str,
     ) -> None:
         if hidden_size % num_heads != 0:
             raise InputError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
@@ -274,6 +275,19 @@ def split_model_section(**model_section: Any) -> tuple[dict[str, Any], dict[str,
     """The ``model:`` config section as ``(VolTAEncoder keyword arguments, its summariser: subsection)``."""
     encoder_kwargs = dict(model_section)
     return encoder_kwargs, dict(encoder_kwargs.pop("summariser", None) or {})
+
+
+# Run-time switches, not architecture: a record (an export's metadata, a saved model's build) holds the
+# architecture only, and an encoder rebuilt from one runs with fused attention and without activation
+# checkpointing, as it always has. An encoder built from the config takes model.fused_attention and
+# model.activation_checkpointing instead.
+REBUILT_SWITCHES: dict[str, bool] = {"fused_attention": True, "activation_checkpointing": False}
+
+
+def encoder_from_architecture(architecture: Mapping[str, Any], **switches: bool) -> VolTAEncoder:
+    """The encoder a recorded ``architecture`` describes (``VolTAEncoder.architecture``'s keys), with the
+    switches ``architecture`` or ``switches`` set and ``REBUILT_SWITCHES`` for the others."""
+    return VolTAEncoder(**{**REBUILT_SWITCHES, **architecture, **switches})
 
 
 def build_encoder(**model_section: Any) -> VolTAEncoder:

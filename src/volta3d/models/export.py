@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save
 
 from volta3d import layout
 from volta3d.errors import InputError, InputFileNotFound
-from volta3d.models.encoder import VolTAEncoder, interpolate_pos_embed
+from volta3d.models.encoder import VolTAEncoder, encoder_from_architecture, interpolate_pos_embed
 from volta3d.models.summariser import CLSSummariser
 from volta3d.runtime import atomic_write
 
@@ -177,7 +177,7 @@ def check_meta_fits_weights(
         )
     try:
         with torch.device("meta"):
-            expected = VolTAEncoder(**kwargs).state_dict()
+            expected = encoder_from_architecture(kwargs).state_dict()
             summariser = CLSSummariser(**meta["summariser"]) if meta.get("summariser") is not None else None
     except (TypeError, ValueError) as err:
         raise EncoderLoadError(f"encoder metadata does not describe a buildable encoder: {err}") from None
@@ -203,7 +203,7 @@ def build_from_export(
     source_grid = (kwargs["img_size"] // kwargs["patch_size"],) * 3
     if img_size is not None:
         kwargs["img_size"] = int(img_size)
-    encoder = VolTAEncoder(**kwargs, fused_attention=fused_attention)
+    encoder = encoder_from_architecture(kwargs, fused_attention=fused_attention)
     load_vit_weights(
         encoder, state, drop_decoder=False, source_grid=source_grid, target_grid=encoder.native_grid
     )

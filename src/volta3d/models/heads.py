@@ -61,10 +61,10 @@ class ProjectionHead(nn.Module):
         self,
         in_dim: int,
         out_dim: int,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        nlayers: int = 3,
-        norm_last_layer: bool = True,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        nlayers: int,
+        norm_last_layer: bool,
         mlp: nn.Sequential | None = None,
     ) -> None:
         super().__init__()

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from volta3d.config_rules import CHOICES
 from volta3d.errors import InputError
 
-INPUT_NORMS = ("zscore", "none")
+INPUT_NORMS = CHOICES["model.input_norm"]
 
 
 def standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -32,7 +32,7 @@ def extract_embeddings(
     encoder: VolTAEncoder,
     summariser: CLSSummariser | None,
     dataset: VolumeDataset,
-    batch_size: int = 2,
+    batch_size: int,
     device: str | torch.device = "cpu",
     progress: bool = True,
     tokens: bool = False,
@@ -96,7 +96,7 @@ def raw_volume_features(images: torch.Tensor, grid: int = 16) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_raw_embeddings(
-    dataset: VolumeDataset, grid: int = 16, batch_size: int = 2, progress: bool = True
+    dataset: VolumeDataset, grid: int, batch_size: int, progress: bool = True
 ) -> dict[str, np.ndarray]:
     """``{"subject_id": (N,), "path": (N,), "raw": (N, C * grid**3)}`` in dataset order (no encoder)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -152,14 +152,14 @@ def random_init_encoder(
 ) -> tuple[VolTAEncoder, CLSSummariser | None]:
     """The honest baseline: an untrained encoder (and summariser) with the architecture of ``export``,
     or, without one, of the ``model:`` config section (and its ``summariser:``)."""
-    from volta3d.models.encoder import build_encoder
+    from volta3d.models.encoder import build_encoder, encoder_from_architecture
     from volta3d.models.export import encoder_kwargs_from_meta, read_encoder_meta
     from volta3d.models.summariser import build_summariser
 
     if export is None:
         return build_encoder(**model), build_summariser(**model)
     meta = read_encoder_meta(export)
-    encoder = VolTAEncoder(**encoder_kwargs_from_meta(meta))
+    encoder = encoder_from_architecture(encoder_kwargs_from_meta(meta))
     return encoder, CLSSummariser(**meta["summariser"]) if meta.get("summariser") else None
 
 

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from volta3d.config_rules import CHOICES
 from volta3d.errors import InputError
 from volta3d.protocol.splits import make_kfold_splits, regression_strata
 
-TASKS = ("auto", "classification", "regression")
+TASKS = CHOICES["classify.task"]
 # 'auto' treats a numeric column with more distinct values than this as a regression target (age)
 MAX_AUTO_CLASSES = 10
 

@@ -32,7 +32,7 @@ def _subject_strata(subject_ids: Sequence[str], strata: Sequence | None) -> pd.S
 
 
 def make_kfold_splits(
-    subject_ids: Sequence[str], strata: Sequence | np.ndarray | None = None, n_splits: int = 5, seed: int = 0
+    subject_ids: Sequence[str], strata: Sequence | np.ndarray | None = None, *, n_splits: int, seed: int = 0
 ) -> dict[str, Any]:
     """Stratified, subject-grouped k-fold: a subject's scans all fall in one test fold.
 

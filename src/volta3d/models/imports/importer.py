@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from volta3d.errors import InputError
-from volta3d.models.encoder import VolTAEncoder
+from volta3d.models.encoder import VolTAEncoder, encoder_from_architecture
 from volta3d.models.export import (
     DECODER_PREFIX,
     EncoderLoadError,
@@ -121,7 +121,7 @@ def _build(m: KeyMapping, root: str, options: ImportOptions, where: str) -> VolT
         m.state, num_heads=options.num_heads, input_norm=options.input_norm, where=where
     )
     torch.manual_seed(options.seed)  # the initialised keys (a decoder a ViT lacks) are reproducible
-    encoder = VolTAEncoder(**arch)
+    encoder = encoder_from_architecture(arch)
     fresh = encoder.state_dict()
     if not any(k.startswith(DECODER_PREFIX) for k in m.state):
         m.from_init.update({k: FRESH_DECODER for k in fresh if k.startswith(DECODER_PREFIX)})
@@ -141,7 +141,7 @@ def resized(encoder: VolTAEncoder, img_size: int) -> VolTAEncoder:
     if img_size == cube_edge(encoder):
         return encoder
     arch: dict[str, Any] = {**encoder.architecture, "img_size": img_size}
-    target = VolTAEncoder(**arch)
+    target = encoder_from_architecture(arch)
     load_vit_weights(target, encoder.state_dict(), drop_decoder=False, source_grid=encoder.native_grid,
                      target_grid=target.native_grid)  # fmt: skip
     return target
