@@ -25,10 +25,11 @@ from volta3d.data.content import content_hashes, describe_change, volume_sha256
 from volta3d.data.dataset import VolumeDataset, read_manifest
 from volta3d.engine.checkpoint import load_checkpoint
 from volta3d.errors import InputError
+from volta3d.models.encoder import build_encoder
 from volta3d.run_folder import claim_output
 from volta3d.runtime import LOGGER_NAME, MetricsCSV, file_sha256
 
-from .config_kwargs import kwargs_for, section_kwargs
+from .config_kwargs import section_kwargs
 from .engine.conftest import TINY_OVERRIDES, write_volume_folder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -235,12 +236,11 @@ def test_finetune_fingerprint_covers_volumes_and_a_file_path_encoder(tmp_path):
 
     from volta3d.config import load_config
     from volta3d.downstream.fingerprint import check_fingerprint, run_fingerprint
-    from volta3d.models.encoder import VolTAEncoder
     from volta3d.models.export import save_encoder_export
 
     data, out = write_volume_folder(tmp_path / "prep"), tmp_path / "run"
     torch.manual_seed(0)
-    save_encoder_export(tmp_path / "enc", VolTAEncoder(**kwargs_for(VolTAEncoder, "model", img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)), None)  # fmt: skip
+    save_encoder_export(tmp_path / "enc", build_encoder(**section_kwargs("model", img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)), None)  # fmt: skip
     args = Namespace(task="classify", model="vit", label="sex", fractions=None, like=None, data=str(data),
                      encoder=str(tmp_path / "enc/encoder.safetensors"), test_data=None, splits=None)  # fmt: skip
     cfg = load_config()

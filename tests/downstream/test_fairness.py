@@ -22,13 +22,13 @@ from volta3d.evaluation.comparison import (
     format_comparison,
     positive_class_warnings,
 )
-from volta3d.models.encoder import VolTAEncoder
+from volta3d.models.encoder import VolTAEncoder, build_encoder
 from volta3d.models.export import save_encoder_export
 from volta3d.models.summariser import CLSSummariser, summariser_kwargs
 from volta3d.protocol.labels import prepare_labels
 from volta3d.protocol.splits import make_kfold_splits
 
-from ..config_kwargs import kwargs_for
+from ..config_kwargs import kwargs_for, section_kwargs
 from .conftest import config_section
 from .test_classify import FAST
 
@@ -59,7 +59,7 @@ def _export(path, arch=TINY):
     summariser = {**summariser_kwargs(**config_section("model")["summariser"]), "num_heads": 4}
     save_encoder_export(
         path,
-        VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **arch, deconv_chns=8)),
+        build_encoder(**section_kwargs("model", **arch, deconv_chns=8)),
         CLSSummariser(arch["hidden_size"], **summariser),
     )
     return path

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from volta3d.cli import main
-from volta3d.models.encoder import VolTAEncoder
+from volta3d.models.encoder import build_encoder
 from volta3d.models.export import save_encoder_export
 
-from ..config_kwargs import kwargs_for
+from ..config_kwargs import section_kwargs
 from .conftest import TINY_OVERRIDES
 
 FAST = [
@@ -31,9 +31,8 @@ def _classify(data, out, *extra):
 
 def _export(path, seed):
     torch.manual_seed(seed)
-    encoder = VolTAEncoder(
-        **kwargs_for(
-            VolTAEncoder,
+    encoder = build_encoder(
+        **section_kwargs(
             "model",
             img_size=32,
             patch_size=16,

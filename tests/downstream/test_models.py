@@ -5,11 +5,11 @@ import torch
 
 from volta3d.downstream.classifier import SwinClassifier, build_classifier, swin_kwargs
 from volta3d.downstream.segmenter import build_segmenter, build_unetr
-from volta3d.models.encoder import VolTAEncoder
+from volta3d.models.encoder import VolTAEncoder, build_encoder
 from volta3d.models.export import EncoderLoadError, save_encoder_export
 from volta3d.models.summariser import CLSSummariser, summariser_kwargs
 
-from ..config_kwargs import kwargs_for
+from ..config_kwargs import kwargs_for, section_kwargs
 from .conftest import config_section
 
 UNETR_VIT = {
@@ -28,7 +28,7 @@ CLASSIFY = config_section("classify")
 
 def _export(tmp_path, arch, with_summariser=True):
     torch.manual_seed(123)
-    enc = VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **arch, deconv_chns=8))
+    enc = build_encoder(**section_kwargs("model", **arch, deconv_chns=8))
     summ = CLSSummariser(arch["hidden_size"], **SUMMARISER) if with_summariser else None
     with torch.no_grad():  # 'pretrained' weights: far from any fresh initialisation
         for p in [*enc.parameters(), *(summ.parameters() if summ else [])]:

@@ -10,11 +10,11 @@ import torch
 from volta3d.cli import main
 from volta3d.downstream.loop import train_model
 from volta3d.downstream.recipe import FinetuneRecipe
-from volta3d.models.encoder import VolTAEncoder
+from volta3d.models.encoder import build_encoder
 from volta3d.models.export import save_encoder_export
 from volta3d.protocol.embeddings import save_embeddings
 
-from ..config_kwargs import kwargs_for
+from ..config_kwargs import section_kwargs
 from .conftest import config_section
 from .synthetic import write_blob_dataset
 
@@ -37,9 +37,8 @@ def test_nan_loss_stops_training_naming_the_fold_and_epoch():
 
 def test_embed_refuses_a_non_finite_encoder(tmp_path, capsys):
     data = write_blob_dataset(tmp_path / "prep", n_subjects=4, size=32)
-    encoder = VolTAEncoder(
-        **kwargs_for(
-            VolTAEncoder,
+    encoder = build_encoder(
+        **section_kwargs(
             "model",
             img_size=32,
             patch_size=16,

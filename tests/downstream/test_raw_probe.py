@@ -12,9 +12,10 @@ import torch
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
 from volta3d.evaluation.report import Run, default_name, initialisation, pair_runs
+from volta3d.models.encoder import build_encoder
 from volta3d.protocol.embeddings import load_embeddings, raw_volume_features, save_embeddings
 
-from ..config_kwargs import kwargs_for, section
+from ..config_kwargs import section, section_kwargs
 
 
 def _reference(volume: np.ndarray, grid: int) -> np.ndarray:
@@ -169,7 +170,6 @@ def test_token_grid_embedding_is_the_flattened_patch_tokens(tmp_path):
     import pandas as pd
 
     from volta3d.data.dataset import VolumeDataset
-    from volta3d.models.encoder import VolTAEncoder
     from volta3d.protocol.embeddings import extract_embeddings
 
     torch.manual_seed(0)
@@ -179,9 +179,8 @@ def test_token_grid_embedding_is_the_flattened_patch_tokens(tmp_path):
     table = pd.DataFrame(
         {"subject_id": [f"s{i}" for i in range(3)], "path": [str(tmp_path / f"v{i}.npy") for i in range(3)]}
     )
-    encoder = VolTAEncoder(
-        **kwargs_for(
-            VolTAEncoder,
+    encoder = build_encoder(
+        **section_kwargs(
             "model",
             img_size=32,
             patch_size=16,

@@ -16,13 +16,13 @@ from volta3d.downstream.classifier import ViTClassifier
 from volta3d.downstream.loop import train_model
 from volta3d.downstream.recipe import FinetuneRecipe, lr_factors, param_groups
 from volta3d.errors import InputError
-from volta3d.models.encoder import VolTAEncoder
+from volta3d.models.encoder import VolTAEncoder, build_encoder
 from volta3d.models.export import save_encoder_export
 from volta3d.models.summariser import CLSSummariser
 from volta3d.protocol.labels import prepare_labels
 from volta3d.protocol.splits import make_kfold_splits
 
-from ..config_kwargs import kwargs_for
+from ..config_kwargs import kwargs_for, section_kwargs
 from .conftest import config_section
 
 TINY = {"img_size": 32, "patch_size": 16, "hidden_size": 48, "mlp_dim": 96, "num_layers": 4, "num_heads": 4}
@@ -30,7 +30,7 @@ TINY = {"img_size": 32, "patch_size": 16, "hidden_size": 48, "mlp_dim": 96, "num
 
 def _classifier(pooling: str = "cls") -> ViTClassifier:
     torch.manual_seed(0)
-    enc = VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **TINY))
+    enc = build_encoder(**section_kwargs("model", **TINY))
     return ViTClassifier(enc, CLSSummariser(48, num_heads=4, mlp_ratio=2.0), 2, pooling=pooling)
 
 
@@ -126,7 +126,7 @@ def test_lp_epochs_must_leave_fine_tuning_epochs():
 
 
 def test_drop_path_is_stochastic_in_training_only_and_zero_is_exact():
-    enc = VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **TINY)).eval()
+    enc = build_encoder(**section_kwargs("model", **TINY)).eval()
     x = torch.rand(2, 1, 32, 32, 32)
     reference = enc.forward_features(x)["patch_tokens"]
     enc.set_drop_path(0.5)
@@ -168,7 +168,7 @@ def test_scratch_and_pretrained_get_the_same_epochs_and_schedule(blob_data, tmp_
         encoder_kwargs=kwargs_for(VolTAEncoder, "model", **tiny),
         **common,
     )
-    enc = VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **tiny))
+    enc = build_encoder(**section_kwargs("model", **tiny))
     save_encoder_export(tmp_path / "enc", enc, None)
     tc.run_classification(labels, tmp_path / "p", splits, section, encoder=tmp_path / "enc", **common)
     scratch, pretrained = calls[0], calls[-1]

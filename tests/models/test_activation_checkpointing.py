@@ -1,37 +1,17 @@
 import torch
 
-from volta3d.models.encoder import VolTAEncoder
+from volta3d.models.encoder import build_encoder
 
-from ..config_kwargs import kwargs_for
+from ..config_kwargs import section_kwargs
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    plain = VolTAEncoder(
-        **kwargs_for(
-            VolTAEncoder,
-            "model",
-            img_size=32,
-            patch_size=16,
-            hidden_size=32,
-            mlp_dim=64,
-            num_layers=2,
-            num_heads=2,
-        )
+    tiny = section_kwargs(
+        "model", img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2
     )
-    recompute = VolTAEncoder(
-        **kwargs_for(
-            VolTAEncoder,
-            "model",
-            img_size=32,
-            patch_size=16,
-            hidden_size=32,
-            mlp_dim=64,
-            num_layers=2,
-            num_heads=2,
-            activation_checkpointing=True,
-        )
-    )
+    plain = build_encoder(**tiny)
+    recompute = build_encoder(**{**tiny, "activation_checkpointing": True})
     recompute.load_state_dict(plain.state_dict())
     x = torch.rand(2, 1, 32, 32, 32)
     grads = []

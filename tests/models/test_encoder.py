@@ -10,14 +10,14 @@ from volta3d.models import VolTAEncoder, build_encoder
 from volta3d.models.encoder import decoder_strides
 from volta3d.models.input_norm import standardise
 
-from ..config_kwargs import kwargs_for
+from ..config_kwargs import section_kwargs
 
 
 def tiny_encoder(**overrides) -> VolTAEncoder:
     kwargs = dict(img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4)
     kwargs.update(overrides)
     torch.manual_seed(0)
-    return VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **kwargs))
+    return build_encoder(**section_kwargs("model", **kwargs))
 
 
 @pytest.mark.parametrize(
@@ -151,9 +151,8 @@ def test_unusable_patch_size_is_a_one_line_input_error(img_size, patch_size, mes
 
 
 def test_local_crop_through_96_cube_model():
-    enc = VolTAEncoder(
-        **kwargs_for(
-            VolTAEncoder,
+    enc = build_encoder(
+        **section_kwargs(
             "model",
             img_size=96,
             patch_size=16,

@@ -18,10 +18,11 @@ from volta3d.models import (
     read_encoder_export,
     save_encoder_export,
 )
+from volta3d.models.encoder import build_encoder
 from volta3d.models.input_norm import standardise
 from volta3d.models.summariser import summariser_kwargs
 
-from ..config_kwargs import kwargs_for
+from ..config_kwargs import section_kwargs
 
 TINY = dict(img_size=32, patch_size=16, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4)
 # UNETR hard-codes patch 16 and 12 layers: a narrow 12-layer encoder
@@ -32,7 +33,7 @@ SUMMARISER = summariser_kwargs(**to_kwargs(load_config().model.summariser))  # t
 def perturbed_encoder(**kwargs) -> VolTAEncoder:
     """An encoder whose every tensor differs from any fresh initialisation (constant-init norms included)."""
     torch.manual_seed(0)
-    enc = VolTAEncoder(**kwargs_for(VolTAEncoder, "model", **kwargs))
+    enc = build_encoder(**section_kwargs("model", **kwargs))
     with torch.no_grad():
         for p in enc.parameters():
             p.add_(torch.randn_like(p) * 0.05 + 0.01)

@@ -7,9 +7,10 @@ import itertools
 import pytest
 import torch
 
-from volta3d.models import VolTAEncoder, interpolate_pos_embed
+from volta3d.models import interpolate_pos_embed
+from volta3d.models.encoder import build_encoder
 
-from ..config_kwargs import kwargs_for
+from ..config_kwargs import section_kwargs
 
 COEFFS = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1], [2.0, 0.0, 0.25]])  # (E=3 channels, 3 axes)
 OFFSET = torch.tensor([0.1, -0.4, 0.9])
@@ -73,9 +74,8 @@ def test_shape_mismatch_is_rejected():
 
 
 def test_encoder_uses_its_own_parameter_on_the_native_grid_and_resamples_otherwise():
-    enc = VolTAEncoder(
-        **kwargs_for(
-            VolTAEncoder,
+    enc = build_encoder(
+        **section_kwargs(
             "model",
             img_size=32,
             patch_size=4,

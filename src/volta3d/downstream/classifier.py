@@ -211,4 +211,9 @@ def build_classifier(
     spec = ClassifierSpec(
         num_outputs, pooling, img_size, encoder, encoder_kwargs, summariser_kwargs, swin_kwargs, sfcn_kwargs
     )
-    return network_builder("classify", model, encoder)(spec)  # type: ignore[no-any-return]
+    return classifier_from_spec(model, spec)
+
+
+def classifier_from_spec(model: str, spec: ClassifierSpec) -> Classifier:
+    """The classifier ``model`` names, built from ``spec`` (a fold's fresh network in a run)."""
+    return network_builder("classify", model, spec.encoder)(spec)

@@ -49,4 +49,4 @@ def network_builder(task: Task, name: str, encoder: str | Path | None) -> Callab
         takes = " or ".join(n.title for n in NETWORKS.values() if n.task == task and n.takes_encoder)
         raise InputError(f"--encoder applies to {takes}; {entry.title} is trained from scratch")
     module, function = entry.builder.split(":")
-    return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), function)

@@ -256,4 +256,4 @@ def build_segmenter(
 ) -> nn.Module:
     """The segmenter ``model`` names (``volta3d.downstream.networks``), built from a ``SegmenterSpec``."""
     spec = SegmenterSpec(in_channels, out_channels, img_size, encoder, unetr_kwargs, unet_kwargs)
-    return network_builder("segment", model, encoder)(spec)  # type: ignore[no-any-return]
+    return network_builder("segment", model, encoder)(spec)

@@ -30,11 +30,11 @@ from volta3d.downstream.classifier import (
     ClassifierSpec,
     SwinClassifier,
     ViTClassifier,
+    classifier_from_spec,
     swin_kwargs,
 )
 from volta3d.downstream.external import test_record
 from volta3d.downstream.loop import train_model
-from volta3d.downstream.networks import network_builder
 from volta3d.downstream.recipe import FinetuneRecipe
 from volta3d.downstream.saved import save_fold_model
 from volta3d.downstream.sfcn import SFCN, sfcn_kwargs
@@ -180,7 +180,7 @@ class ClassifyRun:
 
     def build(self) -> Classifier:
         """A fresh classifier for one fold."""
-        return network_builder("classify", self.model, self.encoder)(self.spec)  # type: ignore[no-any-return]
+        return classifier_from_spec(self.model, self.spec)
 
 
 def save_classifier(
