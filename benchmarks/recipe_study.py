@@ -10,10 +10,13 @@ arm and seed is then judged the same way, on the subjects of ``volta3d select``'
   CLS-style summary, regularisation chosen by inner CV on each training fold (``probe.logreg_cs``,
   ``probe.ridge_alphas``), on folds made once for the study; the raw volume pooled to 16^3 gets the same
   probe on the same folds (the floor);
+* beside it, never used to rank arms: the same linear probe on the mean patch token and on the flattened
+  token grid (``summary-mean.csv``, ``summary-tokens.csv``), and the ``random-init`` reference (the
+  chosen arm's architecture untrained, one initialisation per seed, judged whenever ``chosen`` runs);
 * representation health from metrics.csv (last 10 steps): L_global / log K, entropy gaps, spread, ranks,
   the alarm, the views' overlap and the teacher's remaining share of its initial weights.
 
-Differences (arm - raw floor, arm - ``chosen``) are paired by (seed, fold), with a bootstrap 95 % CI over
+Differences (arm - raw floor, arm - random init, arm - ``chosen``) are paired by (seed, fold), with a bootstrap 95 % CI over
 those pairs (``volta3d.evaluation.statistics.paired_difference``). Runs already finished are read back.
 
     .venv/bin/volta3d select runs/study/prep/ixi --label sex --output runs/study/selection
@@ -61,7 +64,9 @@ ARMS: dict[str, tuple[list[str], list[str], bool]] = {
     "baseline-ibot": (["baseline-ibot"], [], True),
 }
 LABELS = {"sex": "auroc", "age": "mae"}
-PRIMARY = "linear_cls"  # the probe fixed in advance
+PRIMARY = "cls"  # the feature of the probe fixed in advance (linear, CLS-style summary)
+SECONDARY = ("mean", "tokens")  # reported beside it, never used to rank arms
+RANDOM = "random-init"  # reference: the chosen arm's architecture, untrained, one init per seed
 
 
 def volta3d(*argv: str) -> None:
@@ -87,28 +92,40 @@ def pretrain(arm: str, seed: int, run: Path, prep: Path, epochs: int, extra: lis
             "train.tensorboard=false", *overrides, *extra)  # fmt: skip
 
 
-def probe(embeddings: Path, selection: Path, label: str, splits: Path | None, out: Path) -> None:
+def probe(
+    embeddings: Path, selection: Path, label: str, splits: Path | None, out: Path, features: str
+) -> None:
     if not (out / "summary.json").exists():
         volta3d("probe", "--config", "tiny-cpu", "--config", "demo", "--embeddings", str(embeddings), "--data",
                 str(selection), "--label", label, "--output", str(out), *(["--splits", str(splits)] if splits else []),
-                "probe.fractions=[1.0]", "probe.features=[cls]")  # fmt: skip
+                "probe.fractions=[1.0]", f"probe.features=[{features}]")  # fmt: skip
 
 
-def judge(source: Path, selection: Path, out: Path, floor: Path | None, raw: bool = False) -> None:
-    """Embed ``source`` (an export, or the raw volumes) on the selection subjects and probe every label on
-    the floor's folds (the floor itself makes them)."""
+def probe_dir(run: Path, label: str, feature: str) -> Path:
+    """Where a feature's probe lives: the primary's and the floor's in probe-<label>, the secondary ones
+    in probe-<label>-secondary (added later, so earlier runs keep their folders)."""
+    return run / f"probe-{label}" if feature in (PRIMARY, "raw") else run / f"probe-{label}-secondary"
+
+
+def judge(selection: Path, out: Path, floor: Path | None, flags: list[str]) -> None:
+    """Embed on the selection subjects with ``flags`` (an export, a random init or the raw volumes) and
+    probe every label on the floor's folds (the floor itself makes them), the primary feature first."""
     emb = out / "embeddings.npz"
     if not emb.exists():
-        flags = ["--raw-volume"] if raw else ["--encoder", str(source)]
         volta3d("embed", "--config", "tiny-cpu", "--config", "demo", *flags, "--data", str(selection), "--output",
                 str(emb), "--no-progress")  # fmt: skip
     for label in LABELS:
         splits = floor / f"probe-{label}" / "splits.json" if floor is not None else None
-        probe(emb, selection, label, splits, out / f"probe-{label}")
+        if floor is None:
+            probe(emb, selection, label, splits, probe_dir(out, label, "raw"), "raw")
+            continue
+        probe(emb, selection, label, splits, probe_dir(out, label, PRIMARY), PRIMARY)
+        probe(emb, selection, label, splits, probe_dir(out, label, SECONDARY[0]), ",".join(SECONDARY))
 
 
 def fold_values(run: Path, label: str, feature: str) -> np.ndarray:
-    results = json.loads((run / f"probe-{label}" / feature / "results.json").read_text())
+    """Per-fold metric of the linear probe on ``feature``."""
+    results = json.loads((probe_dir(run, label, feature) / f"linear_{feature}" / "results.json").read_text())
     return np.array([f["metrics"][LABELS[label]] for f in results["folds"]], dtype=float)
 
 
@@ -138,40 +155,68 @@ def ci_text(d: dict[str, float], digits: int) -> str:
     return f"{d['estimate']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]"
 
 
-def summarise(out: Path, arms: list[str], seeds: list[int]) -> pd.DataFrame:
-    floor = out / "raw-floor"
+def pooled(out: Path, arm: str, seeds: list[int], label: str, feature: str) -> list[np.ndarray]:
+    return [fold_values(out / arm / f"seed-{s}", label, feature) for s in seeds]
+
+
+def judged(arm_dir: Path, seeds: list[int], feature: str) -> bool:
+    """Whether every seed of an arm has the linear probe on ``feature`` for every label."""
+    return all((probe_dir(arm_dir / f"seed-{s}", label, feature) / f"linear_{feature}" / "results.json").exists()
+               for s in seeds for label in LABELS)  # fmt: skip
+
+
+def score_row(
+    out: Path, arm: str, seeds: list[int], feature: str, references: dict[str, dict[str, np.ndarray]]
+) -> dict:
+    """Mean +- sd over seeds of each label's metric, and its paired CI against every reference but itself."""
+    row: dict[str, object] = {"arm": arm, "feature": feature, "seeds": len(seeds)}
+    for label, metric in LABELS.items():
+        digits = 3 if metric == "auroc" else 2
+        values = pooled(out, arm, seeds, label, feature)
+        row[f"{label} {metric}"] = (
+            f"{np.mean([v.mean() for v in values]):.{digits}f} +- {np.std([v.mean() for v in values], ddof=1):.{digits}f}"
+        )
+        for name, reference in references.items():
+            if name != arm:
+                row[f"{label} - {name}"] = ci_text(
+                    paired_difference(np.concatenate(values).tolist(), list(reference[label])), digits
+                )
+    return row
+
+
+def summarise(out: Path, arms: list[str], seeds: list[int], feature: str = PRIMARY) -> pd.DataFrame:
+    """One row per arm (and the random init, where judged): the linear probe on ``feature`` against the raw
+    floor, the random init and ``chosen`` (paired by seed and fold); representation health for the primary."""
+    references = {
+        "raw": {label: np.tile(fold_values(out / "raw-floor", label, "raw"), len(seeds)) for label in LABELS}
+    }
+    for name in [a for a in ("chosen", RANDOM) if judged(out / a, seeds, feature)]:
+        references[name] = {
+            label: np.concatenate(pooled(out, name, seeds, label, feature)) for label in LABELS
+        }
     rows = []
-    reference = {label: np.concatenate([fold_values(out / "chosen" / f"seed-{s}", label, PRIMARY) for s in seeds])
-                 for label in LABELS} if "chosen" in arms else None  # fmt: skip
-    for arm in arms:
-        row: dict[str, object] = {"arm": arm, "seeds": len(seeds)}
-        for label, metric in LABELS.items():
-            digits = 3 if metric == "auroc" else 2
-            values = [fold_values(out / arm / f"seed-{s}", label, PRIMARY) for s in seeds]
-            per_seed = [v.mean() for v in values]
-            pooled, raw = np.concatenate(values), np.tile(fold_values(floor, label, "linear_raw"), len(seeds))
-            row[f"{label} {metric}"] = (
-                f"{np.mean(per_seed):.{digits}f} +- {np.std(per_seed, ddof=1):.{digits}f}"
-            )
-            row[f"{label} - raw"] = ci_text(paired_difference(pooled, raw), digits)
-            if reference is not None and arm != "chosen":
-                row[f"{label} - chosen"] = ci_text(paired_difference(pooled, reference[label]), digits)
-        seed_health = pd.DataFrame([health(out / arm / f"seed-{s}") for s in seeds]).mean()
-        row.update({k: round(float(v), 3) for k, v in seed_health.items()})
+    for arm in [*arms, *([RANDOM] if RANDOM in references else [])]:
+        row = score_row(out, arm, seeds, feature, references)
+        if feature == PRIMARY and arm != RANDOM:
+            seed_health = pd.DataFrame([health(out / arm / f"seed-{s}") for s in seeds]).mean()
+            row.update({k: round(float(v), 3) for k, v in seed_health.items()})
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    scores = [c for label in LABELS for c in table.columns if c.startswith(f"{label} ")]
+    return table[["arm", "feature", "seeds", *scores, *[c for c in table.columns if c not in scores][3:]]]
 
 
 def markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    lines += ["| " + " | ".join("–" if pd.isna(v) else str(v) for v in row) + " |"
+              for row in table.itertuples(index=False)]  # fmt: skip
     return "\n".join(lines)
 
 
-def publish(table: pd.DataFrame, out: Path) -> None:
-    """Print the study's table (Markdown) and keep it as ``out/summary.csv``."""
-    print(markdown(table))
-    table.to_csv(out / "summary.csv", index=False)
+def publish(table: pd.DataFrame, out: Path, name: str) -> None:
+    """Print a table of the study (Markdown) and keep it as ``out/name``."""
+    print(f"\n{name}:\n{markdown(table)}")
+    table.to_csv(out / name, index=False)
 
 
 def main() -> int:
@@ -191,13 +236,19 @@ def main() -> int:
     p.add_argument("--output", type=Path, default=Path("runs/recipe-study"))
     p.add_argument("overrides", nargs="*", help="extra overrides applied to every arm")
     args = p.parse_args()
-    judge(Path(), args.selection, args.output / "raw-floor", None, raw=True)
+    floor = args.output / "raw-floor"
+    judge(args.selection, floor, None, ["--raw-volume"])
     for arm in args.arms:
         for seed in args.seeds:
             run = args.output / arm / f"seed-{seed}"
             pretrain(arm, seed, run, args.prep, args.epochs, args.overrides)
-            judge(run, args.selection, run, args.output / "raw-floor")
-    publish(summarise(args.output, args.arms, args.seeds), args.output)
+            judge(args.selection, run, floor, ["--encoder", str(run)])
+            if arm == "chosen":
+                judge(args.selection, args.output / RANDOM / f"seed-{seed}", floor,
+                      ["--encoder", str(run), "--random-init", f"seed={seed}"])  # fmt: skip
+    publish(summarise(args.output, args.arms, args.seeds), args.output, "summary.csv")
+    for feature in SECONDARY:
+        publish(summarise(args.output, args.arms, args.seeds, feature), args.output, f"summary-{feature}.csv")
     return 0
 
 
