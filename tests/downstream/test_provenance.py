@@ -87,3 +87,21 @@ def test_pretrain_records_it_and_finetune_reports_it(tmp_path):
         in (out / "log.txt").read_text()
     )
     assert pd.read_csv(out / "predictions.csv")["subject_id"].nunique() == 8
+
+
+def test_probe_of_moved_export_still_reports_what_pretraining_saw(tmp_path):
+    """The embeddings carry the export's pretraining record, so a probe after the export folder has moved
+    (or been deleted) still says how many probed subjects the encoder saw."""
+    data = write_blob_dataset(tmp_path / "prep", n_subjects=8)
+    enc = tmp_path / "pre"
+    assert main(["pretrain", "--data", str(data), "--output", str(enc), "--no-progress", *PRETRAIN]) == 0
+    emb = tmp_path / "emb.npz"
+    embed = ["embed", "--encoder", str(enc), "--data", str(data), "--output", str(emb), "--no-progress"]
+    assert main(embed) == 0
+    enc.rename(tmp_path / "moved")
+    out = tmp_path / "probe"
+    probe = ["probe", "--embeddings", str(emb), "--data", str(data), "--label", "diagnosis", "--output", str(out)]
+    assert main([*probe, "probe.n_splits=2", "probe.features=[mean]", "probe.fractions=[1.0]"]) == 0
+    results = json.loads((out / "linear_mean" / "results.json").read_text())
+    assert results["encoder_provenance"]["test_subjects_in_pretraining"] == 8
+    assert results["encoder_provenance"]["transductive"] is True

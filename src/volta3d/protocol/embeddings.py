@@ -168,11 +168,13 @@ def _encoder_embeddings(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Embeddings from the export's weights, or from a random-init encoder of its (or ``model:``'s) sizes."""
     from volta3d.config import to_kwargs
-    from volta3d.models.export import build_from_export
+    from volta3d.models.export import build_from_export, read_encoder_meta
     from volta3d.runtime import resolve_device
 
+    provenance = None
     if export and not random_init:
         (encoder, summariser), source = build_from_export(export), "pretrained"
+        provenance = read_encoder_meta(export).get("provenance")
     else:
         (encoder, summariser), source = random_init_encoder(to_kwargs(cfg.model), export), "random-init"
     emb = extract_embeddings(encoder, summariser, dataset, batch_size=cfg.probe.batch_size,
@@ -183,6 +185,9 @@ def _encoder_embeddings(
         "init": source,
         "architecture": encoder.architecture,
         "features": [k for k in ("cls", "mean", "tokens") if k in emb],
+        # the export's pretraining record travels with the features: a probe relates it to its subjects
+        # (transductive or not) even after the export folder has moved
+        "encoder_provenance": provenance,
     }
     return emb, meta
 

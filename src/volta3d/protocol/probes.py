@@ -224,14 +224,19 @@ def _embedding_record(meta: dict[str, Any], provenance: dict[str, Any] | None) -
 
 
 def _provenance(meta: dict, data: str | Path, table: pd.DataFrame) -> dict | None:
-    """For embeddings of a pretrained export: how many probed subjects its pretraining saw."""
+    """For embeddings of a pretrained export: how many probed subjects its pretraining saw, from the
+    record the embeddings carry (files from before they carried it: from the export, which must exist)."""
     from volta3d.models.export import read_encoder_meta
     from volta3d.models.provenance import relate_to_pretraining
     from volta3d.runtime import get_logger
 
     if meta.get("init") != "pretrained" or not meta.get("encoder"):
         return None
-    summary, warning = relate_to_pretraining(read_encoder_meta(meta["encoder"]), data, table)
+    if "encoder_provenance" in meta:
+        encoder_meta = {"provenance": meta["encoder_provenance"]}
+    else:
+        encoder_meta = read_encoder_meta(meta["encoder"])
+    summary, warning = relate_to_pretraining(encoder_meta, data, table)
     if warning:
         get_logger().warning("warning: %s", warning)
     return {**summary, "preprocessing_warning": warning}
