@@ -100,7 +100,17 @@ def test_probe_of_moved_export_still_reports_what_pretraining_saw(tmp_path):
     assert main(embed) == 0
     enc.rename(tmp_path / "moved")
     out = tmp_path / "probe"
-    probe = ["probe", "--embeddings", str(emb), "--data", str(data), "--label", "diagnosis", "--output", str(out)]
+    probe = [
+        "probe",
+        "--embeddings",
+        str(emb),
+        "--data",
+        str(data),
+        "--label",
+        "diagnosis",
+        "--output",
+        str(out),
+    ]
     assert main([*probe, "probe.n_splits=2", "probe.features=[mean]", "probe.fractions=[1.0]"]) == 0
     results = json.loads((out / "linear_mean" / "results.json").read_text())
     assert results["encoder_provenance"]["test_subjects_in_pretraining"] == 8
