@@ -173,9 +173,11 @@ def score_row(
     for label, metric in LABELS.items():
         digits = 3 if metric == "auroc" else 2
         values = pooled(out, arm, seeds, label, feature)
-        row[f"{label} {metric}"] = (
-            f"{np.mean([v.mean() for v in values]):.{digits}f} +- {np.std([v.mean() for v in values], ddof=1):.{digits}f}"
-        )
+        per_seed = [v.mean() for v in values]
+        spread = (
+            f" +- {np.std(per_seed, ddof=1):.{digits}f}" if len(per_seed) > 1 else ""
+        )  # no sd of one seed
+        row[f"{label} {metric}"] = f"{np.mean(per_seed):.{digits}f}{spread}"
         for name, reference in references.items():
             if name != arm:
                 row[f"{label} - {name}"] = ci_text(
