@@ -1051,3 +1051,24 @@ def test_bad_online_eval_is_a_note_naming_the_file(demo, tmp_path):
         f"Online-probe curve not shown: {demo / 'pretrain' / 'online_eval.csv'} has no feature, probe, metric column(s)."
         in md
     )
+
+
+def _mark_encoder(demo: Path, provenance: dict) -> None:
+    """Give every pretrained run of the demo fixture the encoder record of ``provenance``."""
+    for results in (demo / "runs").glob("*/results.json"):
+        record = json.loads(results.read_text())
+        if record.get("encoder"):
+            results.write_text(json.dumps({**record, "encoder_provenance": provenance}))
+
+
+def test_imported_encoder_is_named_as_such_not_volta3d(demo, tmp_path):
+    _mark_encoder(demo, {"known": False, "external": True})
+    build_report(demo, tmp_path / "imported", n_boot=N_BOOT)
+    md = (tmp_path / "imported" / "summary.md").read_text()
+    assert HEADLINE.replace("VolTA-3D", "imported encoder") in md and HEADLINE not in md
+    models = md_tables(md)[next(c for c in md_tables(md) if c.startswith("sex (binary, fine-tuning)"))]
+    assert dict(zip(models["model"], models["initialisation"], strict=True))["vit-pretrained"] == "imported encoder"
+    # pretraining continued from an import (its own data known) is VolTA-3D
+    _mark_encoder(demo, {"known": True, "external": True, "transductive": False})
+    build_report(demo, tmp_path / "continued", n_boot=N_BOOT)
+    assert HEADLINE in (tmp_path / "continued" / "summary.md").read_text()

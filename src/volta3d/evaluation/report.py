@@ -47,6 +47,7 @@ from volta3d.evaluation.report_runs import (
     Run,
     default_name,
     discover_inputs,
+    encoder_source,
     flatten,
     initialisation,
     named_inputs,
@@ -155,6 +156,17 @@ def settings_section(runs: list[Run], pretrain: Path | None, info: Mapping[str, 
 # ----------------------------------------------------------------------------- entry point
 
 
+def _reference_words(runs: Sequence[Run], reference: str | None) -> str:
+    """How the headline names the reference: ``VolTA-3D`` or ``imported encoder`` when every reference run
+    (``--reference``'s, by default the pretrained ones) starts from such an encoder; ``pretrained
+    encoder`` for a mix of both, ``reference`` for a scratch model chosen as reference."""
+    chosen = [r for r in runs if r.name == reference] if reference else [r for r in runs if r.pretrained]
+    if not all(r.pretrained for r in chosen):
+        return "reference"
+    sources = {encoder_source(r) for r in chosen}
+    return "pretrained encoder" if len(sources) > 1 else (sources.pop() if sources else "VolTA-3D")
+
+
 def _resolve_inputs(
     runs: Mapping[str, Sequence[str | Path]] | Sequence[str | Path] | str | Path,
     pretrain: str | Path | None,
@@ -233,7 +245,7 @@ def build_report(
     comparisons = _compare(tasks, reference, n_boot, seed)
     info: dict[str, Any] = json.loads(inputs.stages.read_text()) if inputs.stages else {}
     all_runs = [r for group in tasks.values() for r in group]
-    who = "VolTA-3D" if all(r.pretrained for r in inputs.runs if r.name == reference) else "reference"
+    who = _reference_words(inputs.runs, reference)
     sections = [
         headline_section(
             headline_rows(tasks, comparisons, reference),

@@ -39,6 +39,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 # in contrasting hues (Okabe-Ito); a second model of one initialisation differs by its dash
 SOURCE_COLOURS = {
     "VolTA-3D": "#0072B2",
+    "imported encoder": "#56B4E9",
     "scratch": "#D55E00",
     "random init": "#D55E00",
     "raw volume": "#009E73",

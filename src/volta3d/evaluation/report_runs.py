@@ -84,13 +84,24 @@ def default_name(results: Mapping[str, Any]) -> str:
     return f"{name} ({results['embedding_init']})" if results.get("embedding_init") else name
 
 
+IMPORTED = "imported encoder"
+
+
+def encoder_source(run: Run) -> str:
+    """Whose encoder a pretrained run starts from: ``VolTA-3D``, or ``imported encoder`` for an export of
+    ``volta3d import-encoder`` (pretraining unknown to volta3d). Pretraining continued from an import
+    (``pretrain --init``) is VolTA-3D: its own data is known."""
+    provenance = run.results.get("encoder_provenance") or {}
+    return IMPORTED if provenance.get("external") and not provenance.get("known") else "VolTA-3D"
+
+
 def initialisation(run: Run) -> str:
     """What the model's weights (or features) start from, in the tables' words."""
     init = run.results.get("embedding_init")
     if init == RAW_INIT:
         return f"raw volume ({_raw_grid(run.results)})"
     if run.pretrained:
-        return "VolTA-3D"
+        return encoder_source(run)
     return "random init" if init else "scratch"
 
 
