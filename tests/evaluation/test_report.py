@@ -1067,7 +1067,10 @@ def test_imported_encoder_is_named_as_such_not_volta3d(demo, tmp_path):
     md = (tmp_path / "imported" / "summary.md").read_text()
     assert HEADLINE.replace("VolTA-3D", "imported encoder") in md and HEADLINE not in md
     models = md_tables(md)[next(c for c in md_tables(md) if c.startswith("sex (binary, fine-tuning)"))]
-    assert dict(zip(models["model"], models["initialisation"], strict=True))["vit-pretrained"] == "imported encoder"
+    assert (
+        dict(zip(models["model"], models["initialisation"], strict=True))["vit-pretrained"]
+        == "imported encoder"
+    )
     # pretraining continued from an import (its own data known) is VolTA-3D
     _mark_encoder(demo, {"known": True, "external": True, "transductive": False})
     build_report(demo, tmp_path / "continued", n_boot=N_BOOT)
