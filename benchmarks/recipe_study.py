@@ -114,13 +114,11 @@ def judge(selection: Path, out: Path, floor: Path | None, flags: list[str]) -> N
     if not emb.exists():
         volta3d("embed", "--config", "tiny-cpu", "--config", "demo", *flags, "--data", str(selection), "--output",
                 str(emb), "--no-progress")  # fmt: skip
+    groups: list[tuple[str, ...]] = [("raw",)] if floor is None else [(PRIMARY,), SECONDARY]
     for label in LABELS:
         splits = floor / f"probe-{label}" / "splits.json" if floor is not None else None
-        if floor is None:
-            probe(emb, selection, label, splits, probe_dir(out, label, "raw"), "raw")
-            continue
-        probe(emb, selection, label, splits, probe_dir(out, label, PRIMARY), PRIMARY)
-        probe(emb, selection, label, splits, probe_dir(out, label, SECONDARY[0]), ",".join(SECONDARY))
+        for group in groups:
+            probe(emb, selection, label, splits, probe_dir(out, label, group[0]), ",".join(group))
 
 
 def fold_values(run: Path, label: str, feature: str) -> np.ndarray:
@@ -174,9 +172,8 @@ def score_row(
         digits = 3 if metric == "auroc" else 2
         values = pooled(out, arm, seeds, label, feature)
         per_seed = [v.mean() for v in values]
-        spread = (
-            f" +- {np.std(per_seed, ddof=1):.{digits}f}" if len(per_seed) > 1 else ""
-        )  # no sd of one seed
+        # no standard deviation of a single seed
+        spread = f" +- {np.std(per_seed, ddof=1):.{digits}f}" if len(per_seed) > 1 else ""
         row[f"{label} {metric}"] = f"{np.mean(per_seed):.{digits}f}{spread}"
         for name, reference in references.items():
             if name != arm:
@@ -204,8 +201,9 @@ def summarise(out: Path, arms: list[str], seeds: list[int], feature: str = PRIMA
             row.update({k: round(float(v), 3) for k, v in seed_health.items()})
         rows.append(row)
     table = pd.DataFrame(rows)
+    keys = ["arm", "feature", "seeds"]
     scores = [c for label in LABELS for c in table.columns if c.startswith(f"{label} ")]
-    return table[["arm", "feature", "seeds", *scores, *[c for c in table.columns if c not in scores][3:]]]
+    return table[[*keys, *scores, *[c for c in table.columns if c not in {*keys, *scores}]]]
 
 
 def markdown(table: pd.DataFrame) -> str:
