@@ -16,6 +16,17 @@ from functools import cache
 from typing import Any
 
 from volta3d.config import load_config, to_kwargs
+from volta3d.models.encoder import VolTAEncoder, build_encoder
+
+# a test-sized encoder: 32^3 input, 2^3 tokens of 16^3, width 16, one block
+TINY_ENCODER = {
+    "img_size": 32,
+    "patch_size": 16,
+    "hidden_size": 16,
+    "mlp_dim": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+}
 
 
 @cache
@@ -52,3 +63,9 @@ def kwargs_for(target: Callable[..., Any], *sections: str, **overrides: Any) -> 
     for name in sections:
         values.update({k: v for k, v in section(name).items() if k in wanted and k not in values})
     return {**values, **overrides}
+
+
+def tiny_encoder(**overrides: Any) -> VolTAEncoder:
+    """The library's encoder (``build_encoder`` over the ``model:`` section) at ``TINY_ENCODER``'s size,
+    with ``overrides`` over it."""
+    return build_encoder(**section_kwargs("model", **{**TINY_ENCODER, **overrides}))

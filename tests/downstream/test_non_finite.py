@@ -10,11 +10,10 @@ import torch
 from volta3d.cli import main
 from volta3d.downstream.loop import train_model
 from volta3d.downstream.recipe import FinetuneRecipe
-from volta3d.models.encoder import build_encoder
 from volta3d.models.export import save_encoder_export
 from volta3d.protocol.embeddings import save_embeddings
 
-from ..config_kwargs import section_kwargs
+from ..config_kwargs import tiny_encoder
 from .conftest import config_section
 from .synthetic import write_blob_dataset
 
@@ -37,17 +36,7 @@ def test_nan_loss_stops_training_naming_the_fold_and_epoch():
 
 def test_embed_refuses_a_non_finite_encoder(tmp_path, capsys):
     data = write_blob_dataset(tmp_path / "prep", n_subjects=4, size=32)
-    encoder = build_encoder(
-        **section_kwargs(
-            "model",
-            img_size=32,
-            patch_size=16,
-            hidden_size=16,
-            mlp_dim=32,
-            num_layers=1,
-            num_heads=2,
-        )
-    )
+    encoder = tiny_encoder()
     with torch.no_grad():
         encoder.norm.weight.fill_(float("nan"))
     save_encoder_export(tmp_path / "enc", encoder, None)

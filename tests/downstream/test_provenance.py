@@ -51,10 +51,16 @@ def test_warns_when_preprocessing_matches_no_pretraining_folder(tmp_path):
     assert "preprocess.size=[64, 64, 64]" in warning and "[32, 32, 32]" in warning
 
 
-def test_pretrain_records_it_and_finetune_reports_it(tmp_path):
+def _pretrained(tmp_path):
+    """A one-step pretraining run on 8 blob subjects: (their cache, the run folder)."""
     data = write_blob_dataset(tmp_path / "prep", n_subjects=8)
     enc = tmp_path / "pre"
     assert main(["pretrain", "--data", str(data), "--output", str(enc), "--no-progress", *PRETRAIN]) == 0
+    return data, enc
+
+
+def test_pretrain_records_it_and_finetune_reports_it(tmp_path):
+    data, enc = _pretrained(tmp_path)
     meta = json.loads((enc / "encoder.json").read_text())
     assert len(meta["provenance"]["subject_ids"]) == 8
     out = tmp_path / "ft"
@@ -92,9 +98,7 @@ def test_pretrain_records_it_and_finetune_reports_it(tmp_path):
 def test_probe_of_moved_export_still_reports_what_pretraining_saw(tmp_path):
     """The embeddings carry the export's pretraining record, so a probe after the export folder has moved
     (or been deleted) still says how many probed subjects the encoder saw."""
-    data = write_blob_dataset(tmp_path / "prep", n_subjects=8)
-    enc = tmp_path / "pre"
-    assert main(["pretrain", "--data", str(data), "--output", str(enc), "--no-progress", *PRETRAIN]) == 0
+    data, enc = _pretrained(tmp_path)
     emb = tmp_path / "emb.npz"
     embed = ["embed", "--encoder", str(enc), "--data", str(data), "--output", str(emb), "--no-progress"]
     assert main(embed) == 0

@@ -12,10 +12,9 @@ import torch
 from volta3d.cli import main
 from volta3d.data.dataset import read_manifest
 from volta3d.evaluation.report import Run, default_name, initialisation, pair_runs
-from volta3d.models.encoder import build_encoder
 from volta3d.protocol.embeddings import load_embeddings, raw_volume_features, save_embeddings
 
-from ..config_kwargs import section, section_kwargs
+from ..config_kwargs import section, tiny_encoder
 
 
 def _reference(volume: np.ndarray, grid: int) -> np.ndarray:
@@ -179,17 +178,7 @@ def test_token_grid_embedding_is_the_flattened_patch_tokens(tmp_path):
     table = pd.DataFrame(
         {"subject_id": [f"s{i}" for i in range(3)], "path": [str(tmp_path / f"v{i}.npy") for i in range(3)]}
     )
-    encoder = build_encoder(
-        **section_kwargs(
-            "model",
-            img_size=32,
-            patch_size=16,
-            hidden_size=16,
-            mlp_dim=32,
-            num_layers=1,
-            num_heads=2,
-        )
-    )
+    encoder = tiny_encoder()
     emb = extract_embeddings(encoder, None, VolumeDataset(table), batch_size=2, progress=False, tokens=True)
     with torch.no_grad():
         expected = encoder.forward_features(images)["patch_tokens"]  # (3, 8, 16)

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from volta3d.models import interpolate_pos_embed
-from volta3d.models.encoder import build_encoder
 
-from ..config_kwargs import section_kwargs
+from ..config_kwargs import tiny_encoder
 
 COEFFS = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1], [2.0, 0.0, 0.25]])  # (E=3 channels, 3 axes)
 OFFSET = torch.tensor([0.1, -0.4, 0.9])
@@ -74,17 +73,7 @@ def test_shape_mismatch_is_rejected():
 
 
 def test_encoder_uses_its_own_parameter_on_the_native_grid_and_resamples_otherwise():
-    enc = build_encoder(
-        **section_kwargs(
-            "model",
-            img_size=32,
-            patch_size=4,
-            hidden_size=16,
-            mlp_dim=32,
-            num_layers=1,
-            num_heads=2,
-        )
-    )
+    enc = tiny_encoder(patch_size=4)
     assert enc.position_embedding((8, 8, 8)) is enc.patch_embedding.position_embeddings
     resampled = enc.position_embedding((4, 2, 8))
     expected = interpolate_pos_embed(enc.patch_embedding.position_embeddings.detach(), (8, 8, 8), (4, 2, 8))
